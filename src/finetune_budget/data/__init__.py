@@ -1,0 +1,1 @@
+"""Data sets, nested subsets and class-aware batching."""

@@ -1,0 +1,1 @@
+"""Encoders built from names and numbers (never from pickled modules)."""

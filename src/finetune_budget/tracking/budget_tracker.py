@@ -1,0 +1,125 @@
+"""The budget tracker: training time (evaluation excluded), samples seen, metrics, gains and ROI
+per epoch, written to MLflow with step = epoch (0 = the pretrained model)."""
+
+from __future__ import annotations
+
+import logging
+import time
+from typing import Any
+
+import lightning as L
+import torch
+from lightning.pytorch.callbacks import Callback
+
+from finetune_budget.roi import gains
+from finetune_budget.tracking.mlflow_run import TrackedRun
+
+log = logging.getLogger(__name__)
+
+
+def _sync(module: L.LightningModule) -> None:
+    if module.device.type == "cuda":
+        torch.cuda.synchronize(module.device)
+
+
+class BudgetTracker(Callback):
+    """Records one row per evaluated epoch in `history` and logs it to the tracked MLflow run.
+
+    max_train_s: stop training once this many seconds of training are spent (None: no cap).
+    """
+
+    def __init__(
+        self,
+        run: TrackedRun | None,
+        n_labels: int,
+        gain_floor: float = 0.01,
+        max_train_s: float | None = None,
+    ) -> None:
+        self.run = run
+        self.n_labels = n_labels
+        self.gain_floor = gain_floor
+        self.max_train_s = max_train_s
+        self.history: list[dict[str, float]] = []
+        self.baseline: dict[str, float] = {}
+        self.train_s = 0.0
+        self.samples_seen = 0
+        self.epoch_loss_sum = 0.0
+        self.epoch_batches = 0
+        self._train_t0: float | None = None
+        self._eval_t0: float | None = None
+
+    # -- state for runs that continue from a saved epoch -----------------------------------------
+    def state_dict(self) -> dict[str, Any]:
+        return {
+            "history": self.history, "baseline": self.baseline, "train_s": self.train_s,
+            "samples_seen": self.samples_seen,
+        }
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.history = list(state["history"])
+        self.baseline = dict(state["baseline"])
+        self.train_s = float(state["train_s"])
+        self.samples_seen = int(state["samples_seen"])
+
+    # -- recording -------------------------------------------------------------------------------
+    def record(self, epoch: int, metrics: dict[str, float], eval_s: float, log_to_run: bool = True,
+               **extra: float) -> dict[str, float]:
+        """Add the row of `epoch` (0 = pretrained baseline) and log it at step = epoch."""
+        if epoch == 0:
+            self.baseline = dict(metrics)
+        row: dict[str, float] = {"epoch": epoch, **metrics}
+        row["time/train_s"] = self.train_s
+        row["time/eval_s"] = eval_s
+        row["data/samples_seen"] = self.samples_seen
+        row["data/n"] = self.n_labels
+        row.update(extra)
+        if epoch > 0:
+            row.update(gains(metrics, self.baseline, self.n_labels, self.train_s, self.gain_floor))
+        self.history = [r for r in self.history if r["epoch"] != epoch] + [row]
+        if self.run is not None and log_to_run:
+            self.run.log_metrics({k: v for k, v in row.items() if k != "epoch"}, step=epoch)
+        return row
+
+    # -- timing ----------------------------------------------------------------------------------
+    def _stop_train_clock(self, pl_module: L.LightningModule) -> None:
+        if self._train_t0 is not None:
+            _sync(pl_module)
+            self.train_s += time.perf_counter() - self._train_t0
+            self._train_t0 = None
+
+    def on_train_epoch_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        self.epoch_loss_sum, self.epoch_batches = 0.0, 0
+        _sync(pl_module)
+        self._train_t0 = time.perf_counter()
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
+        first = next(iter(batch.values()))
+        size = first["input_ids"].shape[0] if isinstance(first, dict) else len(first)
+        self.samples_seen += size * trainer.world_size
+        loss = outputs["loss"] if isinstance(outputs, dict) else outputs
+        if loss is not None:
+            self.epoch_loss_sum += float(loss.detach())
+            self.epoch_batches += 1
+        if self.max_train_s is not None and self._train_t0 is not None:
+            if self.train_s + time.perf_counter() - self._train_t0 >= self.max_train_s:
+                log.info("budget.max_train_s=%s reached: stopping training", self.max_train_s)
+                trainer.should_stop = True
+
+    def on_validation_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        self._stop_train_clock(pl_module)
+        self._eval_t0 = time.perf_counter()
+
+    def on_validation_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        _sync(pl_module)
+        eval_s = time.perf_counter() - (self._eval_t0 or time.perf_counter())
+        if trainer.sanity_checking or not trainer.is_global_zero:
+            return
+        fitting = trainer.state.fn == "fit"
+        epoch = trainer.current_epoch + 1 if fitting else 0
+        extra = {}
+        if fitting and self.epoch_batches:
+            extra["train/loss_epoch"] = self.epoch_loss_sum / self.epoch_batches
+        self.record(epoch, dict(pl_module.eval_metrics), eval_s, **extra)
+
+    def on_train_epoch_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        self._stop_train_clock(pl_module)  # when no validation ran this epoch

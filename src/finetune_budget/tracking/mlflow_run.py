@@ -1,0 +1,116 @@
+"""One MLflow run per training job: params = the flattened resolved config, tags, versions, status.
+
+A run that raises is marked FAILED with its error as the tag `error`; Ctrl-C marks it KILLED.
+"""
+
+from __future__ import annotations
+
+import logging
+import platform
+import sys
+from collections.abc import Iterator, Mapping
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from importlib.metadata import PackageNotFoundError, version
+from typing import Any
+
+import mlflow
+from mlflow.entities import Metric, Param, RunTag
+from mlflow.tracking import MlflowClient
+
+from finetune_budget.config import flatten
+
+log = logging.getLogger(__name__)
+
+VERSIONED_PACKAGES = (
+    "finetune-budget", "torch", "transformers", "lightning", "torchmetrics", "open_clip_torch",
+    "timm", "mlflow", "optuna", "hydra-core",
+)
+MAX_PARAM_CHARS = 6000
+BATCH = 100  # MLflow's limit of params (and tags) per log_batch call
+
+
+def package_versions() -> dict[str, str]:
+    out = {"python": platform.python_version()}
+    for name in VERSIONED_PACKAGES:
+        try:
+            out[name] = version(name)
+        except PackageNotFoundError:
+            continue
+    return out
+
+
+@dataclass
+class TrackedRun:
+    client: MlflowClient
+    run_id: str
+    experiment_id: str
+    tracking_uri: str
+    history: list[dict[str, float]] = field(default_factory=list)
+
+    def log_metrics(self, metrics: Mapping[str, float], step: int) -> None:
+        import time
+
+        now = int(time.time() * 1000)
+        items = [Metric(k, float(v), now, step) for k, v in metrics.items()]
+        for i in range(0, len(items), 1000):
+            self.client.log_batch(self.run_id, metrics=items[i : i + 1000])
+
+    def set_tags(self, tags: Mapping[str, Any]) -> None:
+        items = [RunTag(k, str(v)) for k, v in tags.items()]
+        for i in range(0, len(items), BATCH):
+            self.client.log_batch(self.run_id, tags=items[i : i + BATCH])
+
+
+def experiment_id(client: MlflowClient, name: str) -> str:
+    experiment = client.get_experiment_by_name(name)
+    if experiment is not None:
+        if experiment.lifecycle_stage == "deleted":
+            client.restore_experiment(experiment.experiment_id)
+        return experiment.experiment_id
+    try:
+        return client.create_experiment(name)
+    except mlflow.exceptions.MlflowException:  # created meanwhile by a parallel job
+        return client.get_experiment_by_name(name).experiment_id
+
+
+def _one_line(error: BaseException) -> str:
+    text = str(error).strip().splitlines()
+    return f"{type(error).__name__}: {text[0] if text else ''}"[:5000]
+
+
+@contextmanager
+def tracked_run(
+    tracking_uri: str,
+    experiment: str,
+    config: Mapping[str, Any],
+    tags: Mapping[str, Any] | None = None,
+    run_name: str | None = None,
+    config_yaml: str | None = None,
+) -> Iterator[TrackedRun]:
+    """Create a run, log params/tags/config/versions, and set its final status on exit."""
+    mlflow.set_tracking_uri(tracking_uri)
+    client = MlflowClient(tracking_uri)
+    exp_id = experiment_id(client, experiment)
+    all_tags = {f"versions.{k}": v for k, v in package_versions().items()}
+    all_tags["command"] = " ".join(sys.argv)[:5000]
+    all_tags.update(tags or {})
+    run = client.create_run(exp_id, run_name=run_name, tags={k: str(v) for k, v in all_tags.items()})
+    tracked = TrackedRun(client, run.info.run_id, exp_id, tracking_uri)
+    params = [Param(k, str(v)[:MAX_PARAM_CHARS]) for k, v in flatten(config).items()]
+    for i in range(0, len(params), BATCH):
+        client.log_batch(tracked.run_id, params=params[i : i + BATCH])
+    if config_yaml is not None:
+        client.log_text(tracked.run_id, config_yaml, "config.yaml")
+    try:
+        yield tracked
+    except (KeyboardInterrupt, SystemExit) as e:
+        client.set_tag(tracked.run_id, "error", f"interrupted ({type(e).__name__})")
+        client.set_terminated(tracked.run_id, "KILLED")
+        raise
+    except BaseException as e:
+        client.set_tag(tracked.run_id, "error", _one_line(e))
+        client.set_terminated(tracked.run_id, "FAILED")
+        raise
+    else:
+        client.set_terminated(tracked.run_id, "FINISHED")

@@ -1,0 +1,141 @@
+"""train(cfg): one budget-study run, start to finish, as a plain function tests call.
+
+    evaluate the pretrained model (epoch 0, cached across runs) -> fine-tune for trainer.max_epochs,
+    evaluating after every epoch -> MLflow run with params, per-epoch metrics, gains and ROI.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import lightning as L
+from hydra.utils import instantiate
+from omegaconf import DictConfig, OmegaConf
+
+from finetune_budget.config import resolve_precision
+from finetune_budget.tasks import build_task
+from finetune_budget.tracking.baseline_cache import BaselineCache, baseline_key
+from finetune_budget.tracking.budget_tracker import BudgetTracker
+from finetune_budget.tracking.mlflow_run import TrackedRun, tracked_run
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class RunResult:
+    run_id: str
+    history: list[dict[str, float]]
+    checkpoint: str | None = None
+    objects: dict[str, Any] = field(default_factory=dict)
+
+    def best(self, metric: str) -> float:
+        values = [row[metric] for row in self.history if metric in row]
+        return max(values) if values else float("nan")
+
+
+def run_config(cfg: DictConfig) -> dict[str, Any]:
+    """The resolved config as logged: everything except Hydra's own node."""
+    return {k: v for k, v in OmegaConf.to_container(cfg, resolve=True).items() if k != "hydra"}
+
+
+def run_tags(cfg: DictConfig) -> dict[str, str]:
+    return {
+        "task": cfg.task.name,
+        "model": cfg.model.name,
+        "data": cfg.data.name,
+        "run_type": "train",
+    }
+
+
+def _instantiate_group(group: DictConfig | None) -> list[Any]:
+    if not group:
+        return []
+    return [instantiate(node) for node in group.values() if node is not None and "_target_" in node]
+
+
+def build_trainer(cfg: DictConfig, tracker: BudgetTracker, run: TrackedRun) -> L.Trainer:
+    loggers = []
+    for node in (cfg.get("logger") or {}).values():
+        if node is not None and "_target_" in node:
+            loggers.append(instantiate(node, run_id=run.run_id))
+    precision = resolve_precision(cfg.trainer.get("precision"), cfg.trainer.get("accelerator"))
+    return instantiate(
+        cfg.trainer, callbacks=[tracker, *_instantiate_group(cfg.get("callbacks"))],
+        logger=loggers or False, precision=precision,
+    )
+
+
+def train(cfg: DictConfig, parent_run_id: str | None = None) -> RunResult:
+    """Run one job of the study described by `cfg` (a composed `conf/train.yaml`)."""
+    config = run_config(cfg)
+    tags = run_tags(cfg)
+    if parent_run_id:
+        tags["mlflow.parentRunId"] = parent_run_id
+    with tracked_run(
+        cfg.tracking.uri, cfg.tracking.experiment, config, tags=tags,
+        run_name=cfg.tracking.get("run_name"), config_yaml=OmegaConf.to_yaml(config),
+    ) as run:
+        L.seed_everything(cfg.seed, workers=True, verbose=False)
+        parts = build_task(cfg)
+        tracker = BudgetTracker(run, parts.n_train, gain_floor=cfg.budget.gain_floor,
+                                max_train_s=cfg.budget.get("max_train_s"))
+        trainer = build_trainer(cfg, tracker, run)
+        evaluate_baseline(cfg, trainer, parts, tracker, run)
+        L.seed_everything(cfg.seed, workers=True, verbose=False)
+        trainer.fit(parts.module, datamodule=parts.datamodule)
+        if trainer.interrupted:
+            raise KeyboardInterrupt("training interrupted")
+        checkpoint = None
+        if cfg.tracking.get("save_checkpoint", False):
+            path = Path(cfg.paths.output_dir) / "checkpoints" / "last.ckpt"
+            trainer.save_checkpoint(path, weights_only=True)
+            checkpoint = str(path.resolve())
+            run.set_tags({"checkpoint": checkpoint})
+        summarise(cfg, run, tracker.history)
+        return RunResult(run.run_id, tracker.history, checkpoint,
+                         {"trainer": trainer, "module": parts.module, "datamodule": parts.datamodule})
+
+
+def evaluate_baseline(cfg: DictConfig, trainer: L.Trainer, parts, tracker: BudgetTracker,
+                      run: TrackedRun) -> None:
+    """Epoch 0: from the cache when the same model, split and settings were evaluated before."""
+    precision = str(trainer.precision)
+    key = baseline_key(
+        cfg.task.name, OmegaConf.to_container(cfg.model, resolve=True),
+        OmegaConf.to_container(cfg.data, resolve=True), OmegaConf.to_container(cfg.eval),
+        precision, cfg.seed if parts.baseline_depends_on_seed else None,
+    )
+    cache = BaselineCache(cfg.paths.cache_dir) if cfg.eval.get("cache_baseline", True) else None
+    hit = cache.get(key) if cache is not None else None
+    if hit is not None:
+        log.info("epoch 0: pretrained metrics from the baseline cache (%s)", key)
+        tracker.record(0, hit["metrics"], hit["eval_s"])
+        run.set_tags({"baseline_cached": "true", "baseline_key": key})
+        return
+    trainer.validate(parts.module, datamodule=parts.datamodule, verbose=False)
+    # Lightning finalises its loggers after validate(); the run goes on.
+    run.client.update_run(run.run_id, status="RUNNING")
+    row = tracker.history[0]
+    if cache is not None and trainer.is_global_zero:
+        cache.put(key, parts.module.eval_metrics, row["time/eval_s"])
+    run.set_tags({"baseline_cached": "false", "baseline_key": key})
+
+
+def summarise(cfg: DictConfig, run: TrackedRun, history: list[dict[str, float]]) -> None:
+    """Run-level summary metrics: the best epoch of the budget metric and its ROI."""
+    metric = cfg.budget.metric
+    trained = [r for r in history if r["epoch"] > 0 and metric in r]
+    if not trained:
+        return
+    best = max(trained, key=lambda r: r[metric])
+    name = metric.split("/", 1)[-1]
+    summary = {
+        f"best/{name}": best[metric],
+        "best/epoch": best["epoch"],
+        f"best/gain_{name}": best.get(f"gain/{name}", float("nan")),
+        "time/total_train_s": history[-1]["time/train_s"],
+    }
+    run.log_metrics(summary, step=int(best["epoch"]))

@@ -1,0 +1,33 @@
+"""Fine-tune an embedding model on a budget and record what it returns.
+
+    python train.py                                               # defaults: MiniLM on CLINC150
+    python train.py -m data.n=100,500,1000 trainer.max_epochs=1..10   # the budget sweep
+"""
+
+from __future__ import annotations
+
+import sys
+
+import hydra
+from omegaconf import DictConfig
+
+from finetune_budget.cli import exit_code, expand_argv, format_table, guarded_job
+from finetune_budget.training import train
+
+
+def run(cfg: DictConfig) -> float:
+    result = train(cfg)
+    print(f"\nMLflow run {result.run_id} ({cfg.tracking.uri}, experiment {cfg.tracking.experiment})")
+    print(format_table(result.history, budget_metric=cfg.budget.metric))
+    return result.best(cfg.budget.metric)
+
+
+@hydra.main(version_base="1.3", config_path="conf", config_name="train")
+def main(cfg: DictConfig) -> float:
+    return guarded_job(run, cfg)
+
+
+if __name__ == "__main__":
+    sys.argv = expand_argv(sys.argv)
+    main()
+    sys.exit(exit_code())

@@ -56,6 +56,7 @@ class EmbeddingFineTuner(L.LightningModule):
         super().__init__()
         self.save_hyperparameters(logger=False)
         self.encoder = build_sentence_encoder(**model)
+        self.encoder.train()  # pretrained weights load in eval mode; fine-tuning uses dropout
         self.loss_name = self._pick_loss(loss.get("name", "auto"), data_kind)
         self.eval_metrics: dict[str, float] = {}
         self._eval_parts: list[tuple[torch.Tensor, torch.Tensor]] = []

@@ -56,20 +56,27 @@ def _instantiate_group(group: DictConfig | None) -> list[Any]:
     return [instantiate(node) for node in group.values() if node is not None and "_target_" in node]
 
 
-def build_trainer(cfg: DictConfig, tracker: BudgetTracker, run: TrackedRun) -> L.Trainer:
+def build_trainer(
+    cfg: DictConfig, tracker: BudgetTracker, run: TrackedRun, extra: list[L.Callback]
+) -> L.Trainer:
     loggers = []
     for node in (cfg.get("logger") or {}).values():
         if node is not None and "_target_" in node:
             loggers.append(instantiate(node, run_id=run.run_id))
     precision = resolve_precision(cfg.trainer.get("precision"), cfg.trainer.get("accelerator"))
     return instantiate(
-        cfg.trainer, callbacks=[tracker, *_instantiate_group(cfg.get("callbacks"))],
+        cfg.trainer, callbacks=[tracker, *_instantiate_group(cfg.get("callbacks")), *extra],
         logger=loggers or False, precision=precision,
     )
 
 
-def train(cfg: DictConfig, parent_run_id: str | None = None) -> RunResult:
-    """Run one job of the study described by `cfg` (a composed `conf/train.yaml`)."""
+def train(
+    cfg: DictConfig, parent_run_id: str | None = None, callbacks: list[L.Callback] | None = None
+) -> RunResult:
+    """Run one job of the study described by `cfg` (a composed `conf/train.yaml`).
+
+    callbacks: extra Lightning callbacks (an Optuna pruner, say) added to the configured ones.
+    """
     config = run_config(cfg)
     tags = run_tags(cfg)
     if parent_run_id:
@@ -82,7 +89,7 @@ def train(cfg: DictConfig, parent_run_id: str | None = None) -> RunResult:
         parts = build_task(cfg)
         tracker = BudgetTracker(run, parts.n_train, gain_floor=cfg.budget.gain_floor,
                                 max_train_s=cfg.budget.get("max_train_s"))
-        trainer = build_trainer(cfg, tracker, run)
+        trainer = build_trainer(cfg, tracker, run, callbacks or [])
         evaluate_baseline(cfg, trainer, parts, tracker, run)
         L.seed_everything(cfg.seed, workers=True, verbose=False)
         trainer.fit(parts.module, datamodule=parts.datamodule)

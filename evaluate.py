@@ -1,0 +1,29 @@
+"""Evaluate a model on a held-out split and log it to MLflow (other modes: see conf/evaluate.yaml).
+
+    python evaluate.py                          # the pretrained default model
+    python evaluate.py run_id=<mlflow run id>   # the checkpoint a training run saved
+"""
+
+from __future__ import annotations
+
+import sys
+
+import hydra
+from omegaconf import DictConfig
+
+from finetune_budget.cli import exit_code, expand_argv, guarded_job
+from finetune_budget.evaluation import run_mode
+
+
+@hydra.main(version_base="1.3", config_path="conf", config_name="evaluate")
+def main(cfg: DictConfig) -> None:
+    result = guarded_job(run_mode, cfg)
+    if isinstance(result, dict):
+        for key, value in result.items():
+            print(f"{key:28s} {value:.4f}")
+
+
+if __name__ == "__main__":
+    sys.argv = expand_argv(sys.argv)
+    main()
+    sys.exit(exit_code())

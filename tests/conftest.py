@@ -1,0 +1,64 @@
+"""Shared fixtures: configs composed the way train.py composes them, with a temporary MLflow store,
+output and cache directories, and tiny random models."""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Callable, Sequence
+from pathlib import Path
+
+import pytest
+from hydra import compose, initialize_config_dir
+from hydra.core.global_hydra import GlobalHydra
+from omegaconf import DictConfig, open_dict
+
+ROOT = Path(__file__).resolve().parents[1]
+CONF = ROOT / "conf"
+DATA_DIR = Path(os.environ.get("FINETUNE_BUDGET_DATA_DIR", ROOT.parent / "shared" / "data"))
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+
+def compose_config(
+    overrides: Sequence[str], tmp_path: Path, config_name: str = "train"
+) -> DictConfig:
+    """conf/<config_name>.yaml with overrides, paths and tracking pointed into tmp_path."""
+    GlobalHydra.instance().clear()
+    with initialize_config_dir(config_dir=str(CONF), version_base="1.3"):
+        cfg = compose(config_name=config_name, overrides=list(overrides))
+    with open_dict(cfg):
+        cfg.paths.data_dir = str(DATA_DIR)
+        cfg.paths.output_dir = str(tmp_path / "output")
+        cfg.paths.cache_dir = str(tmp_path / "cache")
+        cfg.tracking.uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+        if "trainer" in cfg:
+            cfg.trainer.enable_progress_bar = False
+    return cfg
+
+
+@pytest.fixture
+def make_cfg(tmp_path: Path) -> Callable[..., DictConfig]:
+    def make(*overrides: str, config_name: str = "train") -> DictConfig:
+        return compose_config(overrides, tmp_path, config_name)
+
+    return make
+
+
+TINY = ("model=tiny_bert", "trainer.accelerator=cpu", "trainer.precision=32-true")
+
+
+@pytest.fixture
+def tiny_text_cfg(make_cfg) -> Callable[..., DictConfig]:
+    """Tiny random BERT on a small CLINC150 subset, one epoch, a short held-out slice."""
+
+    def make(*overrides: str) -> DictConfig:
+        return make_cfg(*TINY, "data.n=64", "trainer.max_epochs=1", "trainer.limit_val_batches=2",
+                        "eval.batch_size=64", "tracking.save_checkpoint=false", *overrides)
+
+    return make
+
+
+def requires_data(*names: str):
+    missing = [n for n in names if not (DATA_DIR / n).exists()]
+    return pytest.mark.skipif(bool(missing), reason=f"data sets not found in {DATA_DIR}: {missing}")

@@ -53,12 +53,21 @@ def tiny_text_cfg(make_cfg) -> Callable[..., DictConfig]:
     """Tiny random BERT on a small CLINC150 subset, one epoch, a short held-out slice."""
 
     def make(*overrides: str) -> DictConfig:
-        return make_cfg(*TINY, "data.n=64", "trainer.max_epochs=1", "trainer.limit_val_batches=2",
-                        "eval.batch_size=64", "tracking.save_checkpoint=false", *overrides)
+        return make_cfg(
+            *TINY,
+            "data.n=64",
+            "trainer.max_epochs=1",
+            "trainer.limit_val_batches=2",
+            "eval.batch_size=64",
+            "tracking.save_checkpoint=false",
+            *overrides,
+        )
 
     return make
 
 
 def requires_data(*names: str):
     missing = [n for n in names if not (DATA_DIR / n).exists()]
-    return pytest.mark.skipif(bool(missing), reason=f"data sets not found in {DATA_DIR}: {missing}")
+    return pytest.mark.skipif(
+        bool(missing), reason=f"data sets not found in {DATA_DIR}: {missing}"
+    )

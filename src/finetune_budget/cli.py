@@ -58,17 +58,29 @@ def _fmt(value: Any) -> str:
     return str(value)
 
 
-def format_table(history: list[dict[str, float]], metric_keys: Sequence[str] | None = None,
-                 budget_metric: str = "val/mrr_at_20") -> str:
+def format_table(
+    history: list[dict[str, float]],
+    metric_keys: Sequence[str] | None = None,
+    budget_metric: str = "val/mrr_at_20",
+) -> str:
     """Per epoch: metrics, relative gain, training seconds and both ROIs of `budget_metric`."""
     if not history:
         return "(no epochs recorded)"
     if metric_keys is None:
         metric_keys = [k for k in history[0] if k.startswith(("val/", "probe/"))][:4]
     name = budget_metric.split("/", 1)[-1]
-    columns = ["epoch", *metric_keys, f"gain/{name}", "time/train_s", f"roi_label/{name}",
-               f"roi_s/{name}"]
-    rows = [[_fmt(r.get(c, float("nan"))) for c in columns] for r in sorted(history, key=lambda r: r["epoch"])]
+    columns = [
+        "epoch",
+        *metric_keys,
+        f"gain/{name}",
+        "time/train_s",
+        f"roi_label/{name}",
+        f"roi_s/{name}",
+    ]
+    rows = [
+        [_fmt(r.get(c, float("nan"))) for c in columns]
+        for r in sorted(history, key=lambda r: r["epoch"])
+    ]
     widths = [max(len(c), *(len(r[i]) for r in rows)) for i, c in enumerate(columns)]
     lines = ["  ".join(c.rjust(w) for c, w in zip(columns, widths, strict=True))]
     lines += ["  ".join(v.rjust(w) for v, w in zip(r, widths, strict=True)) for r in rows]

@@ -30,7 +30,7 @@ def expand_range_overrides(argv: Sequence[str]) -> list[str]:
 
 
 def flatten(tree: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:
-    """Nested mapping -> {"data.n": 1000, "trainer.max_epochs": 3, ...} (dotted keys as on the CLI)."""
+    """Nested mapping -> {"data.n": 1000, "trainer.max_epochs": 3, ...}: the CLI's dotted keys."""
     flat: dict[str, Any] = {}
     for key, value in tree.items():
         dotted = f"{prefix}{key}"
@@ -63,7 +63,9 @@ def resolve_precision(precision: str | int | None, accelerator: str | None = "au
     """`auto` -> bf16-mixed on CUDA with bf16 and on CPUs with native bf16, else 32-true."""
     if precision not in (None, "auto"):
         return str(precision)
-    use_cuda = accelerator in ("gpu", "cuda") or (accelerator == "auto" and torch.cuda.is_available())
+    use_cuda = accelerator in ("gpu", "cuda") or (
+        accelerator == "auto" and torch.cuda.is_available()
+    )
     if use_cuda:
         return "bf16-mixed" if torch.cuda.is_bf16_supported() else "16-mixed"
     return "bf16-mixed" if cpu_supports_bf16() else "32-true"

@@ -29,8 +29,30 @@ def _gather_plain(x: torch.Tensor) -> torch.Tensor:
     return torch.cat(parts)
 
 
-def info_nce(queries: torch.Tensor, positives: torch.Tensor, temperature: float = 0.05,
-             symmetric: bool = False) -> torch.Tensor:
+def _mean_over_all_ranks(per_anchor: torch.Tensor, all_emb: torch.Tensor) -> torch.Tensor:
+    """Mean of the per-anchor losses (A,) over the anchors of every rank.
+
+    Each rank returns sum(here) * world / count(all ranks); DDP averages the gradients over ranks,
+    so training equals one process with the whole batch even when ranks have different numbers
+    of valid anchors. With no valid anchor anywhere the loss is 0, still connected to the gathered
+    features so that every rank runs the same collectives in backward.
+    """
+    count = torch.tensor(float(per_anchor.numel()), device=per_anchor.device)
+    world = 1
+    if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
+        world = dist.get_world_size()
+        dist.all_reduce(count)
+    if count.item() == 0:
+        return all_emb.sum() * 0.0
+    return per_anchor.sum() * world / count
+
+
+def info_nce(
+    queries: torch.Tensor,
+    positives: torch.Tensor,
+    temperature: float = 0.05,
+    symmetric: bool = False,
+) -> torch.Tensor:
     """MultipleNegativesRanking: query i's positive is positives[i], other positives are negatives.
 
     queries, positives: (B, D), L2-normalised.
@@ -45,8 +67,9 @@ def info_nce(queries: torch.Tensor, positives: torch.Tensor, temperature: float 
     return loss
 
 
-def supervised_contrastive(embeddings: torch.Tensor, labels: torch.Tensor,
-                           temperature: float = 0.05) -> torch.Tensor:
+def supervised_contrastive(
+    embeddings: torch.Tensor, labels: torch.Tensor, temperature: float = 0.05
+) -> torch.Tensor:
     """SupCon (Khosla et al. 2020): each anchor pulls all same-label items, pushes the rest.
 
     embeddings: (B, D) L2-normalised; labels: (B,). Anchors without a positive are skipped.
@@ -61,14 +84,14 @@ def supervised_contrastive(embeddings: torch.Tensor, labels: torch.Tensor,
     positive = (labels[:, None] == all_labels[None, :]) & ~self_mask
     log_prob = logits - torch.logsumexp(logits, dim=1, keepdim=True)
     n_pos = positive.sum(1)
-    has_pos = n_pos > 0
-    if not has_pos.any():
-        return embeddings.sum() * 0.0  # no anchor has a positive in this batch
+    has_pos = n_pos > 0  # anchors without a positive in the (gathered) batch are skipped
     mean_log_prob = log_prob.masked_fill(~positive, 0.0).sum(1)[has_pos] / n_pos[has_pos]
-    return -mean_log_prob.mean()
+    return _mean_over_all_ranks(-mean_log_prob, all_emb)
 
 
-def batch_hard_triplet(embeddings: torch.Tensor, labels: torch.Tensor, margin: float = 0.2) -> torch.Tensor:
+def batch_hard_triplet(
+    embeddings: torch.Tensor, labels: torch.Tensor, margin: float = 0.2
+) -> torch.Tensor:
     """Triplet loss with the hardest positive and negative of each anchor (cosine distance)."""
     all_emb, offset = gather_with_grad(embeddings)
     all_labels = _gather_plain(labels)
@@ -80,8 +103,6 @@ def batch_hard_triplet(embeddings: torch.Tensor, labels: torch.Tensor, margin: f
     pos = same & ~self_mask
     has_pos, has_neg = pos.any(1), (~same).any(1)
     valid = has_pos & has_neg
-    if not valid.any():
-        return embeddings.sum() * 0.0
     hardest_pos = dist_.masked_fill(~pos, float("-inf")).amax(1)
     hardest_neg = dist_.masked_fill(same, float("inf")).amin(1)
-    return F.relu(hardest_pos - hardest_neg + margin)[valid].mean()
+    return _mean_over_all_ranks(F.relu(hardest_pos - hardest_neg + margin)[valid], all_emb)

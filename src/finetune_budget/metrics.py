@@ -89,6 +89,9 @@ def retrieval_metrics(
     scores, targets, ids = candidate_lists(
         queries.cpu(), gallery.cpu(), relevant, top_k, exclude_self, chunk_size
     )
+    # torchmetrics (1.9) counts a relevant item only if its score is > 0; cosine scores can be
+    # negative (a near-chance model), so shift them all above 0: ranks do not change.
+    scores = scores - scores.min() + 1.0
     out = {}
     for name, metric in _metric_set(top_k, recall_at).items():
         out[name] = float(metric(scores, targets, indexes=ids))

@@ -44,7 +44,10 @@ class ClassChunkBatchSampler(Sampler[list[int]]):
         for label in np.unique(self.labels):
             members = np.flatnonzero(self.labels == label)
             rng.shuffle(members)
-            chunks += [members[i : i + self.per_class].tolist() for i in range(0, len(members), self.per_class)]
+            chunks += [
+                members[i : i + self.per_class].tolist()
+                for i in range(0, len(members), self.per_class)
+            ]
         order = rng.permutation(len(chunks))
         flat = [i for c in order for i in chunks[c]]
         batches = [flat[i : i + self.batch_size] for i in range(0, len(flat), self.batch_size)]

@@ -1,4 +1,4 @@
-"""Text retrieval data: labelled items (text, label) or pairs (query, positive), plus a held-out split.
+"""Text retrieval data: labelled items (text, label) or pairs (query, positive) + a held-out split.
 
 Held-out evaluation: every held-out item queries all the others; items of the same group (label,
 pair or image) are relevant.
@@ -56,7 +56,9 @@ def require_file(path: str | Path, what: str) -> Path:
 
 def _check_eval(data: TextRetrievalData) -> TextRetrievalData:
     if not data.train_texts:
-        raise DataError(f"{data.name}: the training split is empty; check the file and its columns")
+        raise DataError(
+            f"{data.name}: the training split is empty; check the file and its columns"
+        )
     groups = pd.Series(data.eval_groups)
     if len(groups) < 2 or groups.value_counts().max() < 2:
         raise DataError(
@@ -77,7 +79,9 @@ def load_clinc150(path: str | Path, eval_split: str = "val", **_: Any) -> TextRe
         raw = json.loads(path.read_text())
         train, held = raw["train"], raw[eval_split]
     except (json.JSONDecodeError, KeyError) as e:
-        raise DataError(f"{path} is not CLINC150's data_full.json ({e}); use data.eval_split=val|test") from e
+        raise DataError(
+            f"{path} is not CLINC150's data_full.json ({e}); use data.eval_split=val|test"
+        ) from e
     intents = sorted({label for _, label in train})
     code = {name: i for i, name in enumerate(intents)}
     return _check_eval(
@@ -98,7 +102,9 @@ def _read_stsb(path: Path) -> pd.DataFrame:
         if len(fields) >= 7:
             rows.append((float(fields[4]), fields[5], fields[6]))
     if not rows:
-        raise DataError(f"{path} has no tab-separated STS-B rows (score in column 5, sentences in 6-7)")
+        raise DataError(
+            f"{path} has no tab-separated STS-B rows (score in column 5, sentences in 6-7)"
+        )
     return pd.DataFrame(rows, columns=["score", "s1", "s2"])
 
 
@@ -167,7 +173,11 @@ def read_table(path: str | Path) -> pd.DataFrame:
         elif suffix == ".parquet":
             frame = pd.read_parquet(path)
         else:
-            raise DataError(f"{path}: unknown file type {suffix!r}; use .csv, .tsv, .jsonl or .parquet")
+            raise DataError(
+                f"{path}: unknown file type {suffix!r}; use .csv, .tsv, .jsonl or .parquet"
+            )
+    except pd.errors.EmptyDataError as e:
+        raise DataError(f"{path} is empty; give a file with a header and labelled rows") from e
     except (ValueError, pd.errors.ParserError, OSError) as e:
         raise DataError(f"{path} could not be read as {suffix} ({str(e).splitlines()[0]})") from e
     if frame.empty:
@@ -179,7 +189,8 @@ def _columns(frame: pd.DataFrame, path: Any, **columns: str | None) -> pd.DataFr
     for option, column in columns.items():
         if column not in frame.columns:
             raise DataError(
-                f"{path} has no column {column!r} (columns: {', '.join(map(str, frame.columns))}); "
+                f"{path} has no column {column!r} "
+                f"(columns: {', '.join(map(str, frame.columns))}); "
                 f"set data.{option}"
             )
     return frame.dropna(subset=list(columns.values()))
@@ -200,19 +211,28 @@ def load_table(
     frame = read_table(train_path)
     pairs = query_column is not None
     if pairs:
-        frame = _columns(frame, train_path, query_column=query_column, positive_column=positive_column)
+        frame = _columns(
+            frame, train_path, query_column=query_column, positive_column=positive_column
+        )
     else:
         frame = _columns(frame, train_path, text_column=text_column, label_column=label_column)
     if eval_path is not None:
         held = read_table(eval_path)
-        held = _columns(held, eval_path, **(
-            {"query_column": query_column, "positive_column": positive_column} if pairs
-            else {"text_column": text_column, "label_column": label_column}
-        ))
+        held = _columns(
+            held,
+            eval_path,
+            **(
+                {"query_column": query_column, "positive_column": positive_column}
+                if pairs
+                else {"text_column": text_column, "label_column": label_column}
+            ),
+        )
         train = frame
     else:
         if not 0 < eval_fraction < 1:
-            raise DataError(f"data.eval_fraction={eval_fraction} must lie in (0, 1), or set data.eval_path")
+            raise DataError(
+                f"data.eval_fraction={eval_fraction} must lie in (0, 1), or set data.eval_path"
+            )
         rng = np.random.default_rng(SPLIT_SEED)
         if pairs:
             is_held = rng.random(len(frame)) < eval_fraction
@@ -228,8 +248,11 @@ def load_table(
                 name=name,
                 train_texts=train[query_column].astype(str).tolist(),
                 train_positives=train[positive_column].astype(str).tolist(),
-                eval_texts=[s for a, b in zip(held[query_column], held[positive_column], strict=True)
-                            for s in (str(a), str(b))],
+                eval_texts=[
+                    s
+                    for a, b in zip(held[query_column], held[positive_column], strict=True)
+                    for s in (str(a), str(b))
+                ],
                 eval_groups=[i for i in range(len(held)) for _ in (0, 1)],
             )
         )
@@ -257,5 +280,7 @@ def load_text_data(data_cfg: Mapping[str, Any]) -> TextRetrievalData:
     """Load the data set a `conf/data/*.yaml` describes (its `format` picks the loader)."""
     fmt = data_cfg.get("format")
     if fmt not in TEXT_LOADERS:
-        raise DataError(f"data.format={fmt!r} is not a text format; use one of {sorted(TEXT_LOADERS)}")
+        raise DataError(
+            f"data.format={fmt!r} is not a text format; use one of {sorted(TEXT_LOADERS)}"
+        )
     return TEXT_LOADERS[fmt](**{k: v for k, v in data_cfg.items() if k != "format"})

@@ -14,8 +14,9 @@ from finetune_budget.data.text import TextRetrievalData
 
 
 class TextRetrievalDataModule(L.LightningDataModule):
-    """Training batches of the first `n` items of a seeded permutation; eval batches of all held-out
-    items, sorted by length so padding stays small (each batch carries the items' `index`)."""
+    """Training batches of the first `n` items of a seeded permutation; eval batches of all
+    held-out items, sorted by length so padding stays small (each batch carries the items'
+    `index`)."""
 
     def __init__(
         self,
@@ -41,7 +42,9 @@ class TextRetrievalDataModule(L.LightningDataModule):
         self.num_workers = num_workers
         self.seed = seed
         self.eval_groups = torch.as_tensor(data.eval_groups)
-        self._eval_order = sorted(range(len(data.eval_texts)), key=lambda i: len(data.eval_texts[i]))
+        self._eval_order = sorted(
+            range(len(data.eval_texts)), key=lambda i: len(data.eval_texts[i])
+        )
 
     @property
     def n_train(self) -> int:
@@ -50,7 +53,11 @@ class TextRetrievalDataModule(L.LightningDataModule):
     def _tokenize(self, texts: list[str]) -> dict[str, torch.Tensor]:
         return dict(
             self.tokenizer(
-                texts, padding=True, truncation=True, max_length=self.max_length, return_tensors="pt"
+                texts,
+                padding=True,
+                truncation=True,
+                max_length=self.max_length,
+                return_tensors="pt",
             )
         )
 
@@ -83,22 +90,35 @@ class TextRetrievalDataModule(L.LightningDataModule):
         if self.data.kind == "labels":
             labels = [self.data.train_labels[i] for i in items]
             sampler = ClassChunkBatchSampler(
-                labels, self.batch_size, self.samples_per_class, seed=self.seed,
-                num_replicas=world, rank=rank,
+                labels,
+                self.batch_size,
+                self.samples_per_class,
+                seed=self.seed,
+                num_replicas=world,
+                rank=rank,
             )
             return DataLoader(
-                items, batch_sampler=sampler, collate_fn=self.collate_train, **self._loader_kwargs()
+                items,
+                batch_sampler=sampler,
+                collate_fn=self.collate_train,
+                **self._loader_kwargs(),
             )
         generator = torch.Generator().manual_seed(self.seed)
         return DataLoader(
-            items, batch_size=self.batch_size, sampler=RandomSampler(items, generator=generator),
-            collate_fn=self.collate_train, drop_last=len(items) > self.batch_size,
+            items,
+            batch_size=self.batch_size,
+            sampler=RandomSampler(items, generator=generator),
+            collate_fn=self.collate_train,
+            drop_last=len(items) > self.batch_size,
             **self._loader_kwargs(),
         )
 
     def val_dataloader(self) -> DataLoader:
-        # Every rank embeds the whole held-out split (no distributed sampler): metrics need all items.
+        # Every rank embeds the whole held-out split (no distributed sampler): metrics need all.
         return DataLoader(
-            self._eval_order, batch_size=self.eval_batch_size, shuffle=False,
-            collate_fn=self.collate_eval, **self._loader_kwargs(),
+            self._eval_order,
+            batch_size=self.eval_batch_size,
+            shuffle=False,
+            collate_fn=self.collate_eval,
+            **self._loader_kwargs(),
         )

@@ -36,8 +36,24 @@ def resolve_pretrained(spec: str) -> str:
 
 def hub_unreachable_hint(spec: str) -> str:
     offline = os.environ.get("HF_HUB_OFFLINE") == "1"
-    where = "the hub is offline (HF_HUB_OFFLINE=1)" if offline else "it is not on the hub or no network"
+    where = (
+        "the hub is offline (HF_HUB_OFFLINE=1)"
+        if offline
+        else "it is not on the hub or no network"
+    )
     return (
-        f"could not load model {spec!r}: not a local folder, not an installed weights package, and "
+        f"could not load model {spec!r}: not a local folder, not an installed weights package, "
+        "and "
         f"{where}; pick a model from conf/model/ or give a local folder"
     )
+
+
+def _all_mpnet_base_v2() -> str:
+    from finetune_budget.models.mpnet import (
+        mpnet_folder,  # joins and unzips its parts at first use
+    )
+
+    return mpnet_folder()
+
+
+PYPI_RESOLVERS["all_mpnet_base_v2"] = _all_mpnet_base_v2

@@ -39,8 +39,12 @@ class SentenceEncoder(nn.Module):
         self.projection = nn.Linear(hidden, output_dim, bias=False) if output_dim else None
         self.dim = output_dim or hidden
 
-    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, **_: Any) -> torch.Tensor:
-        hidden = self.transformer(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state
+    def forward(
+        self, input_ids: torch.Tensor, attention_mask: torch.Tensor, **_: Any
+    ) -> torch.Tensor:
+        hidden = self.transformer(
+            input_ids=input_ids, attention_mask=attention_mask
+        ).last_hidden_state
         emb = mean_pool(hidden, attention_mask) if self.pooling == "mean" else hidden[:, 0]
         if self.projection is not None:
             emb = self.projection(emb)
@@ -75,4 +79,6 @@ def build_sentence_encoder(
             transformer = AutoModel.from_pretrained(source)
         except (OSError, ValueError) as e:
             raise ModelError(hub_unreachable_hint(pretrained)) from e
-    return SentenceEncoder(transformer, pooling=pooling, output_dim=output_dim, normalize=normalize)
+    return SentenceEncoder(
+        transformer, pooling=pooling, output_dim=output_dim, normalize=normalize
+    )

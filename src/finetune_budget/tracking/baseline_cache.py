@@ -15,7 +15,14 @@ from typing import Any
 log = logging.getLogger(__name__)
 
 # Keys of the data config that only shape training, not the held-out split.
-TRAIN_ONLY_DATA_KEYS = {"n", "subset_seed", "batch_size", "samples_per_class", "num_workers", "augment"}
+TRAIN_ONLY_DATA_KEYS = {
+    "n",
+    "subset_seed",
+    "batch_size",
+    "samples_per_class",
+    "num_workers",
+    "augment",
+}
 
 
 def _fingerprint(path: Any) -> Any:
@@ -47,9 +54,14 @@ def baseline_key(
     payload = {
         "task": task,
         "model": dict(model),
-        "data": {k: _fingerprint(v) if "path" in k else v for k, v in data.items()
-                 if k not in TRAIN_ONLY_DATA_KEYS},
-        "eval": {k: v for k, v in eval_settings.items() if k not in ("batch_size", "cache_baseline")},
+        "data": {
+            k: _fingerprint(v) if "path" in k else v
+            for k, v in data.items()
+            if k not in TRAIN_ONLY_DATA_KEYS
+        },
+        "eval": {
+            k: v for k, v in eval_settings.items() if k not in ("batch_size", "cache_baseline")
+        },
         "precision": precision,
         "seed": seed,
     }

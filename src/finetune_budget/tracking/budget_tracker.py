@@ -51,7 +51,9 @@ class BudgetTracker(Callback):
     # -- state for runs that continue from a saved epoch -----------------------------------------
     def state_dict(self) -> dict[str, Any]:
         return {
-            "history": self.history, "baseline": self.baseline, "train_s": self.train_s,
+            "history": self.history,
+            "baseline": self.baseline,
+            "train_s": self.train_s,
             "samples_seen": self.samples_seen,
         }
 
@@ -62,8 +64,14 @@ class BudgetTracker(Callback):
         self.samples_seen = int(state["samples_seen"])
 
     # -- recording -------------------------------------------------------------------------------
-    def record(self, epoch: int, metrics: dict[str, float], eval_s: float, log_to_run: bool = True,
-               **extra: float) -> dict[str, float]:
+    def record(
+        self,
+        epoch: int,
+        metrics: dict[str, float],
+        eval_s: float,
+        log_to_run: bool = True,
+        **extra: float,
+    ) -> dict[str, float]:
         """Add the row of `epoch` (0 = pretrained baseline) and log it at step = epoch."""
         if epoch == 0:
             self.baseline = dict(metrics)

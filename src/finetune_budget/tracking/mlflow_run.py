@@ -23,8 +23,16 @@ from finetune_budget.config import flatten
 log = logging.getLogger(__name__)
 
 VERSIONED_PACKAGES = (
-    "finetune-budget", "torch", "transformers", "lightning", "torchmetrics", "open_clip_torch",
-    "timm", "mlflow", "optuna", "hydra-core",
+    "finetune-budget",
+    "torch",
+    "transformers",
+    "lightning",
+    "torchmetrics",
+    "open_clip_torch",
+    "timm",
+    "mlflow",
+    "optuna",
+    "hydra-core",
 )
 MAX_PARAM_CHARS = 6000
 BATCH = 100  # MLflow's limit of params (and tags) per log_batch call
@@ -95,7 +103,9 @@ def tracked_run(
     all_tags = {f"versions.{k}": v for k, v in package_versions().items()}
     all_tags["command"] = " ".join(sys.argv)[:5000]
     all_tags.update(tags or {})
-    run = client.create_run(exp_id, run_name=run_name, tags={k: str(v) for k, v in all_tags.items()})
+    run = client.create_run(
+        exp_id, run_name=run_name, tags={k: str(v) for k, v in all_tags.items()}
+    )
     tracked = TrackedRun(client, run.info.run_id, exp_id, tracking_uri)
     params = [Param(k, str(v)[:MAX_PARAM_CHARS]) for k, v in flatten(config).items()]
     for i in range(0, len(params), BATCH):

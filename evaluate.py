@@ -1,7 +1,7 @@
 """Evaluate a model on a held-out split and log it to MLflow (other modes: see conf/evaluate.yaml).
 
-    python evaluate.py                          # the pretrained default model
-    python evaluate.py run_id=<mlflow run id>   # the checkpoint a training run saved
+python evaluate.py                          # the pretrained default model
+python evaluate.py run_id=<mlflow run id>   # the checkpoint a training run saved
 """
 
 from __future__ import annotations

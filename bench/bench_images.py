@@ -1,10 +1,13 @@
 """Images per second of the default image model (task=image_image: MobileNetV2 on CelebA) for
 training and evaluation, through Lightning and through a plain PyTorch loop doing the same steps
 (same initial weights, batches, optimiser, schedule, precision, gradient clipping), measured in one
-run, alternating the two to share the machine's noise. Also the DataLoader's decode+augment rate.
+run. The two are interleaved step by step (around each Lightning step a callback runs the plain
+step on a copy of the model, before or after it in turn), so both see the same machine load;
+per-step times are medians.
+Also the DataLoader's decode+augment rate with data.num_workers workers.
 
-    .venv/bin/python bench/bench_images.py                      # ~2 minutes on 2 CPU cores
-    .venv/bin/python bench/bench_images.py --steps 20 --repeats 3 model=efficientnet_lite0
+    .venv/bin/python bench/bench_images.py                      # ~2 minutes on 2 idle CPU cores
+    .venv/bin/python bench/bench_images.py --steps 20 model=efficientnet_lite0
 
 Trailing key=value arguments are Hydra overrides of conf/train.yaml (task=image_image is implied).
 """
@@ -26,29 +29,91 @@ import torch
 from hydra import compose, initialize_config_dir
 from hydra.utils import instantiate
 from omegaconf import open_dict
+from torch.utils.data import DataLoader
 
 from finetune_budget import losses
 from finetune_budget.config import resolve_precision
 from finetune_budget.image_module import build_image_image
-from finetune_budget.metrics import retrieval_metrics
 from finetune_budget.module import lr_lambda
 
 ROOT = Path(__file__).resolve().parents[1]
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 
-class StepClock(L.Callback):
-    """Timestamps at the start of every training batch and at the end of the last one."""
+class PlainTwin(L.Callback):
+    """Times each Lightning step (gap between batch starts) and, after it, the same step done by
+    hand on a copy of the model: autocast forward, loss, backward, clip, AdamW, LR schedule."""
 
-    def __init__(self) -> None:
-        self.stamps: list[float] = []
+    def __init__(self, module, precision: str, clip: float, total_steps: int) -> None:
+        cfg = module.hparams
+        self.embedder = copy.deepcopy(module.embedder)
+        self.temperature = cfg.loss["temperature"]
+        decay = [p for p in self.embedder.parameters() if p.ndim >= 2]
+        no_decay = [p for p in self.embedder.parameters() if p.ndim < 2]
+        groups = [{"params": decay}, {"params": no_decay, "weight_decay": 0.0}]
+        self.optimizer = instantiate(cfg.optim["optimizer"])(groups)
+        schedule = lr_lambda(cfg.optim.get("schedule", "warmup_constant"),
+                             cfg.optim.get("warmup_steps", 0), total_steps)  # fmt: skip
+        self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, schedule)
+        self.bf16, self.clip = precision == "bf16-mixed", clip
+        self.starts: list[float] = []
+        self.plain_s: list[float] = []
+        self.plain_eval_s: list[float] = []
+
+    def plain_step(self, batch: dict[str, torch.Tensor]) -> None:
+        self.embedder.train()
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=self.bf16):
+            emb = self.embedder(batch["images"])
+            loss = losses.supervised_contrastive(emb, batch["labels"], self.temperature)
+        self.optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        if self.clip:
+            torch.nn.utils.clip_grad_norm_(self.embedder.parameters(), self.clip)
+        self.optimizer.step()
+        self.scheduler.step()
+        float(loss.detach())  # Lightning's logging reads the loss every step too
+
+    def plain_eval(self, batch: dict[str, torch.Tensor]) -> None:
+        self.embedder.eval()
+        with torch.inference_mode(), torch.autocast("cpu", torch.bfloat16, enabled=self.bf16):
+            self.embedder(batch["images"]).float().cpu()
+
+    # Whichever of a pair runs second tends to be faster (warm caches): by default the plain step
+    # runs after Lightning's on even steps and before it on odd steps.
+    plain_first: bool | None = None  # None: alternate; True/False: always before/after
+
+    def _plain_goes_first(self, batch_idx: int) -> bool:
+        return batch_idx % 2 == 1 if self.plain_first is None else self.plain_first
+
+    def _timed_plain(self, batch) -> None:
+        t0 = time.perf_counter()
+        self.plain_step(batch)
+        self.plain_s.append(time.perf_counter() - t0)
 
     def on_train_batch_start(self, trainer, pl_module, batch, batch_idx) -> None:
-        self.stamps.append(time.perf_counter())
+        self.starts.append(time.perf_counter())
+        if self._plain_goes_first(batch_idx):
+            self._timed_plain(batch)
 
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
+        if not self._plain_goes_first(batch_idx):
+            self._timed_plain(batch)
         if batch_idx == trainer.num_training_batches - 1:
-            self.stamps.append(time.perf_counter())
+            self.starts.append(time.perf_counter())
+
+    def on_validation_batch_start(self, trainer, pl_module, batch, batch_idx, dataloader_idx=0):
+        self.starts.append(time.perf_counter())
+
+    def on_validation_batch_end(self, trainer, pl_module, outputs, batch, batch_idx,
+                                dataloader_idx=0):  # fmt: skip
+        t0 = time.perf_counter()
+        self.plain_eval(batch)
+        self.plain_eval_s.append(time.perf_counter() - t0)
+
+    def lightning_times(self, plain: list[float]) -> list[float]:
+        """Per-step Lightning time: gap between consecutive batch starts minus the plain step."""
+        gaps = [b - a for a, b in zip(self.starts, self.starts[1:], strict=False)]
+        return [g - p for g, p in zip(gaps, plain, strict=False)]
 
 
 class FixedBatches(L.LightningDataModule):
@@ -58,81 +123,24 @@ class FixedBatches(L.LightningDataModule):
         super().__init__()
         self.train, self.val, self.eval_groups = train, val, eval_groups
 
-    def train_dataloader(self):
-        return self.train
+    def train_dataloader(self) -> DataLoader:
+        return DataLoader(self.train, batch_size=None)  # yields the stored batches as they are
 
-    def val_dataloader(self):
-        return self.val
-
-
-def steady_rate(stamps: list[float], batch_size: int) -> float:
-    """Images/s over all steps but the first (warm-up); stamps: each step's start, the end."""
-    return (len(stamps) - 2) * batch_size / (stamps[-1] - stamps[1])
+    def val_dataloader(self) -> DataLoader:
+        return DataLoader(self.val, batch_size=None)
 
 
-def lightning_train(module, dm, precision: str, clip: float) -> float:
-    clock = StepClock()
-    trainer = L.Trainer(
+def _trainer(precision: str, clip: float, twin: PlainTwin) -> L.Trainer:
+    return L.Trainer(
         accelerator="cpu", devices=1, max_epochs=1, precision=precision, logger=False,
         enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False,
-        limit_val_batches=0, gradient_clip_val=clip, callbacks=[clock],
+        limit_val_batches=0, gradient_clip_val=clip, callbacks=[twin],
     )  # fmt: skip
-    trainer.fit(module, datamodule=dm)
-    return steady_rate(clock.stamps, dm.train[0]["images"].shape[0])
 
 
-def plain_train(module, batches: list, precision: str, clip: float) -> float:
-    """The same step by hand: autocast forward, loss, backward, clip, AdamW, LR schedule."""
-    embedder, cfg = module.embedder, module.hparams
-    embedder.train()
-    decay = [p for p in embedder.parameters() if p.ndim >= 2]
-    no_decay = [p for p in embedder.parameters() if p.ndim < 2]
-    groups = [{"params": decay}, {"params": no_decay, "weight_decay": 0.0}]
-    optimizer = instantiate(cfg.optim["optimizer"])(groups)
-    schedule = lr_lambda(cfg.optim.get("schedule", "warmup_constant"),
-                         cfg.optim.get("warmup_steps", 0), len(batches))  # fmt: skip
-    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, schedule)
-    bf16 = precision == "bf16-mixed"
-    stamps = []
-    for batch in batches:
-        stamps.append(time.perf_counter())
-        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
-            emb = embedder(batch["images"])
-            loss = losses.supervised_contrastive(emb, batch["labels"], cfg.loss["temperature"])
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(embedder.parameters(), clip)
-        optimizer.step()
-        scheduler.step()
-        float(loss.detach())  # Lightning's logging reads the loss each step too
-    stamps.append(time.perf_counter())
-    return steady_rate(stamps, batches[0]["images"].shape[0])
-
-
-def lightning_eval(module, dm, precision: str) -> float:
-    trainer = L.Trainer(
-        accelerator="cpu", devices=1, precision=precision, logger=False,
-        enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False,
-    )  # fmt: skip
-    n = sum(b["images"].shape[0] for b in dm.val)
-    t0 = time.perf_counter()
-    trainer.validate(module, datamodule=dm, verbose=False)
-    return n / (time.perf_counter() - t0)
-
-
-def plain_eval(module, batches: list, groups: torch.Tensor, precision: str) -> float:
-    embedder = module.embedder.eval()
-    n = sum(b["images"].shape[0] for b in batches)
-    t0 = time.perf_counter()
-    with (
-        torch.inference_mode(),
-        torch.autocast("cpu", dtype=torch.bfloat16, enabled=precision == "bf16-mixed"),
-    ):
-        parts = [(b["index"], embedder(b["images"]).float()) for b in batches]
-    index = torch.cat([i for i, _ in parts])
-    retrieval_metrics(torch.cat([e for _, e in parts]), query_groups=groups[index], top_k=20)
-    embedder.train()
-    return n / (time.perf_counter() - t0)
+def _rate(times: list[float], batch: int) -> float:
+    """Images/s from the median per-step time, the first (warm-up) step left out."""
+    return batch / statistics.median(times[1:])
 
 
 def loader_rate(loader, n_batches: int) -> float:
@@ -146,9 +154,14 @@ def loader_rate(loader, n_batches: int) -> float:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--steps", type=int, default=7, help="training steps per measurement")
-    parser.add_argument("--eval-batches", type=int, default=4)
-    parser.add_argument("--repeats", type=int, default=2)
+    parser.add_argument("--steps", type=int, default=8, help="training steps (batches)")
+    parser.add_argument("--eval-batches", type=int, default=5)
+    parser.add_argument(
+        "--plain",
+        choices=("alternate", "before", "after"),
+        default="alternate",
+        help="when the plain step runs relative to Lightning's (training)",
+    )
     args, overrides = parser.parse_known_args()
     logging.basicConfig(level=logging.WARNING)
     warnings.filterwarnings("ignore")
@@ -179,35 +192,37 @@ def main() -> None:
             break
         val_batches.append(b)
     dm = FixedBatches(train_batches, val_batches, dm0.eval_groups)
-    initial = copy.deepcopy(parts.module.state_dict())
 
-    rates: dict[str, list[float]] = {k: [] for k in ("pl_train", "pt_train", "pl_eval", "pt_eval")}
-    for _ in range(args.repeats):
-        for kind in ("pt", "pl"):  # alternate, so both see the same machine load
-            parts.module.load_state_dict(initial)
-            if kind == "pl":
-                rates["pl_train"].append(lightning_train(parts.module, dm, precision, clip))
-                rates["pl_eval"].append(lightning_eval(parts.module, dm, precision))
-            else:
-                rates["pt_train"].append(plain_train(parts.module, train_batches, precision, clip))
-                rates["pt_eval"].append(plain_eval(parts.module, val_batches, dm.eval_groups,
-                                                   precision))  # fmt: skip
+    twin = PlainTwin(parts.module, precision, clip, len(train_batches))
+    twin.plain_first = {"alternate": None, "before": True, "after": False}[args.plain]
+    _trainer(precision, clip, twin).fit(parts.module, datamodule=dm)
+    pl_train, pt_train = twin.lightning_times(twin.plain_s), twin.plain_s
+    twin.starts = []
+    evaluator = L.Trainer(
+        accelerator="cpu", devices=1, precision=precision, logger=False, callbacks=[twin],
+        enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False,
+    )  # fmt: skip
+    evaluator.validate(parts.module, datamodule=dm, verbose=False)
+    pl_eval, pt_eval = twin.lightning_times(twin.plain_eval_s), twin.plain_eval_s
+    rates = {
+        "train": (_rate(pl_train, bs), _rate(pt_train, bs)),
+        "eval": (_rate(pl_eval, ebs), _rate(pt_eval, ebs)),
+    }
+    steps = {"train": (pl_train, pt_train), "eval": (pl_eval, pt_eval)}
 
     dm0.num_workers = int(cfg.data.num_workers)
     data_rate = loader_rate(dm0.train_dataloader(), min(4, args.steps - 1))
 
-    med = {k: statistics.median(v) for k, v in rates.items()}
     print(f"\nimage_image bench: model={cfg.model.name} image_size={cfg.model.image_size} "
           f"precision={precision} batch={bs} (eval {ebs})")  # fmt: skip
     print(f"threads={torch.get_num_threads()} cpus={os.cpu_count()} torch {torch.__version__} "
-          f"lightning {L.__version__}")  # fmt: skip
-    print(f"{'':10s}{'lightning img/s':>17s}{'plain img/s':>13s}{'ratio':>8s}   (median of "
-          f"{args.repeats}; per repeat: lightning / plain)")  # fmt: skip
-    for stage in ("train", "eval"):
-        pl, pt = med[f"pl_{stage}"], med[f"pt_{stage}"]
-        each = ", ".join(f"{a:.1f}/{b:.1f}" for a, b in
-                         zip(rates[f"pl_{stage}"], rates[f"pt_{stage}"], strict=True))  # fmt: skip
-        print(f"{stage:10s}{pl:17.1f}{pt:13.1f}{pl / pt:8.3f}   ({each})")
+          f"lightning {L.__version__}; median step, warm-up step left out")  # fmt: skip
+    print(f"{'':7s}{'lightning img/s':>16s}{'plain img/s':>13s}{'ratio':>7s}   per-step seconds "
+          "lightning | plain")  # fmt: skip
+    for stage, (pl, pt) in rates.items():
+        a, b = steps[stage]
+        each = " ".join(f"{t:.2f}" for t in a) + " | " + " ".join(f"{t:.2f}" for t in b)
+        print(f"{stage:7s}{pl:16.1f}{pt:13.1f}{pl / pt:7.3f}   {each}")
     print(
         f"DataLoader decode+augment with data.num_workers={cfg.data.num_workers}: "
         f"{data_rate:.1f} img/s"

@@ -11,7 +11,14 @@ import pytest
 
 from finetune_budget.data.samplers import ClassChunkBatchSampler
 from finetune_budget.data.subsets import nested_subset
-from finetune_budget.data.text import load_clinc150, load_flickr8k_captions, load_stsb, load_table
+from finetune_budget.data.text import (
+    load_clinc150,
+    load_flickr8k_captions,
+    load_stsb,
+    load_table,
+    read_flickr8k_captions,
+    split_images,
+)
 from finetune_budget.errors import DataError
 from tests.conftest import DATA_DIR, requires_data
 
@@ -67,9 +74,17 @@ def test_stsb_pairs_are_high_scoring_and_each_held_out_pair_is_a_group():
 
 @requires_data("flickr8k")
 def test_flickr8k_caption_groups_never_cross_the_split():
+    frame = read_flickr8k_captions(DATA_DIR / "flickr8k")
+    images = frame["image"].drop_duplicates().tolist()
+    train_images, held_images = split_images(images, eval_images=1000)
+    assert not set(train_images) & set(held_images)
+    assert split_images(images, 1000) == (train_images, held_images)  # fixed, seed-independent
     data = load_flickr8k_captions(DATA_DIR / "flickr8k", eval_images=1000)
     assert len(set(data.eval_groups)) == 1000
-    assert not set(data.eval_texts) & set(data.train_texts)
+    held_captions = frame[frame["image"].isin(held_images)]["caption"]
+    assert sorted(data.eval_texts) == sorted(held_captions)
+    train_captions = set(frame[frame["image"].isin(train_images)]["caption"])
+    assert set(data.train_texts) <= train_captions
 
 
 def test_a_users_csv_of_text_and_label_loads_with_a_held_out_fraction(tmp_path):

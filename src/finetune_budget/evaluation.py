@@ -19,6 +19,8 @@ from omegaconf import DictConfig
 
 from finetune_budget.config import resolve_precision
 from finetune_budget.errors import ConfigError, ModelError
+from finetune_budget.external_baseline import evaluate_external
+from finetune_budget.report import report_mode
 from finetune_budget.tasks import build_task
 from finetune_budget.tracking.mlflow_run import tracked_run
 from finetune_budget.training import run_config
@@ -31,7 +33,9 @@ def checkpoint_of_run(tracking_uri: str, run_id: str) -> str:
     try:
         run = client.get_run(run_id)
     except Exception as e:  # noqa: BLE001 - MLflow raises several kinds for a bad id
-        raise ConfigError(f"run_id={run_id} is not a run of {tracking_uri}; copy the id from the MLflow UI") from e
+        raise ConfigError(
+            f"run_id={run_id} is not a run of {tracking_uri}; copy the id from the MLflow UI"
+        ) from e
     path = run.data.tags.get("checkpoint")
     if not path:
         raise ConfigError(f"run {run_id} saved no checkpoint (tracking.save_checkpoint was false)")
@@ -42,12 +46,15 @@ def load_weights(module: L.LightningModule, path: str) -> None:
     try:
         state = torch.load(path, map_location="cpu", weights_only=False)
     except FileNotFoundError as e:
-        raise ModelError(f"checkpoint {path} not found; give checkpoint=<path to a .ckpt file>") from e
+        raise ModelError(
+            f"checkpoint {path} not found; give checkpoint=<path to a .ckpt file>"
+        ) from e
     missing, unexpected = module.load_state_dict(state.get("state_dict", state), strict=False)
     if unexpected or missing:
         raise ModelError(
             f"checkpoint {path} does not fit model={module.hparams.get('model', {}).get('name')} "
-            f"({len(missing)} missing, {len(unexpected)} unexpected weights); pass the run's model="
+            f"({len(missing)} missing, {len(unexpected)} unexpected weights); "
+            "pass the run's model="
         )
 
 
@@ -56,19 +63,33 @@ def evaluate(cfg: DictConfig) -> dict[str, float]:
     checkpoint = cfg.get("checkpoint")
     if cfg.get("run_id"):
         checkpoint = checkpoint_of_run(cfg.tracking.uri, cfg.run_id)
-    tags = {"task": cfg.task.name, "model": cfg.model.name, "data": cfg.data.name,
-            "run_type": "evaluation", "checkpoint": checkpoint or "pretrained"}
+    tags = {
+        "task": cfg.task.name,
+        "model": cfg.model.name,
+        "data": cfg.data.name,
+        "run_type": "evaluation",
+        "checkpoint": checkpoint or "pretrained",
+    }
     if cfg.get("run_id"):
         tags["evaluated_run_id"] = cfg.run_id
-    with tracked_run(cfg.tracking.uri, cfg.tracking.experiment, run_config(cfg), tags=tags,
-                     run_name=cfg.tracking.get("run_name")) as run:
+    with tracked_run(
+        cfg.tracking.uri,
+        cfg.tracking.experiment,
+        run_config(cfg),
+        tags=tags,
+        run_name=cfg.tracking.get("run_name"),
+    ) as run:
         L.seed_everything(cfg.seed, verbose=False)
         parts = build_task(cfg)
         if checkpoint:
             load_weights(parts.module, checkpoint)
         trainer = instantiate(
-            cfg.trainer, logger=False, callbacks=[],
-            precision=resolve_precision(cfg.trainer.get("precision"), cfg.trainer.get("accelerator")),
+            cfg.trainer,
+            logger=False,
+            callbacks=[],
+            precision=resolve_precision(
+                cfg.trainer.get("precision"), cfg.trainer.get("accelerator")
+            ),
         )
         start = time.perf_counter()
         trainer.validate(parts.module, datamodule=parts.datamodule, verbose=False)
@@ -79,7 +100,8 @@ def evaluate(cfg: DictConfig) -> dict[str, float]:
         return metrics
 
 
-MODES: dict[str, Callable[[DictConfig], Any]] = {"eval": evaluate}
+MODES: dict[str, Callable[[DictConfig], Any]] = {"eval": evaluate, "report": report_mode}
+MODES["external_baseline"] = evaluate_external
 
 
 def run_mode(cfg: DictConfig) -> Any:

@@ -1,11 +1,12 @@
 """The LightningModule: an encoder, a contrastive loss, retrieval evaluation on the held-out split.
 
-After each validation, `eval_metrics` holds {"val/mrr_at_20": ..., ...}; the budget tracker logs it.
+After each validation, `eval_metrics` holds {"val/mrr_at_20": ...}; the budget tracker logs it.
 """
 
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from typing import Any
 
 import lightning as L
@@ -14,6 +15,7 @@ from hydra.utils import instantiate
 
 from finetune_budget import losses
 from finetune_budget.errors import ConfigError, DivergedError
+from finetune_budget.matryoshka import matryoshka_loss, truncation_dims
 from finetune_budget.metrics import retrieval_metrics
 from finetune_budget.models.text import build_sentence_encoder
 
@@ -37,13 +39,15 @@ def lr_lambda(schedule: str, warmup_steps: int, total_steps: int):
             return 1.0 - progress
         if schedule == "cosine":
             return 0.5 * (1.0 + math.cos(math.pi * progress))
-        raise ConfigError(f"optim.schedule={schedule!r} is unknown; use warmup_constant, linear or cosine")
+        raise ConfigError(
+            f"optim.schedule={schedule!r} is unknown; use warmup_constant, linear or cosine"
+        )
 
     return decayed
 
 
 class EmbeddingFineTuner(L.LightningModule):
-    """Fine-tunes a sentence encoder. Receives plain config values and builds its network itself."""
+    """Fine-tunes a sentence encoder; gets plain config values and builds its network itself."""
 
     def __init__(
         self,
@@ -59,6 +63,9 @@ class EmbeddingFineTuner(L.LightningModule):
         self.encoder.train()  # pretrained weights load in eval mode; fine-tuning uses dropout
         self.loss_name = self._pick_loss(loss.get("name", "auto"), data_kind)
         self.eval_metrics: dict[str, float] = {}
+        self.matryoshka_dims = truncation_dims(loss.get("matryoshka_dims"), self.encoder.dim)
+        # Optional extra evaluations: hook(module, emb (N, D), groups (N,)) -> {"probe/...": ...}
+        self.eval_hooks: list[Callable[..., dict[str, float]]] = []
         self._eval_parts: list[tuple[torch.Tensor, torch.Tensor]] = []
 
     @staticmethod
@@ -66,22 +73,38 @@ class EmbeddingFineTuner(L.LightningModule):
         if name == "auto":
             return "infonce" if data_kind == "pairs" else "supcon"
         if name not in ("supcon", "infonce", "triplet"):
-            raise ConfigError(f"loss.name={name!r} is unknown; use auto, supcon, infonce or triplet")
+            raise ConfigError(
+                f"loss.name={name!r} is unknown; use auto, supcon, infonce or triplet"
+            )
         if (name == "infonce") != (data_kind == "pairs"):
-            raise ConfigError(f"loss.name={name} does not fit {data_kind} data; use loss.name=auto")
+            raise ConfigError(
+                f"loss.name={name} does not fit {data_kind} data; use loss.name=auto"
+            )
         return name
 
     def forward(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
         return self.encoder(**batch)
 
     def compute_loss(self, batch: dict[str, Any]) -> torch.Tensor:
-        cfg = self.hparams.loss
+        cfg, dims = self.hparams.loss, self.matryoshka_dims  # dims: () = the full embedding only
         if self.loss_name == "infonce":
-            return losses.info_nce(self(batch["query"]), self(batch["positive"]), cfg["temperature"])
+            return matryoshka_loss(
+                lambda q, p: losses.info_nce(q, p, cfg["temperature"]),
+                (self(batch["query"]), self(batch["positive"])),
+                dims,
+            )
         emb = self(batch["input"])
         if self.loss_name == "supcon":
-            return losses.supervised_contrastive(emb, batch["labels"], cfg["temperature"])
-        return losses.batch_hard_triplet(emb, batch["labels"], cfg.get("margin", 0.2))
+            return matryoshka_loss(
+                lambda e: losses.supervised_contrastive(e, batch["labels"], cfg["temperature"]),
+                (emb,),
+                dims,
+            )
+        return matryoshka_loss(
+            lambda e: losses.batch_hard_triplet(e, batch["labels"], cfg.get("margin", 0.2)),
+            (emb,),
+            dims,
+        )
 
     def training_step(self, batch: dict[str, Any], batch_idx: int) -> torch.Tensor:
         loss = self.compute_loss(batch)
@@ -93,10 +116,12 @@ class EmbeddingFineTuner(L.LightningModule):
                 "trainer.precision=32-true"
             )
         batch_size = next(iter(batch.values()))["input_ids"].shape[0]
-        self.log("train/loss", loss, on_step=True, on_epoch=True, prog_bar=True, batch_size=batch_size)
+        self.log(
+            "train/loss", loss, on_step=True, on_epoch=True, prog_bar=True, batch_size=batch_size
+        )
         return loss
 
-    # -- evaluation: embed every held-out item once, then rank all of them -------------------------
+    # -- evaluation: embed every held-out item once, then rank all of them ---------------------
     def on_validation_epoch_start(self) -> None:
         self._eval_parts = []
 
@@ -107,9 +132,17 @@ class EmbeddingFineTuner(L.LightningModule):
         index = torch.cat([i for i, _ in self._eval_parts])
         emb = torch.cat([e for _, e in self._eval_parts])
         self._eval_parts = []
+        if not torch.isfinite(emb).all():
+            raise DivergedError(
+                f"the model's embeddings became NaN/inf by epoch {self.current_epoch + 1}; lower "
+                f"optim.optimizer.lr (now {self.hparams.optim['optimizer']['lr']:.2g}) or use "
+                "trainer.precision=32-true"
+            )
         groups = self.trainer.datamodule.eval_groups[index]
         scores = retrieval_metrics(emb, query_groups=groups, top_k=self.hparams.top_k)
         self.eval_metrics = {f"val/{k}": v for k, v in scores.items()}
+        for hook in self.eval_hooks:
+            self.eval_metrics.update(hook(self, emb, groups))
         key = f"val/mrr_at_{self.hparams.top_k}"
         self.log(key, self.eval_metrics[key], prog_bar=True, logger=False, rank_zero_only=True)
 
@@ -122,6 +155,11 @@ class EmbeddingFineTuner(L.LightningModule):
         groups = [{"params": decay}, {"params": no_decay, "weight_decay": 0.0}]
         optimizer = instantiate(cfg["optimizer"])(groups)
         total = int(self.trainer.estimated_stepping_batches) if self.trainer is not None else 1
-        schedule = lr_lambda(cfg.get("schedule", "warmup_constant"), cfg.get("warmup_steps", 0), total)
+        schedule = lr_lambda(
+            cfg.get("schedule", "warmup_constant"), cfg.get("warmup_steps", 0), total
+        )
         scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, schedule)
-        return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
+        return {
+            "optimizer": optimizer,
+            "lr_scheduler": {"scheduler": scheduler, "interval": "step"},
+        }

@@ -1,7 +1,7 @@
 """train(cfg): one budget-study run, start to finish, as a plain function tests call.
 
-    evaluate the pretrained model (epoch 0, cached across runs) -> fine-tune for trainer.max_epochs,
-    evaluating after every epoch -> MLflow run with params, per-epoch metrics, gains and ROI.
+evaluate the pretrained model (epoch 0, cached across runs) -> fine-tune for trainer.max_epochs,
+evaluating after every epoch -> MLflow run with params, per-epoch metrics, gains and ROI.
 """
 
 from __future__ import annotations
@@ -13,9 +13,11 @@ from typing import Any
 
 import lightning as L
 from hydra.utils import instantiate
+from lightning.pytorch.callbacks import LearningRateMonitor
 from omegaconf import DictConfig, OmegaConf
 
 from finetune_budget.config import resolve_precision
+from finetune_budget.continuation import Continuation
 from finetune_budget.tasks import build_task
 from finetune_budget.tracking.baseline_cache import BaselineCache, baseline_key
 from finetune_budget.tracking.budget_tracker import BudgetTracker
@@ -53,7 +55,9 @@ def run_tags(cfg: DictConfig) -> dict[str, str]:
 def _instantiate_group(group: DictConfig | None) -> list[Any]:
     if not group:
         return []
-    return [instantiate(node) for node in group.values() if node is not None and "_target_" in node]
+    return [
+        instantiate(node) for node in group.values() if node is not None and "_target_" in node
+    ]
 
 
 def build_trainer(
@@ -64,37 +68,56 @@ def build_trainer(
         if node is not None and "_target_" in node:
             loggers.append(instantiate(node, run_id=run.run_id))
     precision = resolve_precision(cfg.trainer.get("precision"), cfg.trainer.get("accelerator"))
+    callbacks = _instantiate_group(cfg.get("callbacks"))
+    if not loggers:  # the learning-rate monitor writes through a logger
+        callbacks = [c for c in callbacks if not isinstance(c, LearningRateMonitor)]
     return instantiate(
-        cfg.trainer, callbacks=[tracker, *_instantiate_group(cfg.get("callbacks")), *extra],
-        logger=loggers or False, precision=precision,
+        cfg.trainer,
+        callbacks=[tracker, *callbacks, *extra],
+        logger=loggers or False,
+        precision=precision,
     )
 
 
 def train(
-    cfg: DictConfig, parent_run_id: str | None = None, callbacks: list[L.Callback] | None = None
+    cfg: DictConfig,
+    parent_run_id: str | None = None,
+    callbacks: list[L.Callback] | None = None,
+    tags: dict[str, str] | None = None,
 ) -> RunResult:
     """Run one job of the study described by `cfg` (a composed `conf/train.yaml`).
 
     callbacks: extra Lightning callbacks (an Optuna pruner, say) added to the configured ones.
+    tags: extra MLflow tags set when the run is created (a search's study and trial number).
     """
     config = run_config(cfg)
-    tags = run_tags(cfg)
+    tags = {**run_tags(cfg), **(tags or {})}
     if parent_run_id:
         tags["mlflow.parentRunId"] = parent_run_id
     with tracked_run(
-        cfg.tracking.uri, cfg.tracking.experiment, config, tags=tags,
-        run_name=cfg.tracking.get("run_name"), config_yaml=OmegaConf.to_yaml(config),
+        cfg.tracking.uri,
+        cfg.tracking.experiment,
+        config,
+        tags=tags,
+        run_name=cfg.tracking.get("run_name"),
+        config_yaml=OmegaConf.to_yaml(config),
     ) as run:
         L.seed_everything(cfg.seed, workers=True, verbose=False)
         parts = build_task(cfg)
-        tracker = BudgetTracker(run, parts.n_train, gain_floor=cfg.budget.gain_floor,
-                                max_train_s=cfg.budget.get("max_train_s"))
-        trainer = build_trainer(cfg, tracker, run, callbacks or [])
+        tracker = BudgetTracker(
+            run,
+            parts.n_train,
+            gain_floor=cfg.budget.gain_floor,
+            max_train_s=cfg.budget.get("max_train_s"),
+        )
+        cont = Continuation(cfg, config, tracker, run)
+        trainer = build_trainer(cfg, tracker, run, [*(callbacks or []), *cont.callbacks])
         evaluate_baseline(cfg, trainer, parts, tracker, run)
         L.seed_everything(cfg.seed, workers=True, verbose=False)
-        trainer.fit(parts.module, datamodule=parts.datamodule)
+        trainer.fit(parts.module, datamodule=parts.datamodule, ckpt_path=cont.ckpt_path)
         if trainer.interrupted:
             raise KeyboardInterrupt("training interrupted")
+        cont.save(trainer)
         checkpoint = None
         if cfg.tracking.get("save_checkpoint", False):
             path = Path(cfg.paths.output_dir) / "checkpoints" / "last.ckpt"
@@ -102,18 +125,26 @@ def train(
             checkpoint = str(path.resolve())
             run.set_tags({"checkpoint": checkpoint})
         summarise(cfg, run, tracker.history)
-        return RunResult(run.run_id, tracker.history, checkpoint,
-                         {"trainer": trainer, "module": parts.module, "datamodule": parts.datamodule})
+        return RunResult(
+            run.run_id,
+            tracker.history,
+            checkpoint,
+            {"trainer": trainer, "module": parts.module, "datamodule": parts.datamodule},
+        )
 
 
-def evaluate_baseline(cfg: DictConfig, trainer: L.Trainer, parts, tracker: BudgetTracker,
-                      run: TrackedRun) -> None:
+def evaluate_baseline(
+    cfg: DictConfig, trainer: L.Trainer, parts, tracker: BudgetTracker, run: TrackedRun
+) -> None:
     """Epoch 0: from the cache when the same model, split and settings were evaluated before."""
     precision = str(trainer.precision)
     key = baseline_key(
-        cfg.task.name, OmegaConf.to_container(cfg.model, resolve=True),
-        OmegaConf.to_container(cfg.data, resolve=True), OmegaConf.to_container(cfg.eval),
-        precision, cfg.seed if parts.baseline_depends_on_seed else None,
+        cfg.task.name,
+        OmegaConf.to_container(cfg.model, resolve=True),
+        OmegaConf.to_container(cfg.data, resolve=True),
+        OmegaConf.to_container(cfg.eval, resolve=True),
+        precision,
+        cfg.seed if parts.baseline_depends_on_seed else None,
     )
     cache = BaselineCache(cfg.paths.cache_dir) if cfg.eval.get("cache_baseline", True) else None
     hit = cache.get(key) if cache is not None else None
@@ -125,9 +156,8 @@ def evaluate_baseline(cfg: DictConfig, trainer: L.Trainer, parts, tracker: Budge
     trainer.validate(parts.module, datamodule=parts.datamodule, verbose=False)
     # Lightning finalises its loggers after validate(); the run goes on.
     run.client.update_run(run.run_id, status="RUNNING")
-    row = tracker.history[0]
-    if cache is not None and trainer.is_global_zero:
-        cache.put(key, parts.module.eval_metrics, row["time/eval_s"])
+    if cache is not None and trainer.is_global_zero:  # only rank 0 records history rows
+        cache.put(key, parts.module.eval_metrics, tracker.history[0]["time/eval_s"])
     run.set_tags({"baseline_cached": "false", "baseline_key": key})
 
 

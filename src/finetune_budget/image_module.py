@@ -1,0 +1,196 @@
+"""The LightningModule for image-to-image search: a pooled CNN/ViT trunk, an optional projection,
+a metric-learning loss over class-aware batches, retrieval evaluation on held-out classes.
+
+After each validation, `eval_metrics` holds {"val/mrr_at_20": ..., ...}; the budget tracker logs
+it.
+Also builds the `image_image` task (`build_image_image`) registered in `tasks.TASKS`.
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import Any
+
+import lightning as L
+import torch
+import torch.nn.functional as F
+from hydra.utils import instantiate
+from omegaconf import DictConfig, OmegaConf
+from torch import nn
+
+from finetune_budget import losses
+from finetune_budget.errors import ConfigError, DivergedError
+from finetune_budget.metrics import retrieval_metrics
+from finetune_budget.models.vision import backbone_mean_std, build_image_backbone
+from finetune_budget.module import lr_lambda
+
+log = logging.getLogger(__name__)
+
+
+class ImageEmbedder(nn.Module):
+    """images (B, 3, H, W) -> embeddings (B, D): trunk, optional linear projection, L2 norm."""
+
+    def __init__(
+        self,
+        backbone: str,
+        pretrained: str | None = "auto",
+        output_dim: int | None = None,
+        normalize: bool = True,
+        freeze_norm_stats: bool = False,
+    ) -> None:
+        super().__init__()
+        self.trunk, feature_dim = build_image_backbone(backbone, pretrained)
+        self.freeze_norm_stats = freeze_norm_stats
+        self.train()  # Lightning keeps each submodule's mode as set here (and restores it)
+        self.projection = nn.Linear(feature_dim, output_dim, bias=False) if output_dim else None
+        self.normalize = normalize
+        self.dim = output_dim or feature_dim
+
+    def train(self, mode: bool = True) -> ImageEmbedder:
+        """With freeze_norm_stats, BatchNorm layers keep normalising with their pretrained running
+        statistics (eval mode) while the rest trains; their scale and shift still learn."""
+        super().train(mode)
+        if mode and self.freeze_norm_stats:
+            for m in self.trunk.modules():
+                if isinstance(m, nn.modules.batchnorm._BatchNorm):
+                    m.eval()
+        return self
+
+    def forward(self, images: torch.Tensor) -> torch.Tensor:
+        x = self.trunk(images)
+        if self.projection is not None:
+            x = self.projection(x)
+        x = x.float()
+        return F.normalize(x, dim=-1) if self.normalize else x
+
+
+class ImageEmbeddingFineTuner(L.LightningModule):
+    """Fine-tunes an image backbone for search. Receives plain config values, builds its network.
+
+    model: {backbone, pretrained, output_dim, normalize, ...}; loss: {name, temperature, margin};
+    optim: {optimizer (partial), schedule, warmup_steps}."""
+
+    def __init__(
+        self, model: dict[str, Any], loss: dict[str, Any], optim: dict[str, Any], top_k: int = 20
+    ) -> None:
+        super().__init__()
+        self.save_hyperparameters(logger=False)
+        self.embedder = ImageEmbedder(
+            model["backbone"],
+            model.get("pretrained", "auto"),
+            model.get("output_dim"),
+            model.get("normalize", True),
+            model.get("freeze_norm_stats", False),
+        )
+        name = loss.get("name", "auto")
+        if name not in ("auto", "supcon", "triplet"):
+            raise ConfigError(
+                f"loss.name={name!r} does not fit labelled images; use auto, supcon or triplet"
+            )
+        self.loss_name = "supcon" if name == "auto" else name
+        self.eval_metrics: dict[str, float] = {}
+        self._eval_parts: list[tuple[torch.Tensor, torch.Tensor]] = []
+
+    def forward(self, images: torch.Tensor) -> torch.Tensor:
+        return self.embedder(images)
+
+    def compute_loss(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+        cfg = self.hparams.loss
+        emb = self(batch["images"])
+        if self.loss_name == "supcon":
+            return losses.supervised_contrastive(emb, batch["labels"], cfg["temperature"])
+        return losses.batch_hard_triplet(emb, batch["labels"], cfg.get("margin", 0.2))
+
+    def training_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> torch.Tensor:
+        loss = self.compute_loss(batch)
+        if not torch.isfinite(loss):
+            lr = self.optimizers().param_groups[0]["lr"]
+            raise DivergedError(
+                f"training loss became {loss.item()} at epoch {self.current_epoch + 1}, step "
+                f"{self.global_step}; lower optim.optimizer.lr (now {lr:.2g}) or use "
+                "trainer.precision=32-true"
+            )
+        self.log(
+            "train/loss", loss, on_step=True, on_epoch=True, prog_bar=True,
+            batch_size=batch["images"].shape[0],
+        )  # fmt: skip
+        return loss
+
+    # -- evaluation: embed every held-out image once, then rank all of them ----------------------
+    def on_validation_epoch_start(self) -> None:
+        self._eval_parts = []
+
+    def validation_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> None:
+        self._eval_parts.append((batch["index"].cpu(), self(batch["images"]).float().cpu()))
+
+    def on_validation_epoch_end(self) -> None:
+        index = torch.cat([i for i, _ in self._eval_parts])
+        emb = torch.cat([e for _, e in self._eval_parts])
+        self._eval_parts = []
+        if not torch.isfinite(emb).all():
+            raise DivergedError(
+                f"the model's embeddings became NaN/inf by epoch {self.current_epoch + 1}; lower "
+                f"optim.optimizer.lr (now {self.hparams.optim['optimizer']['lr']:.2g}) or use "
+                "trainer.precision=32-true"
+            )
+        groups = self.trainer.datamodule.eval_groups[index]
+        scores = retrieval_metrics(emb, query_groups=groups, top_k=self.hparams.top_k)
+        self.eval_metrics = {f"val/{k}": v for k, v in scores.items()}
+        key = f"val/mrr_at_{self.hparams.top_k}"
+        self.log(key, self.eval_metrics[key], prog_bar=True, logger=False, rank_zero_only=True)
+
+    def configure_optimizers(self):
+        cfg = self.hparams.optim
+        decay, no_decay = [], []
+        for p in self.parameters():
+            if p.requires_grad:
+                (no_decay if p.ndim < 2 else decay).append(p)  # no decay on norms and biases
+        groups = [{"params": decay}, {"params": no_decay, "weight_decay": 0.0}]
+        optimizer = instantiate(cfg["optimizer"])(groups)
+        total = int(self.trainer.estimated_stepping_batches) if self.trainer is not None else 1
+        schedule = lr_lambda(
+            cfg.get("schedule", "warmup_constant"), cfg.get("warmup_steps", 0), total
+        )
+        scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, schedule)
+        return {
+            "optimizer": optimizer,
+            "lr_scheduler": {"scheduler": scheduler, "interval": "step"},
+        }
+
+
+def build_image_image(cfg: DictConfig):
+    """The image_image task: DataModule and module from the resolved config (tasks.TaskParts)."""
+    from finetune_budget.data.image_datamodule import ImageRetrievalDataModule
+    from finetune_budget.data.images import load_image_data
+    from finetune_budget.tasks import TaskParts
+
+    model_cfg = OmegaConf.to_container(cfg.model, resolve=True)
+    data_cfg = OmegaConf.to_container(cfg.data, resolve=True)
+    if model_cfg.get("family") != "image_backbone":
+        raise ConfigError(
+            f"task=image_image needs an image model, got model={model_cfg.get('name')}; use "
+            "model=mobilenet_v2 (or efficientnet_lite0/1/2, timm_backbone, tiny_cnn)"
+        )
+    default_mean, default_std = backbone_mean_std(model_cfg["backbone"])
+    data = load_image_data(data_cfg)
+    dm = ImageRetrievalDataModule(
+        data,
+        n=data_cfg["n"],
+        image_size=int(model_cfg["image_size"]),
+        mean=tuple(model_cfg.get("mean") or default_mean),
+        std=tuple(model_cfg.get("std") or default_std),
+        subset_seed=data_cfg.get("subset_seed", cfg.seed),
+        batch_size=data_cfg["batch_size"],
+        samples_per_class=data_cfg.get("samples_per_class", 4),
+        eval_batch_size=cfg.eval.batch_size,
+        num_workers=data_cfg.get("num_workers", 0),
+        augment=data_cfg.get("augment", True),
+        seed=cfg.seed,
+    )
+    module = ImageEmbeddingFineTuner(
+        model=model_cfg, loss=OmegaConf.to_container(cfg.loss, resolve=True),
+        optim=OmegaConf.to_container(cfg.optim, resolve=True), top_k=cfg.eval.top_k,
+    )  # fmt: skip
+    random_parts = model_cfg.get("pretrained") is None or bool(model_cfg.get("output_dim"))
+    random_parts = random_parts or model_cfg["backbone"] == "tiny_cnn"
+    return TaskParts(dm, module, dm.n_train, random_parts)

@@ -1,0 +1,95 @@
+"""A parent MLflow run per `-m` sweep: its jobs are nested children; it gets the sweep's report.
+
+Wired in conf/hydra/default.yaml (`hydra.callbacks.sweep_parent`);
+`hydra.callbacks.sweep_parent=null` turns it off. on_multirun_start creates the parent and puts
+its id in the environment variable FINETUNE_BUDGET_SWEEP_PARENT, which train.py passes to
+train(..., parent_run_id=...); on_multirun_end attaches the report of the sweep's runs
+(artifacts under `report/`) and finishes it. Single runs (no -m) get no parent.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import sys
+from pathlib import Path
+from typing import Any
+
+from hydra.experimental.callback import Callback
+from mlflow.tracking import MlflowClient
+from omegaconf import DictConfig, OmegaConf
+
+from finetune_budget.tracking.mlflow_run import experiment_id
+
+log = logging.getLogger(__name__)
+
+PARENT_ENV = "FINETUNE_BUDGET_SWEEP_PARENT"
+
+
+def current_parent() -> str | None:
+    """The id of the running sweep's parent run (None outside a sweep)."""
+    return os.environ.get(PARENT_ENV) or None
+
+
+class SweepParentRun(Callback):
+    """report: attach the sweep's report to the parent at the end (needs 2+ budget points)."""
+
+    def __init__(self, report: bool = True, report_settings: dict[str, Any] | None = None) -> None:
+        self.report = report
+        self.report_settings = dict(report_settings or {})
+        self.run_id: str | None = None
+        self.sweep_dir: str | None = None
+
+    def on_multirun_start(self, config: DictConfig, **kwargs: Any) -> None:
+        uri, experiment = config.tracking.uri, config.tracking.experiment
+        client = MlflowClient(uri)
+        overrides = " ".join(OmegaConf.to_container(config.hydra.overrides.task))
+        self.sweep_dir = str(config.hydra.sweep.dir)
+        tags = {
+            "run_type": "sweep",
+            "sweep.overrides": overrides[:5000],
+            "sweep.dir": self.sweep_dir,
+            "command": " ".join(sys.argv)[:5000],
+        }
+        run = client.create_run(
+            experiment_id(client, experiment), run_name=f"sweep {overrides}"[:250], tags=tags
+        )
+        self.run_id = run.info.run_id
+        os.environ[PARENT_ENV] = self.run_id
+        log.info("sweep parent run %s (%s, experiment %s)", self.run_id, uri, experiment)
+
+    def on_multirun_end(self, config: DictConfig, **kwargs: Any) -> None:
+        run_id = self.run_id or current_parent()
+        os.environ.pop(PARENT_ENV, None)
+        if run_id is None:
+            return
+        uri, experiment = config.tracking.uri, config.tracking.experiment
+        client = MlflowClient(uri)
+        children = client.search_runs(
+            [client.get_run(run_id).info.experiment_id],
+            f"tags.`mlflow.parentRunId` = '{run_id}'",
+            max_results=5000,
+        )
+        failed = sum(r.info.status != "FINISHED" for r in children)
+        client.set_tag(run_id, "sweep.jobs", str(len(children)))
+        client.set_tag(run_id, "sweep.failed_jobs", str(failed))
+        if self.report:
+            self._attach_report(uri, experiment, run_id, client)
+        client.set_terminated(run_id, "FINISHED")
+        log.info("sweep parent run %s finished: %d jobs, %d failed", run_id, len(children), failed)
+
+    def _attach_report(self, uri: str, experiment: str, run_id: str, client: MlflowClient) -> None:
+        from finetune_budget.errors import BudgetError
+        from finetune_budget.report import ReportSettings, build_report
+
+        settings = ReportSettings.from_config(self.report_settings)
+        if settings.out_dir is None:
+            settings.out_dir = str(Path(self.sweep_dir or ".") / "report")
+        try:
+            build_report(uri, experiment, settings, parent_run_id=run_id, attach_to_run=run_id)
+        except BudgetError as e:
+            log.warning("no report for this sweep: %s", e)
+            client.set_tag(run_id, "report.error", str(e)[:5000])
+        except Exception as e:  # noqa: BLE001 - the sweep's runs are done; keep them finished
+            log.exception("the sweep report failed: %s", e)
+            client.set_tag(run_id, "report.error", f"{type(e).__name__}: {e}"[:5000])

@@ -1,0 +1,376 @@
+"""The report from MLflow alone: a real tiny sweep (tiny BERT, 2 sizes x 2 seeds x 1..2 epochs) in
+a temporary store; the table's gains and ROIs recomputed independently; where-to-stop and the
+learning-curve fit on synthetic curves with known answers; clear messages for bad input."""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import pandas as pd
+import pytest
+from conftest import TINY, compose_config
+from mlflow.entities import Metric
+from mlflow.tracking import MlflowClient
+from omegaconf import open_dict
+from scipy import stats
+
+from finetune_budget.errors import DataError
+from finetune_budget.evaluation import run_mode
+from finetune_budget.report import ReportSettings, build_report
+from finetune_budget.report.fit import fit_learning_curve, power_law
+from finetune_budget.report.knee import drop_point, worse_with_time
+from finetune_budget.report.table import budget_points
+from finetune_budget.tracking import query
+from finetune_budget.tracking.sweep_parent import SweepParentRun, current_parent
+from finetune_budget.training import train
+
+EXPERIMENT = "tiny-sweep"
+
+
+@pytest.fixture(scope="module", autouse=True)
+def _artifacts_in_tmp(tmp_path_factory):
+    """MLflow puts a sqlite store's artifacts under ./mlruns: keep them out of the repository."""
+    with pytest.MonkeyPatch.context() as mp:
+        mp.chdir(tmp_path_factory.mktemp("cwd"))
+        yield
+
+
+METRICS = ["val/mrr_at_20", "val/recall_at_20", "val/map_at_20"]
+
+
+def _cfg(tmp, *overrides, experiment=EXPERIMENT, config_name="train"):
+    return compose_config(
+        [
+            *TINY,
+            "trainer.limit_val_batches=2",
+            "eval.batch_size=64",
+            "tracking.save_checkpoint=false",
+            "optim.optimizer.lr=3e-3",
+            f"tracking.experiment={experiment}",
+            *overrides,
+        ],
+        tmp,
+        config_name,
+    )
+
+
+@pytest.fixture(scope="module")
+def store(tmp_path_factory):
+    """8 finished runs: data.n in (32, 64) x seed in (0, 1) x trainer.max_epochs in (1, 2)."""
+    tmp = tmp_path_factory.mktemp("report_store")
+    runs = {}
+    for n in (32, 64):
+        for seed in (0, 1):
+            for epochs in (1, 2):
+                cfg = _cfg(tmp, f"data.n={n}", f"seed={seed}", f"trainer.max_epochs={epochs}")
+                runs[(n, seed, epochs)] = train(cfg).run_id
+    return tmp, cfg.tracking.uri, runs
+
+
+def _history(client: MlflowClient, run_id: str, key: str) -> dict[int, float]:
+    return {m.step: m.value for m in client.get_metric_history(run_id, key)}
+
+
+def test_roi_table_matches_gains_recomputed_from_logged_metrics(store):
+    tmp, uri, runs = store
+    df = query.roi_table(uri, EXPERIMENT)
+    client = MlflowClient(uri)
+    assert set(df["run_id"]) == set(runs.values())
+    assert len(df) == sum(epochs + 1 for (_, _, epochs) in runs)  # epochs 0..k per run
+    for (n, seed, epochs), run_id in runs.items():
+        rows = df[df["run_id"] == run_id].set_index("epoch")
+        assert list(rows.index) == list(range(epochs + 1))
+        assert (rows["n"] == n).all() and (rows["seed"] == seed).all()
+        assert (rows["epochs"] == epochs).all()
+        seconds = _history(client, run_id, "time/train_s")
+        for key in METRICS:
+            logged = _history(client, run_id, key)
+            name = key.split("/")[1]
+            for epoch in range(1, epochs + 1):
+                gain = (logged[epoch] - logged[0]) / max(abs(logged[0]), 0.01)
+                assert rows.loc[epoch, key] == pytest.approx(logged[epoch])
+                assert rows.loc[epoch, f"gain/{name}"] == pytest.approx(gain, abs=1e-12)
+                assert rows.loc[epoch, f"roi_label/{name}"] == pytest.approx(gain / n, abs=1e-12)
+                assert rows.loc[epoch, f"roi_s/{name}"] == pytest.approx(gain / seconds[epoch])
+                assert rows.loc[epoch, "seconds"] == pytest.approx(seconds[epoch])
+    # the CLI writes the same table
+    csv = tmp / "roi.csv"
+    assert query.main(["--experiment", EXPERIMENT, "--tracking-uri", uri, "--csv", str(csv)]) == 0
+    assert len(pd.read_csv(csv)) == len(df)
+    # the 2-epoch runs continued from the 1-epoch runs (same config and seed)
+    continued = df.groupby("run_id")["continued"].first()
+    assert {rid for (_, _, e), rid in runs.items() if e == 2} == set(continued[continued].index)
+
+
+def test_report_files_means_intervals_and_mlflow_artifacts(store):
+    tmp, uri, runs = store
+    out = tmp / "report_out"
+    report = build_report(uri, EXPERIMENT, ReportSettings(out_dir=str(out), bootstrap=50))
+    for name in (
+        "roi_table.csv",
+        "summary.csv",
+        "report.md",
+        "report.html",
+        "gain_vs_n_mrr_at_20.png",
+        "roi_label_vs_n_recall_at_20.png",
+        "gain_vs_epoch_map_at_20.png",
+        "gain_vs_seconds_mrr_at_20.png",
+        "roi_s_vs_seconds_mrr_at_20.png",
+    ):
+        assert (out / name).is_file(), name
+    html = (out / "report.html").read_text()
+    assert html.count("data:image/png;base64,") == 15 and "<img" in html
+    assert 'src="http' not in html  # self-contained
+    md = (out / "report.md").read_text()
+    assert "## The answer" in md and "best epoch count per n" in md
+    assert "continued from the saved state" in md
+
+    per_seed = pd.read_csv(out / "roi_table.csv")
+    # one row per (n, seed, epoch): epoch 1 from the 1-epoch run, epoch 2 from the 2-epoch run
+    assert len(per_seed) == 2 * 2 * 2
+    for (n, seed, epochs), run_id in runs.items():
+        row = per_seed[
+            (per_seed["n"] == n) & (per_seed["seed"] == seed) & (per_seed["epoch"] == epochs)
+        ]
+        assert list(row["run_id"]) == [run_id]
+    # means and t-based 95% intervals over the two seeds, recomputed from the MLflow histories
+    client = MlflowClient(uri)
+    summary = pd.read_csv(out / "summary.csv")
+    for n in (32, 64):
+        for epoch in (1, 2):
+            gains = []
+            for seed in (0, 1):
+                h = _history(client, runs[(n, seed, epoch)], "val/mrr_at_20")
+                gains.append((h[epoch] - h[0]) / max(abs(h[0]), 0.01))
+            row = summary[(summary["n"] == n) & (summary["epoch"] == epoch)].iloc[0]
+            assert row["seeds"] == 2
+            assert row["gain/mrr_at_20"] == pytest.approx(np.mean(gains), abs=1e-12)
+            half = stats.t.ppf(0.975, 1) * np.std(gains, ddof=1) / math.sqrt(2)
+            assert row["gain/mrr_at_20_ci95"] == pytest.approx(half, abs=1e-12)
+            assert row["roi_label/mrr_at_20"] == pytest.approx(np.mean(gains) / n, abs=1e-12)
+    # a report run in the experiment holds the files
+    run = client.get_run(report.run_id)
+    assert run.data.tags["run_type"] == "report" and run.info.status == "FINISHED"
+    assert {"report.html", "roi_table.csv"} <= {
+        a.path for a in client.list_artifacts(report.run_id)
+    }
+
+
+def test_report_mode_of_evaluate_py(store):
+    tmp, uri, _ = store
+    cfg = _cfg(
+        tmp,
+        "mode=report",
+        f"report.out_dir={tmp / 'mode_out'}",
+        "report.bootstrap=20",
+        "report.log_to_mlflow=false",
+        config_name="evaluate",
+    )
+    numbers = run_mode(cfg)
+    assert numbers["runs"] == 8 and numbers["points"] == 4
+    assert (tmp / "mode_out" / "report.html").is_file()
+
+
+def test_sweep_parent_run_nests_jobs_and_gets_the_report(tmp_path):
+    cfg = compose_config(
+        [
+            *TINY,
+            "trainer.limit_val_batches=2",
+            "eval.batch_size=64",
+            "tracking.save_checkpoint=false",
+            "tracking.experiment=sweep",
+            "data.n=32",
+        ],
+        tmp_path,
+    )
+    with open_dict(cfg):
+        cfg.hydra = {
+            "overrides": {"task": ["data.n=32", "trainer.max_epochs=1,2"]},
+            "sweep": {"dir": str(tmp_path / "multirun")},
+        }
+    callback = SweepParentRun(report_settings={"bootstrap": 20})
+    callback.on_multirun_start(cfg)
+    parent = current_parent()
+    assert parent is not None
+    child_ids = []
+    for epochs in (1, 2):
+        with open_dict(cfg):
+            cfg.trainer.max_epochs = epochs
+        child_ids.append(train(cfg, parent_run_id=current_parent()).run_id)
+    callback.on_multirun_end(cfg)
+    assert current_parent() is None  # later single runs get no parent
+    client = MlflowClient(cfg.tracking.uri)
+    for run_id in child_ids:
+        assert client.get_run(run_id).data.tags["mlflow.parentRunId"] == parent
+    run = client.get_run(parent)
+    assert run.info.status == "FINISHED" and run.data.tags["sweep.jobs"] == "2"
+    assert "report/report.html" in {a.path for a in client.list_artifacts(parent, "report")}
+    assert (tmp_path / "multirun" / "report" / "roi_table.csv").is_file()
+
+
+def test_bad_input_gives_one_line_messages(store, tmp_path, capsys):
+    tmp, uri, runs = store
+    with pytest.raises(DataError, match=f"experiment 'nope' not found .*existing: .*{EXPERIMENT}"):
+        build_report(uri, "nope", ReportSettings(out_dir=str(tmp_path / "a")))
+    assert query.main(["--experiment", "nope", "--tracking-uri", uri]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error: experiment 'nope' not found") and err.count("\n") == 1
+    # a single budget point
+    single = _cfg(tmp_path, "data.n=32", "trainer.max_epochs=1", experiment="single")
+    train(single)
+    with pytest.raises(DataError, match="one budget point .*sweep data.n or trainer.max_epochs"):
+        build_report(single.tracking.uri, "single", ReportSettings(out_dir=str(tmp_path / "b")))
+    # runs without an epoch-0 baseline (logged by hand, steps 1..2 only)
+    client = MlflowClient(uri)
+    exp_id = client.create_experiment("nobase")
+    for n in (10, 20):
+        run = client.create_run(
+            exp_id, tags={"run_type": "train", "task": "t", "model": "m", "data": "d"}
+        )
+        client.log_batch(
+            run.info.run_id,
+            metrics=[Metric("val/mrr_at_20", 0.5 + 0.1 * step, 0, step) for step in (1, 2)],
+        )
+        client.log_param(run.info.run_id, "data.n", str(n))
+        client.set_terminated(run.info.run_id)
+    with pytest.raises(DataError, match="epoch-0 \\(pretrained\\) metrics"):
+        build_report(uri, "nobase", ReportSettings(out_dir=str(tmp_path / "c")))
+    with pytest.raises(DataError, match="logged none of val/ndcg_at_5"):
+        build_report(
+            uri, EXPERIMENT, ReportSettings(out_dir=str(tmp_path / "d"), metrics=["val/ndcg_at_5"])
+        )
+
+
+def test_points_prefer_the_run_whose_budget_ended_there():
+    rows = pd.DataFrame(
+        {
+            "task": "t",
+            "model": "m",
+            "data": "d",
+            "n": 100,
+            "seed": 0,
+            "run_id": ["long", "long", "long", "short", "short"],
+            "epochs": [2, 2, 2, 1, 1],
+            "epoch": [0, 1, 2, 0, 1],
+            "gain/x": [np.nan, 0.5, 0.7, np.nan, 0.4],
+        }
+    )
+    points = budget_points(rows).set_index("epoch")
+    assert points.loc[1, "run_id"] == "short" and points.loc[2, "run_id"] == "long"
+
+
+def test_drop_point_on_curves_with_known_answers():
+    # linear ROI 10 - x: peak 10 at x=0, 30% of it (3) at x=7 exactly
+    x = np.arange(0, 11, 2.0)
+    drop = drop_point(x, 10 - x, 0.3)
+    assert drop.peak_x == 0 and drop.x == pytest.approx(7.0)
+    # ROI = 1/x from x=100: falls to 30% of the peak at x = 100 / 0.3
+    xs = np.linspace(100, 1000, 2001)
+    assert drop_point(xs, 1 / xs, 0.3).x == pytest.approx(100 / 0.3, rel=1e-3)
+    # a rise before the peak is skipped; order of the points does not matter
+    drop = drop_point([4, 1, 2, 3], [1.0, 1.0, 4.0, 2.0], 0.5)
+    assert drop.peak_x == 2 and drop.x == pytest.approx(3.0)
+    not_yet = drop_point([1, 2, 3], [3.0, 2.0, 1.5], 0.3)
+    assert not not_yet.reached and not_yet.last_fraction == pytest.approx(0.5)
+    with pytest.raises(ValueError, match="never positive"):
+        drop_point([1, 2], [-1.0, -2.0])
+    with pytest.raises(ValueError, match="at least 2"):
+        drop_point([1], [1.0])
+
+
+def test_worse_with_time_finds_the_overfitting_epoch():
+    summary = pd.DataFrame(
+        {
+            "task": "t",
+            "model": "m",
+            "data": "d",
+            "n": 100,
+            "epoch": [1, 2, 3, 4],
+            "seconds": [10.0, 20.0, 30.0, 40.0],
+            "gain/x": [0.10, 0.15, 0.12, 0.13],
+            "gain/x_ci95": [0.01, 0.01, 0.01, math.nan],
+        }
+    )
+    worse = worse_with_time(summary, "gain/x", ["task", "model", "data", "n"])
+    assert list(worse["epoch"]) == [3]
+    assert worse.loc[0, "delta"] == pytest.approx(-0.03)
+    assert worse.loc[0, "marginal_roi_s"] == pytest.approx(-0.003)
+    assert bool(worse.loc[0, "beyond_noise"])
+
+
+def test_learning_curve_fit_recovers_known_parameters():
+    a, b, c = 0.30, 2.0, 0.5
+    rng = np.random.default_rng(1)
+    n = np.repeat([50, 100, 200, 500, 1000, 2000, 5000], 3).astype(float)
+    gain = power_law(n, a, b, c) + rng.normal(0, 0.002, n.size)
+    fit = fit_learning_curve(n, gain, predict_n=[20000, 100000], n_boot=200)
+    assert fit.a == pytest.approx(a, abs=0.01)
+    assert fit.b == pytest.approx(b, rel=0.15)
+    assert fit.c == pytest.approx(c, abs=0.05)
+    assert fit.r2 > 0.99 and fit.rmse < 0.004
+    for target, lo, hi in zip(fit.predict_n, fit.lower, fit.upper, strict=True):
+        assert lo < power_law(target, a, b, c) < hi
+        assert hi - lo < 0.03
+    exact = fit_learning_curve([100, 200, 400], [0.1, 0.2, 0.25], predict_n=[1000])
+    assert "exact fit" in exact.note and math.isnan(exact.lower[0])
+    with pytest.raises(ValueError, match="at least 3 distinct data.n"):
+        fit_learning_curve([100, 100, 500], [0.1, 0.1, 0.2])
+
+
+def test_report_fits_and_stops_on_runs_with_a_known_curve(tmp_path):
+    """Runs logged by hand: gain(n) = 0.3 - 2 n^-0.5 at the final epoch, overfitting at epoch 3."""
+    uri = f"sqlite:///{tmp_path / 'known.db'}"
+    client = MlflowClient(uri)
+    exp_id = client.create_experiment("known")
+    rng = np.random.default_rng(0)
+    base = 0.5
+    for n in (50, 100, 200, 500, 1000, 2000):
+        for seed in (0, 1, 2):
+            final_gain = power_law(n, 0.3, 2.0, 0.5) + rng.normal(0, 0.002)
+            gains_by_epoch = {1: 0.5 * final_gain, 2: final_gain, 3: final_gain - 0.05}
+            run = client.create_run(
+                exp_id, tags={"run_type": "train", "task": "t", "model": "m", "data": "d"}
+            )
+            rid = run.info.run_id
+            for key, value in (
+                ("data.n", n),
+                ("seed", seed),
+                ("trainer.max_epochs", 3),
+                ("budget.gain_floor", 0.01),
+            ):
+                client.log_param(rid, key, str(value))
+            metrics = [Metric("val/mrr_at_20", base, 0, 0), Metric("time/train_s", 0.0, 0, 0)]
+            for epoch, g in gains_by_epoch.items():
+                metrics += [
+                    Metric("val/mrr_at_20", base * (1 + g), 0, epoch),
+                    Metric("time/train_s", n / 100 * epoch, 0, epoch),
+                ]
+            client.log_batch(rid, metrics=metrics)
+            client.set_terminated(rid)
+    settings = ReportSettings(
+        out_dir=str(tmp_path / "out"),
+        metrics=["val/mrr_at_20"],
+        data_epoch="best",
+        predict_n=[20000],
+        bootstrap=100,
+    )
+    report = build_report(uri, "known", settings)
+    fit = report.fits[(("t", "m", "d"), "val/mrr_at_20")]
+    assert fit.a == pytest.approx(0.3, abs=0.01) and fit.c == pytest.approx(0.5, abs=0.05)
+    assert fit.predicted[0] == pytest.approx(power_law(20000, 0.3, 2.0, 0.5), abs=0.005)
+    assert fit.lower[0] < fit.predicted[0] < fit.upper[0]
+    # ROI per label = gain(n) / n at the best epoch (2); where it falls to 30% of its peak,
+    # by linear interpolation between the measured means
+    ns = np.array([50, 100, 200, 500, 1000, 2000], dtype=float)
+    expected = drop_point(ns, power_law(ns, 0.3, 2.0, 0.5) / ns, 0.3).x
+    assert report.numbers["drop_n/mrr_at_20"] == pytest.approx(expected, rel=0.05)
+    text = "\n".join(report.answer)
+    assert "In short (mrr_at_20): ROI shrinks by 70% from its highest value after ≈" in text
+    assert "best epoch count per n: n=50: 2" in text
+    assert (
+        "more time made it worse" in text
+        and "epoch 2→3" in text
+        and "beyond the seed noise" in text
+    )
+    assert "R²=" in text and "n=20000" in text

@@ -11,7 +11,13 @@ import sys
 import hydra
 from omegaconf import DictConfig
 
-from finetune_budget.cli import exit_code, expand_argv, format_table, guarded_job
+from finetune_budget.cli import (
+    exit_code,
+    expand_argv,
+    format_table,
+    guarded_job,
+    is_main_process,
+)
 from finetune_budget.tracking.sweep_parent import current_parent
 from finetune_budget.training import train
 from finetune_budget.tuning.objectives import sweep_objective
@@ -19,10 +25,9 @@ from finetune_budget.tuning.objectives import sweep_objective
 
 def run(cfg: DictConfig) -> float:
     result = train(cfg, parent_run_id=current_parent())
-    print(
-        f"\nMLflow run {result.run_id} ({cfg.tracking.uri}, experiment {cfg.tracking.experiment})"
-    )
-    print(format_table(result.history, budget_metric=cfg.budget.metric))
+    if is_main_process():  # ranks 1.. of a multi-device run print nothing
+        print(f"\nMLflow run {result.run_id} ({cfg.tracking.uri}, {cfg.tracking.experiment})")
+        print(format_table(result.history, budget_metric=cfg.budget.metric))
     return sweep_objective(cfg, result)  # tune.objectives of hparams_search, else budget.metric
 
 

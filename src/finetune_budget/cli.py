@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import logging
 import math
+import os
 from collections.abc import Callable, Sequence
 from typing import Any
 
@@ -42,6 +43,11 @@ def guarded_job(job: Callable[[DictConfig], Any], cfg: DictConfig) -> Any:
         FAILED_JOBS.append(f"{type(e).__name__}: {e}")
         log.exception("job failed: %s", e)
     return float("nan")
+
+
+def is_main_process() -> bool:
+    """False in the extra processes (ranks 1..) of a multi-device run."""
+    return all(int(os.environ.get(k, "0") or 0) == 0 for k in ("LOCAL_RANK", "RANK"))
 
 
 def exit_code() -> int:

@@ -155,7 +155,8 @@ def evaluate_baseline(
         return
     trainer.validate(parts.module, datamodule=parts.datamodule, verbose=False)
     # Lightning finalises its loggers after validate(); the run goes on.
-    run.client.update_run(run.run_id, status="RUNNING")
+    if run.writer:
+        run.client.update_run(run.run_id, status="RUNNING")
     if cache is not None and trainer.is_global_zero:  # only rank 0 records history rows
         cache.put(key, parts.module.eval_metrics, tracker.history[0]["time/eval_s"])
     run.set_tags({"baseline_cached": "false", "baseline_key": key})

@@ -32,6 +32,9 @@ class SentenceEncoder(nn.Module):
         super().__init__()
         if pooling not in ("mean", "cls"):
             raise ModelError(f"model.pooling={pooling!r} is unknown; use mean or cls")
+        if getattr(transformer, "pooler", None) is not None:
+            # mean/cls pooling never uses BERT's pooler; unused weights would break DDP
+            transformer.pooler = None
         self.transformer = transformer
         self.pooling = pooling
         self.normalize = normalize

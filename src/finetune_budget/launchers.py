@@ -1,0 +1,168 @@
+"""Hydra's submitit launchers, with a config's epoch budgets grouped into one job.
+
+    python train.py -m hydra/launcher=local data.n=100,500 trainer.max_epochs=1..10
+    python train.py -m hydra/launcher=slurm hydra.launcher.partition=gpu data.n=100,500,1000 \
+        trainer.max_epochs=1..10
+
+Configs: conf/hydra/launcher/{local,slurm}.yaml; the classes they name are in
+hydra_plugins.finetune_budget_launcher (Hydra instantiates launchers from that package only).
+docs/scale_out.md. The plugin's
+launchers submit every job of a sweep at once, so the `trainer.max_epochs=k` job would start before
+the job whose epoch-j state it continues (finetune_budget.continuation) has saved it, and every
+epoch budget would train from scratch. These launchers submit one submitit job per group instead:
+the sweep's jobs whose configs differ only in `trainer.max_epochs` (and may continue one another),
+run in one process in increasing order of `max_epochs`, so job k finds job j's state. Jobs that do
+not continue (another schedule, several devices, `budget.continue_shorter_runs=false`) get a
+submitit job each, as with the plugin.
+
+Each Hydra job stays its own MLflow run; jobs that fail are reported back to the launching process,
+which exits 1 at the end (finetune_budget.cli).
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+from hydra.core.override_parser.overrides_parser import OverridesParser
+from hydra.core.singleton import Singleton
+from hydra.core.utils import JobReturn, filter_overrides, run_job, setup_globals
+from hydra_plugins.hydra_submitit_launcher.config import BaseQueueConf
+from hydra_plugins.hydra_submitit_launcher.submitit_launcher import BaseSubmititLauncher
+from omegaconf import OmegaConf, open_dict
+
+from finetune_budget import cli
+from finetune_budget.continuation import why_not_continuable
+from finetune_budget.tracking.sweep_parent import PARENT_ENV, current_parent
+
+log = logging.getLogger(__name__)
+
+EPOCHS_KEY = "trainer.max_epochs"
+
+
+def group_epoch_budgets(
+    job_overrides: Sequence[Sequence[str]], continuable: Sequence[bool]
+) -> list[list[int]]:
+    """Indices of `job_overrides` grouped into submitit jobs, each group in increasing
+    `trainer.max_epochs`: jobs whose overrides are the same apart from `trainer.max_epochs` share a
+    group when they are `continuable`; every other job is a group of its own."""
+    parser = OverridesParser.create()
+    groups: dict[tuple[str, ...], list[tuple[int, int]]] = {}
+    alone: list[list[int]] = []
+    for idx, (overrides, ok) in enumerate(zip(job_overrides, continuable, strict=True)):
+        parsed = parser.parse_overrides(list(overrides))
+        epochs = [o for o in parsed if o.get_key_element() == EPOCHS_KEY]
+        if not ok or len(epochs) != 1:
+            alone.append([idx])
+            continue
+        rest = tuple(sorted(o.input_line for o in parsed if o.get_key_element() != EPOCHS_KEY))
+        groups.setdefault(rest, []).append((int(epochs[0].value()), idx))
+    grouped = [[idx for _, idx in sorted(members)] for members in groups.values()]
+    return sorted(grouped + alone, key=lambda g: g[0])
+
+
+class GroupedSubmititLauncher(BaseSubmititLauncher):
+    """BaseSubmititLauncher whose submitit jobs are groups of Hydra jobs (see the module doc)."""
+
+    def __call__(  # type: ignore[override]  # runs in the submitit job's process
+        self,
+        jobs: list[tuple[list[str], int]],
+        job_dir_key: str,
+        singleton_state: dict[type, Singleton],
+        parent_run_id: str | None,
+    ) -> list[tuple[JobReturn, list[str]]]:
+        """Run the Hydra jobs `[(overrides, job_num), ...]` one after the other; return each
+        one's JobReturn and the failures it reported (cli.FAILED_JOBS)."""
+        import submitit
+
+        assert self.hydra_context is not None and self.config is not None
+        assert self.task_function is not None
+        if parent_run_id:
+            os.environ[PARENT_ENV] = parent_run_id
+        Singleton.set_state(singleton_state)
+        setup_globals()
+        results = []
+        for overrides, job_num in jobs:
+            sweep_config = self.hydra_context.config_loader.load_sweep_config(
+                self.config, overrides
+            )
+            with open_dict(sweep_config.hydra.job) as job:
+                job.id = submitit.JobEnvironment().job_id
+                job.num = job_num
+            failed_before = len(cli.FAILED_JOBS)
+            ret = run_job(
+                hydra_context=self.hydra_context,
+                task_function=self.task_function,
+                config=sweep_config,
+                job_dir_key=job_dir_key,
+                job_subdir_key="hydra.sweep.subdir",
+            )
+            results.append((ret, cli.FAILED_JOBS[failed_before:]))
+        return results
+
+    def checkpoint(self, *args: Any, **kwargs: Any) -> Any:
+        import submitit
+
+        return submitit.helpers.DelayedSubmission(self, *args, **kwargs)
+
+    def _continuable(self, job_overrides: Sequence[Sequence[str]]) -> list[bool]:
+        assert self.hydra_context is not None and self.config is not None
+        flags = []
+        for overrides in job_overrides:
+            cfg = self.hydra_context.config_loader.load_sweep_config(self.config, list(overrides))
+            flags.append(why_not_continuable(cfg) is None)
+        return flags
+
+    def _executor(self) -> Any:
+        """submitit's executor with the launcher's parameters (as the plugin's launch builds it)."""
+        import submitit
+
+        init_keys = {"submitit_folder", "max_num_timeout"}
+        executor = submitit.AutoExecutor(
+            cluster=self._EXECUTOR,
+            folder=self.params["submitit_folder"],
+            **{f"{self._EXECUTOR}_{k}": v for k, v in self.params.items() if k == "max_num_timeout"},
+        )
+        base = set(OmegaConf.structured(BaseQueueConf).keys())
+        executor.update_parameters(
+            **{
+                k if k in base else f"{self._EXECUTOR}_{k}": v
+                for k, v in self.params.items()
+                if k not in init_keys
+            }
+        )
+        return executor
+
+    def launch(
+        self, job_overrides: Sequence[Sequence[str]], initial_job_idx: int
+    ) -> Sequence[JobReturn]:
+        assert self.config is not None
+        sweep_dir = Path(str(self.config.hydra.sweep.dir))
+        sweep_dir.mkdir(parents=True, exist_ok=True)
+        if "mode" in self.config.hydra.sweep:
+            os.chmod(sweep_dir, mode=int(str(self.config.hydra.sweep.mode), 8))
+        groups = group_epoch_budgets(job_overrides, self._continuable(job_overrides))
+        log.info(
+            "Submitit '%s' sweep output dir: %s; %d jobs in %d submitit jobs",
+            self._EXECUTOR,
+            sweep_dir,
+            len(job_overrides),
+            len(groups),
+        )
+        state, parent = Singleton.get_state(), current_parent()
+        args = []
+        for group in groups:
+            jobs = [(list(job_overrides[i]), initial_job_idx + i) for i in group]
+            for overrides, num in jobs:
+                log.info("\t#%d : %s", num, " ".join(filter_overrides(overrides)))
+            args.append((jobs, "hydra.sweep.dir", state, parent))
+        submitted = self._executor().map_array(self, *zip(*args, strict=True))
+        returns: list[JobReturn | None] = [None] * len(job_overrides)
+        for group, job in zip(groups, submitted, strict=True):
+            for i, (ret, failures) in zip(group, job.results()[0], strict=True):
+                returns[i] = ret
+                cli.FAILED_JOBS.extend(failures)
+        return returns  # type: ignore[return-value]

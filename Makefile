@@ -4,7 +4,8 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 PIP := $(PY) -m pip
 
-.PHONY: install test test-fast lint format bench ui clean
+.PHONY: install test test-fast lint format bench ui dashboard pg-start pg-stop tracking-server \
+	tracking-server-stop clean
 
 install:
 	$(PYTHON) -m venv $(VENV)
@@ -35,6 +36,30 @@ bench:
 
 ui:
 	$(VENV)/bin/mlflow ui --backend-store-uri $${MLFLOW_TRACKING_URI:-sqlite:///mlflow.db} --host 127.0.0.1 --port 5000
+
+# Optuna's dashboard on the study's storage (hydra.sweeper.storage): make dashboard
+# [OPTUNA_STORAGE=postgresql://user@host/optuna] [DASHBOARD_PORT=8080]; http://127.0.0.1:8080
+OPTUNA_STORAGE ?= sqlite:///optuna.db
+DASHBOARD_PORT ?= 8080
+dashboard:
+	$(VENV)/bin/optuna-dashboard $(OPTUNA_STORAGE) --host 127.0.0.1 --port $(DASHBOARD_PORT)
+
+# A shared store on one machine (docs/scale_out.md): PostgreSQL on 127.0.0.1:$(PG_PORT) with
+# databases optuna and mlflow, and an MLflow tracking server on it at http://127.0.0.1:$(MLFLOW_PORT).
+PG_DIR ?= .services/postgres
+PG_PORT ?= 55432
+MLFLOW_DIR ?= .services/mlflow
+MLFLOW_PORT ?= 5001
+pg-start:
+	scripts/pg_test_cluster.sh start $(PG_DIR) $(PG_PORT)
+pg-stop:
+	scripts/pg_test_cluster.sh stop $(PG_DIR)
+tracking-server: pg-start
+	scripts/mlflow_server.sh start $(MLFLOW_DIR) $(MLFLOW_PORT) \
+		postgresql://finetune_budget@127.0.0.1:$(PG_PORT)/mlflow
+tracking-server-stop:
+	scripts/mlflow_server.sh stop $(MLFLOW_DIR)
+	scripts/pg_test_cluster.sh stop $(PG_DIR)
 
 clean:
 	rm -rf outputs multirun .pytest_cache

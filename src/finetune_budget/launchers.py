@@ -117,14 +117,18 @@ class GroupedSubmititLauncher(BaseSubmititLauncher):
         return flags
 
     def _executor(self) -> Any:
-        """submitit's executor with the launcher's parameters (as the plugin's launch builds it)."""
+        """submitit's executor with the launcher's parameters, as the plugin's launch builds it."""
         import submitit
 
         init_keys = {"submitit_folder", "max_num_timeout"}
         executor = submitit.AutoExecutor(
             cluster=self._EXECUTOR,
             folder=self.params["submitit_folder"],
-            **{f"{self._EXECUTOR}_{k}": v for k, v in self.params.items() if k == "max_num_timeout"},
+            **{
+                f"{self._EXECUTOR}_{k}": v
+                for k, v in self.params.items()
+                if k == "max_num_timeout"
+            },
         )
         base = set(OmegaConf.structured(BaseQueueConf).keys())
         executor.update_parameters(

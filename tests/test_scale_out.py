@@ -309,11 +309,13 @@ def test_submitit_sweep_runs_separate_processes_into_the_tracking_server(
         f"tracking.experiment={experiment}",
         f"paths.cache_dir={tmp_path / 'cache'}",
         f"hydra.sweep.dir={sweep_dir}",
+        "hydra.callbacks.sweep_parent.report=false",  # the report is built below, by evaluate.py
     ]
     out = subprocess.run(cmd, cwd=ROOT, env=_env(), capture_output=True, text=True, timeout=900)
     log = out.stdout + out.stderr
     assert out.returncode == 1, log[-6000:]  # the failures came back from the job processes
     assert "4 jobs in 2 submitit jobs" in log
+    assert "error in job #2: data.n=99999 is larger than the 15000 training items" in log
     # two processes (one per data.n), each with its result, none of them the launching process
     results = sorted(sweep_dir.glob(".submitit/*/*_result.pkl"))
     assert len(results) == 2, results

@@ -103,11 +103,6 @@ class GroupedSubmititLauncher(BaseSubmititLauncher):
             results.append((ret, cli.FAILED_JOBS[failed_before:]))
         return results
 
-    def checkpoint(self, *args: Any, **kwargs: Any) -> Any:
-        import submitit
-
-        return submitit.helpers.DelayedSubmission(self, *args, **kwargs)
-
     def _continuable(self, job_overrides: Sequence[Sequence[str]]) -> list[bool]:
         assert self.hydra_context is not None and self.config is not None
         flags = []
@@ -168,5 +163,7 @@ class GroupedSubmititLauncher(BaseSubmititLauncher):
         for group, job in zip(groups, submitted, strict=True):
             for i, (ret, failures) in zip(group, job.results()[0], strict=True):
                 returns[i] = ret
+                for failure in failures:  # the job's one-line error, here too (log: job.paths)
+                    log.error("error in job #%d: %s", initial_job_idx + i, failure)
                 cli.FAILED_JOBS.extend(failures)
         return returns  # type: ignore[return-value]

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import glob
 import json
+import math
 import os
 import shutil
 import signal
@@ -22,6 +23,7 @@ import time
 import urllib.request
 from collections.abc import Iterator
 from pathlib import Path
+from types import SimpleNamespace
 
 import optuna
 import pandas as pd
@@ -30,15 +32,18 @@ from conftest import CONF, DATA_DIR, ROOT, TINY, requires_data
 from hydra import compose, initialize_config_dir
 from hydra.core.global_hydra import GlobalHydra
 from hydra.core.hydra_config import HydraConfig
+from hydra.core.utils import JobReturn, JobStatus
 from hydra.utils import instantiate
 from lightning.pytorch.plugins.environments import SLURMEnvironment, TorchElasticEnvironment
 from mlflow.tracking import MlflowClient
 from omegaconf import DictConfig, OmegaConf
+from submitit.core.utils import UncompletedJobError
 from submitit.slurm.slurm import SlurmExecutor
 
+from finetune_budget import cli
 from finetune_budget.cli import is_main_process
 from finetune_budget.launchers import group_epoch_budgets
-from hydra_plugins.finetune_budget_launcher.launcher import SlurmLauncher
+from hydra_plugins.finetune_budget_launcher.launcher import LocalLauncher, SlurmLauncher
 
 FAST = (
     *TINY,
@@ -110,6 +115,44 @@ def test_the_order_of_overrides_does_not_split_a_group() -> None:
     jobs = [["seed=0", "data.n=100", "trainer.max_epochs=2"], ["data.n=100", "seed=0",
             "trainer.max_epochs=1"]]  # fmt: skip
     assert group_epoch_budgets(jobs, [True, True]) == [[1, 0]]
+
+
+class _Job:
+    def __init__(self, job_id: str, results: list | None) -> None:
+        self.job_id, self._results = job_id, results
+        self.paths = SimpleNamespace(stderr=f"/x/{job_id}_0_log.err")
+
+    def results(self) -> list:
+        if self._results is None:  # what submitit raises for a job SLURM killed
+            raise UncompletedJobError(f"Job {self.job_id} (task: 0) with path x\nhas not produced")
+        return [self._results]
+
+
+def test_a_group_whose_process_died_fails_its_jobs_and_the_sweep_goes_on(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    launcher = LocalLauncher(submitit_folder=str(tmp_path), timeout_min=1)
+    launcher.config = OmegaConf.create({"hydra": {"sweep": {"dir": str(tmp_path)}}})
+    jobs = [["data.n=1", "trainer.max_epochs=1"], ["data.n=2", "trainer.max_epochs=1"],
+            ["data.n=1", "trainer.max_epochs=2"]]  # fmt: skip
+    done = [JobReturn(status=JobStatus.COMPLETED, _return_value=v) for v in (0.5, 0.7)]
+
+    class Executor:
+        def map_array(self, fn, groups, *rest):
+            assert [[num for _, num in g] for g in groups] == [[0, 2], [1]]
+            return [_Job("11", [(done[0], []), (done[1], ["DataError: bad"])]), _Job("12", None)]
+
+    monkeypatch.setattr(launcher, "_continuable", lambda overrides: [True] * len(overrides))
+    monkeypatch.setattr(launcher, "_executor", lambda: Executor())
+    monkeypatch.setattr(cli, "FAILED_JOBS", [])
+    returns = launcher.launch(jobs, initial_job_idx=0)
+    assert [r.return_value for r in returns[::2]] == [0.5, 0.7]  # jobs 0 and 2, in job order
+    assert math.isnan(returns[1].return_value)
+    assert cli.FAILED_JOBS == [
+        "DataError: bad",
+        "submitit job 12 ended without a result (UncompletedJobError: Job 12 (task: 0) with "
+        "path x); its log: /x/12_0_log.err",
+    ]
 
 
 # -- the SLURM launcher's request and the DDP environments ---------------------------------------

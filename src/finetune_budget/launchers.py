@@ -29,7 +29,7 @@ from typing import Any
 
 from hydra.core.override_parser.overrides_parser import OverridesParser
 from hydra.core.singleton import Singleton
-from hydra.core.utils import JobReturn, filter_overrides, run_job, setup_globals
+from hydra.core.utils import JobReturn, JobStatus, filter_overrides, run_job, setup_globals
 from hydra_plugins.hydra_submitit_launcher.config import BaseQueueConf
 from hydra_plugins.hydra_submitit_launcher.submitit_launcher import BaseSubmititLauncher
 from omegaconf import OmegaConf, open_dict
@@ -161,9 +161,27 @@ class GroupedSubmititLauncher(BaseSubmititLauncher):
         submitted = self._executor().map_array(self, *zip(*args, strict=True))
         returns: list[JobReturn | None] = [None] * len(job_overrides)
         for group, job in zip(groups, submitted, strict=True):
-            for i, (ret, failures) in zip(group, job.results()[0], strict=True):
-                returns[i] = ret
-                for failure in failures:  # the job's one-line error, here too (log: job.paths)
+            for i, (ret, failures) in zip(group, _group_results(job, group), strict=True):
+                returns[i] = ret if ret is not None else _lost(job_overrides[i])
+                for failure in failures:  # the job's one-line error, here too
                     log.error("error in job #%d: %s", initial_job_idx + i, failure)
                 cli.FAILED_JOBS.extend(failures)
         return returns  # type: ignore[return-value]
+
+
+def _group_results(job: Any, group: list[int]) -> list[tuple[JobReturn | None, list[str]]]:
+    """What a submitit job returned, or for a job that died (time limit, out of memory, killed)
+    no JobReturn and one failure line per Hydra job of its group; the sweep's other jobs go on."""
+    try:
+        return job.results()[0]
+    except Exception as e:  # noqa: BLE001 - reported as the group's failure
+        first = (str(e).strip().splitlines() or [""])[0][:300]
+        why = f"submitit job {job.job_id} ended without a result ({type(e).__name__}: {first})"
+        return [(None, [f"{why}; its log: {job.paths.stderr}"]) for _ in group]
+
+
+def _lost(overrides: Sequence[str]) -> JobReturn:
+    """A job whose process died: NaN, as cli.guarded_job returns for a failed job."""
+    return JobReturn(
+        overrides=list(overrides), status=JobStatus.COMPLETED, _return_value=float("nan")
+    )

@@ -33,8 +33,8 @@ from torch.utils.data import DataLoader
 
 from finetune_budget import losses
 from finetune_budget.config import resolve_precision
-from finetune_budget.image_module import build_image_image
 from finetune_budget.optim import lr_lambda
+from finetune_budget.tasks.image_image import build_image_image
 
 ROOT = Path(__file__).resolve().parents[1]
 os.environ.setdefault("HF_HUB_OFFLINE", "1")

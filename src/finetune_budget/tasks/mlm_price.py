@@ -382,7 +382,7 @@ class MaskedLMAdapter(L.LightningModule):
 # -- task ----------------------------------------------------------------------------------------
 def build_mlm_price(cfg: DictConfig):
     """TaskParts of task=mlm_price from the composed config."""
-    from finetune_budget.tasks import TaskParts
+    from finetune_budget.tasks.task import TaskParts
 
     plain = OmegaConf.to_container(cfg, resolve=True)
     model_cfg, data_cfg = plain["model"], plain["data"]

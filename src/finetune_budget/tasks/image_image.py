@@ -20,12 +20,12 @@ from torch import nn
 from finetune_budget import losses
 from finetune_budget.errors import ConfigError
 from finetune_budget.models.vision import backbone_mean_std, build_image_backbone
-from finetune_budget.module import HeldOutRetrievalEval
 from finetune_budget.optim import (
     check_finite_loss,
     optimizer_with_schedule,
     weight_decay_groups,
 )
+from finetune_budget.tasks.text_text import HeldOutRetrievalEval
 
 log = logging.getLogger(__name__)
 
@@ -126,7 +126,7 @@ def build_image_image(cfg: DictConfig):
     """The image_image task: DataModule and module from the resolved config (tasks.TaskParts)."""
     from finetune_budget.data.image_datamodule import ImageRetrievalDataModule
     from finetune_budget.data.images import load_image_data
-    from finetune_budget.tasks import TaskParts
+    from finetune_budget.tasks.task import TaskParts
 
     model_cfg = OmegaConf.to_container(cfg.model, resolve=True)
     data_cfg = OmegaConf.to_container(cfg.data, resolve=True)

@@ -34,8 +34,8 @@ def build_text_text(cfg: DictConfig) -> TaskParts:
     from finetune_budget.data.text import load_text_data
     from finetune_budget.data.text_datamodule import TextRetrievalDataModule
     from finetune_budget.models.text import load_tokenizer
-    from finetune_budget.module import EmbeddingFineTuner
     from finetune_budget.probes import attach_eval_hooks
+    from finetune_budget.tasks.text_text import EmbeddingFineTuner
 
     model_cfg, data_cfg = _plain(cfg.model), _plain(cfg.data)
     data = load_text_data(data_cfg)
@@ -65,22 +65,22 @@ def build_text_text(cfg: DictConfig) -> TaskParts:
 
 
 def build_mlm_price(cfg: DictConfig) -> TaskParts:
-    """Masked-LM domain adaptation judged by a price probe (finetune_budget.mlm)."""
-    from finetune_budget.mlm import build_mlm_price as build
+    """Masked-LM domain adaptation judged by a price probe (finetune_budget.tasks.mlm_price)."""
+    from finetune_budget.tasks.mlm_price import build_mlm_price as build
 
     return build(cfg)
 
 
 def build_image_image(cfg: DictConfig) -> TaskParts:
-    """Image-to-image search with an ImageNet backbone (finetune_budget.image_module)."""
-    from finetune_budget.image_module import build_image_image as build
+    """Image-to-image search with an ImageNet backbone (finetune_budget.tasks.image_image)."""
+    from finetune_budget.tasks.image_image import build_image_image as build
 
     return build(cfg)
 
 
 def build_text_image(cfg: DictConfig) -> TaskParts:
-    """Text-to-image search with an open_clip dual encoder (finetune_budget.clip_module)."""
-    from finetune_budget.clip_module import build_text_image as build
+    """Text-to-image search with an open_clip dual encoder (finetune_budget.tasks.text_image)."""
+    from finetune_budget.tasks.text_image import build_text_image as build
 
     return build(cfg)
 

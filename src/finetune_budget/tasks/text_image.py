@@ -194,7 +194,7 @@ def build_text_image(cfg: DictConfig):
 
     from finetune_budget.data.image_text import ImageTextDataModule, load_image_text_data
     from finetune_budget.models.vision import image_transforms
-    from finetune_budget.tasks import TaskParts
+    from finetune_budget.tasks.task import TaskParts
 
     model_cfg = OmegaConf.to_container(cfg.model, resolve=True)
     data_cfg = OmegaConf.to_container(cfg.data, resolve=True)

@@ -1,14 +1,16 @@
-"""Tasks: what a run fine-tunes and on what. Each task builds a DataModule and a LightningModule
-from the resolved config; the rest of the study path (tracking, ROI, sweeps) is shared.
+"""The shared task type: what a task builds (`TaskParts`), the registry of tasks, `build_task`.
 
-A task's module sets `eval_metrics` ({"val/...": float}) after each validation; its DataModule has
-`n_train` (the labelled items actually used).
+Each task is one module of this package (`text_text`, `text_image`, `image_image`, `mlm_price`)
+with a `build(cfg) -> TaskParts` function; the registry names them, and a task's module is
+imported only when it is built (no import circles, and open_clip loads only for text_image).
+A task's LightningModule sets `eval_metrics` ({"val/...": float}) after each validation; its
+DataModule (a `data.base.BudgetDataModule`) has `n_train` (the labelled items actually used).
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable
 from dataclasses import dataclass
+from importlib import import_module
 from typing import Any
 
 import lightning as L
@@ -26,75 +28,23 @@ class TaskParts:
     baseline_depends_on_seed: bool
 
 
-def _plain(node: Any) -> Any:
+def plain(node: Any) -> Any:
+    """A config node as plain Python values (what modules and DataModules receive)."""
     return OmegaConf.to_container(node, resolve=True) if isinstance(node, DictConfig) else node
 
 
-def build_text_text(cfg: DictConfig) -> TaskParts:
-    from finetune_budget.data.text import load_text_data
-    from finetune_budget.data.text_datamodule import TextRetrievalDataModule
-    from finetune_budget.models.text import load_tokenizer
-    from finetune_budget.probes import attach_eval_hooks
-    from finetune_budget.tasks.text_text import EmbeddingFineTuner
-
-    model_cfg, data_cfg = _plain(cfg.model), _plain(cfg.data)
-    data = load_text_data(data_cfg)
-    tokenizer = load_tokenizer(model_cfg["tokenizer"])
-    dm = TextRetrievalDataModule(
-        data,
-        tokenizer,
-        n=data_cfg["n"],
-        subset_seed=data_cfg.get("subset_seed", cfg.seed),
-        batch_size=data_cfg["batch_size"],
-        samples_per_class=data_cfg.get("samples_per_class", 4),
-        eval_batch_size=cfg.eval.batch_size,
-        max_length=model_cfg["max_length"],
-        num_workers=data_cfg.get("num_workers", 0),
-        seed=cfg.seed,
-    )
-    module = EmbeddingFineTuner(
-        model=model_cfg,
-        loss=_plain(cfg.loss),
-        optim=_plain(cfg.optim),
-        data_kind=data.kind,
-        top_k=cfg.eval.top_k,
-    )
-    attach_eval_hooks(module, cfg, tokenizer)  # eval.truncate_dims, eval.pair_probe (optional)
-    random_parts = model_cfg.get("pretrained") is None or bool(model_cfg.get("output_dim"))
-    return TaskParts(dm, module, dm.n_train, random_parts)
-
-
-def build_mlm_price(cfg: DictConfig) -> TaskParts:
-    """Masked-LM domain adaptation judged by a price probe (finetune_budget.tasks.mlm_price)."""
-    from finetune_budget.tasks.mlm_price import build_mlm_price as build
-
-    return build(cfg)
-
-
-def build_image_image(cfg: DictConfig) -> TaskParts:
-    """Image-to-image search with an ImageNet backbone (finetune_budget.tasks.image_image)."""
-    from finetune_budget.tasks.image_image import build_image_image as build
-
-    return build(cfg)
-
-
-def build_text_image(cfg: DictConfig) -> TaskParts:
-    """Text-to-image search with an open_clip dual encoder (finetune_budget.tasks.text_image)."""
-    from finetune_budget.tasks.text_image import build_text_image as build
-
-    return build(cfg)
-
-
-TASKS: dict[str, Callable[[DictConfig], TaskParts]] = {
-    "mlm_price": build_mlm_price,
-    "text_text": build_text_text,
-    "image_image": build_image_image,
-    "text_image": build_text_image,
+# task.name -> the module of this package that builds it (its `build(cfg)`)
+TASKS: dict[str, str] = {
+    "text_text": "finetune_budget.tasks.text_text",
+    "text_image": "finetune_budget.tasks.text_image",
+    "image_image": "finetune_budget.tasks.image_image",
+    "mlm_price": "finetune_budget.tasks.mlm_price",
 }
 
 
 def build_task(cfg: DictConfig) -> TaskParts:
+    """The DataModule and LightningModule of `cfg.task.name`, from the resolved config."""
     name = cfg.task.name
     if name not in TASKS:
         raise ConfigError(f"task={name} is unknown; use one of {', '.join(sorted(TASKS))}")
-    return TASKS[name](cfg)
+    return import_module(TASKS[name]).build(cfg)

@@ -40,8 +40,9 @@ from omegaconf import DictConfig, OmegaConf
 from submitit.core.utils import UncompletedJobError
 from submitit.slurm.slurm import SlurmExecutor
 
-from finetune_budget import cli
+from finetune_budget import cli, launchers
 from finetune_budget.cli import is_main_process
+from finetune_budget.errors import ConfigError
 from finetune_budget.launchers import group_epoch_budgets
 from hydra_plugins.finetune_budget_launcher.launcher import LocalLauncher, SlurmLauncher
 
@@ -160,6 +161,7 @@ def test_slurm_launcher_requests_one_task_per_device_on_every_node(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     monkeypatch.setattr(SlurmExecutor, "affinity", classmethod(lambda cls: 1))  # no srun here
+    monkeypatch.setattr(launchers.shutil, "which", lambda name: f"/usr/bin/{name}")  # nor sbatch
 
     cfg = _compose(
         "hydra/launcher=slurm",
@@ -187,6 +189,12 @@ def test_slurm_launcher_requests_one_task_per_device_on_every_node(
         "#SBATCH --time=30",
     ):
         assert line in sbatch.splitlines(), sbatch
+
+
+def test_slurm_launcher_without_slurm_says_what_to_use(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(launchers.shutil, "which", lambda name: None)
+    with pytest.raises(ConfigError, match="sbatch is not on PATH.*hydra/launcher=local"):
+        SlurmLauncher(submitit_folder="x")._executor()
 
 
 def test_default_runs_ask_slurm_for_one_task_on_one_node() -> None:

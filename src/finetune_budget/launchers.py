@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import logging
 import os
+import shutil
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -36,6 +37,7 @@ from omegaconf import OmegaConf, open_dict
 
 from finetune_budget import cli
 from finetune_budget.continuation import why_not_continuable
+from finetune_budget.errors import ConfigError
 from finetune_budget.tracking.sweep_parent import PARENT_ENV, current_parent
 
 log = logging.getLogger(__name__)
@@ -115,6 +117,11 @@ class GroupedSubmititLauncher(BaseSubmititLauncher):
         """submitit's executor with the launcher's parameters, as the plugin's launch builds it."""
         import submitit
 
+        if self._EXECUTOR == "slurm" and shutil.which("sbatch") is None:
+            raise ConfigError(
+                "hydra/launcher=slurm needs SLURM, and sbatch is not on PATH here: run the "
+                "command on the cluster's login node, or use hydra/launcher=local on one machine"
+            )
         init_keys = {"submitit_folder", "max_num_timeout"}
         executor = submitit.AutoExecutor(
             cluster=self._EXECUTOR,
@@ -143,6 +150,10 @@ class GroupedSubmititLauncher(BaseSubmititLauncher):
         sweep_dir.mkdir(parents=True, exist_ok=True)
         if "mode" in self.config.hydra.sweep:
             os.chmod(sweep_dir, mode=int(str(self.config.hydra.sweep.mode), 8))
+        try:
+            executor = self._executor()
+        except ConfigError as e:  # one line, not Hydra's traceback
+            raise SystemExit(f"error: {e}") from None
         groups = group_epoch_budgets(job_overrides, self._continuable(job_overrides))
         log.info(
             "Submitit '%s' sweep output dir: %s; %d jobs in %d submitit jobs",
@@ -158,7 +169,7 @@ class GroupedSubmititLauncher(BaseSubmititLauncher):
             for overrides, num in jobs:
                 log.info("\t#%d : %s", num, " ".join(filter_overrides(overrides)))
             args.append((jobs, "hydra.sweep.dir", state, parent))
-        submitted = self._executor().map_array(self, *zip(*args, strict=True))
+        submitted = executor.map_array(self, *zip(*args, strict=True))
         returns: list[JobReturn | None] = [None] * len(job_overrides)
         for group, job in zip(groups, submitted, strict=True):
             for i, (ret, failures) in zip(group, _group_results(job, group), strict=True):

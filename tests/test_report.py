@@ -94,6 +94,16 @@ def test_roi_table_matches_gains_recomputed_from_logged_metrics(store):
                 assert rows.loc[epoch, f"roi_label/{name}"] == pytest.approx(gain / n, abs=1e-12)
                 assert rows.loc[epoch, f"roi_s/{name}"] == pytest.approx(gain / seconds[epoch])
                 assert rows.loc[epoch, "seconds"] == pytest.approx(seconds[epoch])
+    # a machine-independent cost per epoch: items seen and training FLOPs, growing with epochs
+    for (n, _, epochs), run_id in runs.items():
+        flops = _history(client, run_id, "cost/train_flops")
+        seen = _history(client, run_id, "data/samples_seen")
+        rows = df[df["run_id"] == run_id].set_index("epoch")
+        assert rows.loc[epochs, "train_flops"] == pytest.approx(flops[epochs])
+        assert rows.loc[epochs, "samples_seen"] == seen[epochs] and seen[1] >= n // 2
+        assert flops[1] > 0 and rows.loc[0, "train_flops"] == 0
+        if epochs == 2:  # the same items again (continued run): about twice the FLOPs
+            assert flops[2] == pytest.approx(2 * flops[1], rel=0.15)
     # the CLI writes the same table
     csv = tmp / "roi.csv"
     assert query.main(["--experiment", EXPERIMENT, "--tracking-uri", uri, "--csv", str(csv)]) == 0

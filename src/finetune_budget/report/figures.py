@@ -131,7 +131,7 @@ def cost_figures(
     fits: dict[tuple, dict[int, CurveFit]] | None = None,
 ) -> list[Path]:
     """Gain against items seen (the machine-independent time axis), one line per n with its
-    seed band, and the fitted curve of each n with its backtest."""
+    seed band, and the fitted curve of each n that could be backtested, with its backtest."""
     name = metric_name(metric)
     gain = f"gain/{name}"
     fig, ax = plt.subplots(figsize=(6.4, 4.2))
@@ -143,7 +143,7 @@ def cost_figures(
         half = 1.96 * stats_["s"] / np.sqrt(stats_["k"])
         _line(ax, stats_["x"], stats_["y"], half, f"{_label(key[:3])} · n={key[3]}")
         fit = (fits or {}).get(tuple(key[:3]), {}).get(int(key[3]))
-        if fit is not None:
+        if fit is not None and fit.trust != "untested":  # only curves a backtest checked
             _fitted(ax, fit, fit.x_max, ax.lines[-1].get_color(), f"n={key[3]}")
     ax.set_xscale("log")
     ax.axhline(0, color="black", lw=0.5)

@@ -19,6 +19,7 @@ from scipy import stats
 from finetune_budget.errors import DataError
 from finetune_budget.evaluation import run_mode
 from finetune_budget.report import ReportSettings, build_report
+from finetune_budget.report.advice import gain_ceiling, value_to_gain
 from finetune_budget.report.knee import drop_point, worse_with_time
 from finetune_budget.report.table import budget_points
 from finetune_budget.tracking import query
@@ -444,3 +445,13 @@ def test_advise_mode_answers_from_a_synthetic_experiment(known_store, tmp_path, 
     assert 3 <= len(lines) <= 10
     assert lines[0].startswith(f"t · m · d · mrr_at_20: train with data.n={advice.n} for")
     assert "labels to reach" in out and "1,000 more labels" in out and "trust:" in out
+
+
+def test_a_gain_cannot_pass_the_metrics_ceiling_and_values_convert_to_gains():
+    # a score <= 1 with baseline 0.8 can gain at most (1 - 0.8) / 0.8 = 25%
+    assert gain_ceiling("val/recall_at_20", 0.8) == pytest.approx(0.25)
+    # an error >= 0 can fall by at most 100% of its baseline
+    assert gain_ceiling("val/mae", 60.0) == pytest.approx(1.0)
+    assert gain_ceiling("val/r2", 0.3) is None  # no known bound
+    assert value_to_gain("val/mrr_at_20", 0.97, 0.9467) == pytest.approx(0.0233 / 0.9467)
+    assert value_to_gain("val/mae", 50.0, 60.0) == pytest.approx(10 / 60)

@@ -352,7 +352,7 @@ def _roi_drop_labels(data: pd.DataFrame, gain: str, fit: CurveFit | None, s) -> 
         why = "not within the measured data.n" + ("" if fit is None else f"; {fit.reason}")
         return Answer(q, why, math.nan, math.nan, math.nan, rests, "untested")
     peak, peak_x = float(roi.max()), float(roi.idxmax())
-    grid = np.geomspace(peak_x, fit.x_max * 1e3, 3000)
+    grid = np.geomspace(peak_x, fit.x_max * 1e3, 600)
     mean, lo_c, hi_c = fit.expected(grid)
     limit = s.drop_fraction * peak
 
@@ -541,12 +541,13 @@ def advise(
 
 
 def epochs_lines(advice: Advice) -> pd.DataFrame:
-    """The compact per-n table: epochs worth it [interval], seconds, best epoch and gain."""
+    """The compact per-n table: epochs worth it (the fewest reaching `advise.share` of the best
+    gain at n) [interval], their seconds, the best epoch and its gain."""
     t = advice.epochs_table
     if t is None or t.empty:
         return pd.DataFrame()
     out = pd.DataFrame({"data.n": t["n"]})
-    out[f"epochs worth it ({100 * 0.9:.0f}% of best)"] = [
+    out["epochs worth it"] = [
         f"{_int(e)} {_iv(lo, hi, _int)}"
         for e, lo, hi in zip(t["epochs"], t["epochs_lo"], t["epochs_hi"], strict=True)
     ]

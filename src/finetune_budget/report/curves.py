@@ -389,7 +389,7 @@ class CurveFit:
         x = float(_invert(self._fam, target, *self._theta)[0]) * self._scale
         if not self.extrapolation_ok and (x > self.x_max or not math.isfinite(x)):
             return math.nan, math.nan, math.nan
-        grid = np.geomspace(self.x_min, self.x_max * 1e4, 2000)
+        grid = np.geomspace(self.x_min, self.x_max * 1e4, 600)
         _, lo, hi = self.expected(grid, level)
 
         def first(values: np.ndarray) -> float:

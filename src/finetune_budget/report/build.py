@@ -496,15 +496,16 @@ def build_report(
 
 def _backtests(advices: dict[tuple[tuple, str], Advice]) -> pd.DataFrame:
     """One row per backtest in the report: the data curve of each (task, model, data, metric)
-    and the items-seen curve of each n."""
+    (with the reason where it could not be checked) and the items-seen curve of each n that
+    could be checked."""
     rows = []
     for (key, metric), a in advices.items():
         curves = [("gain vs data.n", a.data_fit)]
         curves += [(f"gain vs items seen, n={n}", f) for n, f in sorted(a.time_fits.items())]
         for label, fit in curves:
             bt = None if fit is None else fit.backtest
-            if bt is None:
-                continue
+            if bt is None or (bt.covered is None and label != "gain vs data.n"):
+                continue  # an items-seen curve with too few epochs to check: no row
             rows.append(
                 {
                     "task · model · data": " · ".join(map(str, key)),

@@ -42,8 +42,11 @@ def _img(path: Path) -> str:
 
 
 def _badge(trust: str) -> str:
-    kind = trust.split(";")[0].strip().split(" ")[0]
-    return f"<span class='trust trust-{html.escape(kind)}'>{html.escape(trust)}</span>"
+    """A coloured label; a combined one ("measured; curve low") takes its weakest part's colour."""
+    words = trust.replace(";", " ").split()
+    order = ("low", "untested", "medium", "high", "interpolated", "measured")
+    kind = next((w for w in order if w in words), "untested")
+    return f"<span class='trust trust-{kind}'>{html.escape(trust)}</span>"
 
 
 def _pct(x: float) -> str:

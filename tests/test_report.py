@@ -10,6 +10,7 @@ import math
 import numpy as np
 import pandas as pd
 import pytest
+import torch
 from conftest import TINY, compose_config
 from mlflow.entities import Metric
 from mlflow.tracking import MlflowClient
@@ -23,6 +24,7 @@ from finetune_budget.report.advice import gain_ceiling, value_to_gain
 from finetune_budget.report.knee import drop_point, worse_with_time
 from finetune_budget.report.table import budget_points
 from finetune_budget.tracking import query
+from finetune_budget.tracking.budget_tracker import cost_units
 from finetune_budget.tracking.sweep_parent import SweepParentRun, current_parent
 from finetune_budget.training import train
 
@@ -455,3 +457,12 @@ def test_a_gain_cannot_pass_the_metrics_ceiling_and_values_convert_to_gains():
     assert gain_ceiling("val/r2", 0.3) is None  # no known bound
     assert value_to_gain("val/mrr_at_20", 0.97, 0.9467) == pytest.approx(0.0233 / 0.9467)
     assert value_to_gain("val/mae", 50.0, 60.0) == pytest.approx(10 / 60)
+
+
+def test_training_cost_counts_real_tokens_of_text_and_items_of_images():
+    mask = torch.tensor([[1] * 7, [1] * 3 + [0] * 4, [1] * 5 + [0] * 2])
+    text = {"input": {"input_ids": torch.zeros(3, 7), "attention_mask": mask}}
+    assert cost_units({**text, "labels": torch.arange(3)}) == (3, 7 + 3 + 5)  # padding not counted
+    pairs = {"query": text["input"], "positive": text["input"]}
+    assert cost_units(pairs) == (3, 2 * 15)
+    assert cost_units({"images": torch.zeros(3, 3, 8, 8), "labels": torch.arange(3)}) == (3, 3)

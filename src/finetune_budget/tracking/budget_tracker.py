@@ -24,14 +24,16 @@ from finetune_budget.tracking.mlflow_run import TrackedRun
 log = logging.getLogger(__name__)
 
 
-def _units(batch: Any) -> tuple[int, int]:
-    """(items, cost units) of a training batch: units are real tokens when every part is a
-    tokenised text (input_ids + attention_mask), else items."""
+def cost_units(batch: Any) -> tuple[int, int]:
+    """(items, cost units) of a training batch: units are the real tokens of its tokenised texts
+    (attention masks) when it holds no images (tensors of 3+ dims), else items."""
     parts = list(batch.values()) if isinstance(batch, dict) else [batch]
     first = parts[0]
     items = first["input_ids"].shape[0] if isinstance(first, dict) else len(first)
-    if all(isinstance(p, dict) and "attention_mask" in p for p in parts):
-        return items, int(sum(int(p["attention_mask"].sum()) for p in parts))
+    texts = [p for p in parts if isinstance(p, dict) and "attention_mask" in p]
+    images = [p for p in parts if isinstance(p, torch.Tensor) and p.dim() >= 3]
+    if texts and not images:
+        return items, int(sum(int(p["attention_mask"].sum()) for p in texts))
     return items, items
 
 
@@ -139,7 +141,7 @@ class BudgetTracker(Callback):
         self.flops_per_unit = total / units if units and total else math.nan
 
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
-        size, units = _units(batch)
+        size, units = cost_units(batch)
         if self._counter is not None:
             self._stop_counter(units)
         if self.flops_per_unit is not None and math.isfinite(self.flops_per_unit):

@@ -246,8 +246,8 @@ def test_train_on_2_processes_splits_every_epoch_and_records_one_run(
 @requires_data("clinc150")
 def test_train_on_2_processes_equals_1_process_with_the_double_batch(tmp_path_factory, make_cfg):
     """Text labels, no dropout: step k of 2 processes with batch B uses the items of step k of 1
-    process with batch 2B, and the mean of the 2 processes' losses equals its loss, also after
-    the first updates (so the gradients, averaged by DDP, were the same)."""
+    process with batch 2B, and the mean of the 2 processes' losses equals its loss at every step
+    of 2 epochs, also after updates (so the gradients, averaged by DDP, were the same)."""
     tmp, proc = _run("text_labels", "lightning", tmp_path_factory)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     ranks = _records(tmp)
@@ -266,7 +266,9 @@ def test_train_on_2_processes_equals_1_process_with_the_double_batch(tmp_path_fa
     one_losses = [b["loss"] for b in one.batches]
     assert len(one_losses) == EPOCHS * N // (2 * PER_RANK)
     np.testing.assert_allclose(two_losses, one_losses, rtol=1e-4)
-    assert len(set(one_losses)) == len(one_losses)  # the model did change between steps
+    # batches without a same-label pair have loss 0; a non-zero loss after an earlier non-zero
+    # one (whose gradients updated the model) checks that the updates were the same too
+    assert sum(loss > 0 for loss in one_losses) >= 2, one_losses
 
 
 def test_only_global_rank_0_creates_a_run(monkeypatch, tmp_path):

@@ -69,7 +69,7 @@ def format_table(
     if not history:
         return "(no epochs recorded)"
     if metric_keys is None:
-        metric_keys = [k for k in history[0] if k.startswith(("val/", "probe/"))][:4]
+        metric_keys = [k for k in history[0] if k.startswith(("val/", "probe/"))][:5]
     name = budget_metric.split("/", 1)[-1]
     columns = [
         "epoch",

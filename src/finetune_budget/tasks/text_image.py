@@ -4,7 +4,7 @@ symmetric CLIP loss.
     python train.py task=text_image                       MiniLM + MobileNetV2 on Flickr8k
     python train.py -m task=text_image data.n=100,500,1000 trainer.max_epochs=1..10
 
-After each validation `eval_metrics` holds {"val/mrr_at_20": ..., "val/t2i_recall_at_1": ...};
+After each validation `eval_metrics` holds {"val/mrr_at_20": ..., "val/i2t_hit_at_1": ...};
 the budget tracker logs it. The unprefixed metrics are text-to-image (captions query images).
 """
 
@@ -35,20 +35,22 @@ def score_both_directions(
     top_k: int = 20,
     recall_at: tuple[int, ...] = (1, 5, 10),
 ) -> dict[str, float]:
-    """Retrieval metrics of both directions on the held-out split.
+    """Retrieval metrics of both directions on the held-out split (see finetune_budget.metrics).
 
     texts: (C, D), images: (M, D), L2-normalised; caption_image: (C,) the image of each caption.
-    val/<metric>: captions query images (text-to-image, the study's metric), also as
-    val/t2i_recall_at_<k>; val/i2t_<metric>: images query captions (their 5 captions relevant).
+    val/<metric>: captions query images (text-to-image, the study's metric), with its cut-off
+    metrics also as val/t2i_recall_at_<k> and val/t2i_hit_at_<k>; val/i2t_<metric>: images query
+    captions (their 5 captions relevant), every metric. One relevant image per caption makes
+    t2i recall@k = hit@k; for i2t, hit@k is what CLIP papers call R@k (recall@1 is at most 1/5).
     """
     image_ids = torch.arange(images.shape[0])
     t2i = retrieval_metrics(texts, images, caption_image, image_ids, top_k, recall_at)
     i2t = retrieval_metrics(images, texts, image_ids, caption_image, top_k, recall_at)
     out = {f"val/{k}": v for k, v in t2i.items()}
-    out.update({f"val/t2i_{k}": v for k, v in t2i.items() if k.startswith("recall_at_")})
     out.update(
-        {f"val/i2t_{k}": v for k, v in i2t.items() if k.startswith(("recall_at_", "mrr_at_"))}
+        {f"val/t2i_{k}": v for k, v in t2i.items() if k.startswith(("recall_at_", "hit_at_"))}
     )
+    out.update({f"val/i2t_{k}": v for k, v in i2t.items()})
     return out
 
 

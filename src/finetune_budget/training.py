@@ -21,7 +21,8 @@ from finetune_budget.continuation import Continuation
 from finetune_budget.tasks import build_task
 from finetune_budget.tracking.baseline_cache import BaselineCache, baseline_key
 from finetune_budget.tracking.budget_tracker import BudgetTracker
-from finetune_budget.tracking.mlflow_run import TrackedRun, tracked_run
+from finetune_budget.tracking.mlflow_run import STALE_AFTER_S, TrackedRun, tracked_run
+from finetune_budget.tracking.resume import POINT_TAG, point_key, reusable_run
 
 log = logging.getLogger(__name__)
 
@@ -32,6 +33,7 @@ class RunResult:
     history: list[dict[str, float]]
     checkpoint: str | None = None
     objects: dict[str, Any] = field(default_factory=dict)
+    reused: bool = False  # a finished run of the same point, not trained again (resume.py)
 
     def best(self, metric: str) -> float:
         values = [row[metric] for row in self.history if metric in row]
@@ -89,9 +91,18 @@ def train(
 
     callbacks: extra Lightning callbacks (an Optuna pruner, say) added to the configured ones.
     tags: extra MLflow tags set when the run is created (a search's study and trial number).
+    A point (config, seed, package version) with a FINISHED run is reused, not trained again,
+    unless budget.rerun=true or extra callbacks (a pruner) must see the epochs.
     """
     config = run_config(cfg)
     tags = {**run_tags(cfg), **(tags or {})}
+    tags[POINT_TAG] = point_key(config)
+    if not (callbacks or cfg.budget.get("rerun", False) or tags["run_type"] != "train"):
+        found = reusable_run(
+            cfg.tracking.uri, cfg.tracking.experiment, tags[POINT_TAG], parent_run_id
+        )
+        if found is not None:
+            return RunResult(*found, reused=True)
     if parent_run_id:
         tags["mlflow.parentRunId"] = parent_run_id
     with tracked_run(
@@ -101,6 +112,7 @@ def train(
         tags=tags,
         run_name=cfg.tracking.get("run_name"),
         config_yaml=OmegaConf.to_yaml(config),
+        stale_after_s=cfg.tracking.get("stale_after_s", STALE_AFTER_S),
     ) as run:
         L.seed_everything(cfg.seed, workers=True, verbose=False)
         parts = build_task(cfg)

@@ -162,6 +162,10 @@ def _show(value: Any) -> str:
 def _select(cfg: Any, key: str) -> Any:
     from omegaconf import OmegaConf
 
+    if not OmegaConf.is_config(cfg):  # a plain mapping
+        for part in key.split("."):
+            cfg = cfg.get(part) if isinstance(cfg, Mapping) else None
+        return cfg
     try:
         value = OmegaConf.select(cfg, key, throw_on_missing=False)
     except Exception:  # noqa: BLE001 - an interpolation that does not resolve here

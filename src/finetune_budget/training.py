@@ -22,7 +22,12 @@ from finetune_budget.tasks import build_task
 from finetune_budget.tracking.baseline_cache import BaselineCache, baseline_key
 from finetune_budget.tracking.budget_tracker import BudgetTracker
 from finetune_budget.tracking.mlflow_run import STALE_AFTER_S, TrackedRun, tracked_run
-from finetune_budget.tracking.resume import POINT_TAG, point_key, reusable_run
+from finetune_budget.tracking.resume import (
+    POINT_TAG,
+    point_key,
+    reusable_run,
+    save_checkpoint_atomically,
+)
 
 log = logging.getLogger(__name__)
 
@@ -133,7 +138,7 @@ def train(
         checkpoint = None
         if cfg.tracking.get("save_checkpoint", False):
             path = Path(cfg.paths.output_dir) / "checkpoints" / "last.ckpt"
-            trainer.save_checkpoint(path, weights_only=True)
+            save_checkpoint_atomically(trainer, path, weights_only=True)
             checkpoint = str(path.resolve())
             run.set_tags({"checkpoint": checkpoint})
         summarise(cfg, run, tracker.history)

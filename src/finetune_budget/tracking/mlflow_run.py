@@ -93,6 +93,32 @@ def artifact_location(tracking_uri: str) -> str | None:
     return (db.parent / "mlartifacts").as_uri()
 
 
+_READY_STORES: set[str] = set()
+
+
+def mlflow_client(tracking_uri: str) -> MlflowClient:
+    """An MlflowClient whose store is ready. A sqlite store is opened the first time (in this
+    process) under a lock file beside it (`<db>.lock`), so parallel sweeps on a new store do not
+    race creating or upgrading its tables; later clients reuse MLflow's cached store."""
+    if not tracking_uri.startswith("sqlite:///") or tracking_uri in _READY_STORES:
+        return MlflowClient(tracking_uri)
+    db = Path(tracking_uri.removeprefix("sqlite:///")).expanduser()
+    try:
+        import fcntl
+    except ImportError:  # not POSIX: no lock
+        fcntl = None
+    with open(f"{db}.lock", "a") as lock:
+        if fcntl is not None:
+            fcntl.flock(lock, fcntl.LOCK_EX)
+        try:
+            client = MlflowClient(tracking_uri)  # creates (or upgrades) the tables
+        finally:
+            if fcntl is not None:
+                fcntl.flock(lock, fcntl.LOCK_UN)
+    _READY_STORES.add(tracking_uri)
+    return client
+
+
 STALE_AFTER_S = (
     3 * 24 * 3600.0
 )  # tracking.stale_after_s: other hosts' RUNNING runs older than this
@@ -228,7 +254,7 @@ def tracked_run(
     attach to the run of rank 0 (RUN_ID_ENV) instead of creating their own.
     """
     mlflow.set_tracking_uri(tracking_uri)
-    client = MlflowClient(tracking_uri)
+    client = mlflow_client(tracking_uri)
     if _is_extra_rank() and os.environ.get(RUN_ID_ENV):
         run_id = os.environ[RUN_ID_ENV]
         yield TrackedRun(

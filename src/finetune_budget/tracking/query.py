@@ -29,7 +29,7 @@ from mlflow.tracking import MlflowClient
 
 from finetune_budget.errors import BudgetError, ConfigError, DataError
 from finetune_budget.roi import gains, metric_name
-from finetune_budget.tracking.mlflow_run import mark_stale_runs
+from finetune_budget.tracking.mlflow_run import mark_stale_runs, mlflow_client
 from finetune_budget.tracking.resume import REUSED_TAG_PREFIX, config_key
 
 log = logging.getLogger(__name__)
@@ -109,7 +109,7 @@ def train_runs(
     parent_run_id: only a sweep's jobs (its children, and the earlier runs it reused).
     with_skipped: also return how many duplicate runs were left out.
     """
-    client = MlflowClient(tracking_uri)
+    client = mlflow_client(tracking_uri)
     exp_id = _experiment_id(client, tracking_uri, experiment)
     query = "tags.run_type = 'train' and attributes.status = 'FINISHED'"
     if parent_run_id:
@@ -191,7 +191,7 @@ def roi_table(
     Columns: ID_COLUMNS, each metric, `gain/<m>`, `gain_abs/<m>`, `roi_label/<m>`, `roi_s/<m>`
     (m = the metric's name without `val/`), `has_baseline`.
     """
-    client = MlflowClient(tracking_uri)
+    client = mlflow_client(tracking_uri)
     runs, skipped = train_runs(tracking_uri, experiment, parent_run_id, with_skipped=True)
     if not runs:
         where = f"sweep {parent_run_id}" if parent_run_id else f"experiment {experiment!r}"

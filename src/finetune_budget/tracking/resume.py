@@ -15,7 +15,9 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
+import os
 from collections.abc import Mapping
+from pathlib import Path
 from typing import Any
 
 from finetune_budget import __version__
@@ -38,7 +40,6 @@ BOOKKEEPING_PREFIXES = (
     "trainer.default_root_dir",
     "trainer.log_every_n_steps",
     "budget.rerun",
-    "budget.continue_shorter_runs",
     "budget.continuation_max_configs",
     "mode",
     "run_id",
@@ -81,24 +82,34 @@ def finished_run(client: Any, experiment_id: str, key: str) -> Any | None:
     return None
 
 
+# Per-epoch keys the BudgetTracker logs at step = epoch (Lightning's own logger writes other keys,
+# such as train/loss and epoch, at step = global step).
+EPOCH_PREFIXES = ("val/", "probe/", "time/", "data/", "gain/", "gain_abs/", "roi_label/", "roi_s/")
+
+
 def history_of(client: Any, run: Any) -> list[dict[str, float]]:
     """A finished run's per-epoch rows (step = epoch) as train() returns them."""
+    try:
+        last = int(run.data.params.get("trainer.max_epochs", ""))
+    except ValueError:
+        last = None
     by_step: dict[int, dict[str, float]] = {}
     for key in run.data.metrics:
-        if key.startswith("best/") or key == "time/total_train_s":  # run-level summaries
+        if not key.startswith(EPOCH_PREFIXES) or key == "time/total_train_s":
             continue
         for m in client.get_metric_history(run.info.run_id, key):
-            by_step.setdefault(int(m.step), {})[key] = m.value
-    return [{"epoch": step, **by_step[step]} for step in sorted(by_step)]
+            if last is None or 0 <= m.step <= last:
+                by_step.setdefault(int(m.step), {})[key] = m.value
+    return [{**by_step[step], "epoch": step} for step in sorted(by_step)]
 
 
 def reusable_run(
     tracking_uri: str, experiment: str, key: str, parent_run_id: str | None = None
 ) -> tuple[str, list[dict[str, float]], str | None] | None:
     """(run id, per-epoch rows, checkpoint) of the point's finished run, or None: train it."""
-    from mlflow.tracking import MlflowClient
+    from finetune_budget.tracking.mlflow_run import mlflow_client
 
-    client = MlflowClient(tracking_uri)
+    client = mlflow_client(tracking_uri)
     found = client.get_experiment_by_name(experiment)
     if found is None or found.lifecycle_stage == "deleted":
         return None
@@ -117,3 +128,19 @@ def mark_reused(client: Any, run_id: str, parent_run_id: str | None) -> None:
     """Count a reused run in the running sweep (its report and its 'N of M points reused')."""
     if parent_run_id:
         client.set_tag(run_id, f"{REUSED_TAG_PREFIX}{parent_run_id}", "true")
+
+
+def save_checkpoint_atomically(trainer: Any, path: str | Path, **kwargs: Any) -> Path:
+    """trainer.save_checkpoint into a temporary file beside `path`, then renamed onto it: a write
+    that fails (a full disk) leaves the earlier checkpoint at `path` whole, and no partial file."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    try:
+        trainer.save_checkpoint(tmp, **kwargs)
+        if trainer.is_global_zero:
+            os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+    return path

@@ -41,12 +41,15 @@ class SweepParentRun(Callback):
         self.sweep_dir: str | None = None
 
     def on_multirun_start(self, config: DictConfig, **kwargs: Any) -> None:
-        from mlflow.tracking import MlflowClient
-
-        from finetune_budget.tracking.mlflow_run import STALE_AFTER_S, experiment_id, process_tags
+        from finetune_budget.tracking.mlflow_run import (
+            STALE_AFTER_S,
+            experiment_id,
+            mlflow_client,
+            process_tags,
+        )
 
         uri, experiment = config.tracking.uri, config.tracking.experiment
-        client = MlflowClient(uri)
+        client = mlflow_client(uri)
         overrides = " ".join(OmegaConf.to_container(config.hydra.overrides.task))
         self.sweep_dir = str(config.hydra.sweep.dir)
         tags = {

@@ -19,12 +19,23 @@ from typing import Any
 from omegaconf import DictConfig
 
 from finetune_budget.config import check_config, expand_range_overrides
+from finetune_budget.distributed import is_main_process
 from finetune_budget.errors import BudgetError, one_line
 
 log = logging.getLogger("finetune_budget")
 
 FAILED_JOBS: list[str] = []
 JOBS: list[int] = []  # one entry per job this process ran
+__all__ = [
+    "evaluate_job",
+    "exit_code",
+    "expand_argv",
+    "format_table",
+    "guarded_job",
+    "is_main_process",
+    "train_job",
+    "tune_job",
+]
 
 
 def expand_argv(argv: Sequence[str]) -> list[str]:
@@ -59,11 +70,6 @@ def guarded_job(job: Callable[[DictConfig], Any], cfg: DictConfig) -> Any:
     return float("nan")
 
 
-def is_main_process() -> bool:
-    """False in the extra processes (ranks 1..) of a multi-device run."""
-    return all(int(os.environ.get(k, "0") or 0) == 0 for k in ("LOCAL_RANK", "RANK"))
-
-
 def exit_code() -> int:
     if FAILED_JOBS and len(JOBS) > 1:  # a single job's error line says it all
         log.error(
@@ -91,7 +97,7 @@ def format_table(
     if not history:
         return "(no epochs recorded)"
     if metric_keys is None:
-        metric_keys = [k for k in history[0] if k.startswith(("val/", "probe/"))][:4]
+        metric_keys = [k for k in history[0] if k.startswith(("val/", "probe/"))][:5]
     name = budget_metric.split("/", 1)[-1]
     columns = [
         "epoch",
@@ -121,7 +127,7 @@ def train_job(cfg: DictConfig) -> float:
     from finetune_budget.tuning.objectives import sweep_objective
 
     result = train(cfg, parent_run_id=current_parent())
-    if is_main_process():  # ranks 1.. of a multi-device run print nothing
+    if is_main_process(cfg.trainer):  # ranks 1.. of a multi-process run print nothing
         if result.reused:
             print(
                 f"\nreused run {result.run_id}: this point (config, seed, version) finished "

@@ -185,6 +185,8 @@ def test_a_sweep_killed_mid_job_reruns_only_the_missing_points(tmp_path):
         killed.info.run_id: "KILLED"
     }
     assert "gone" in client.get_run(killed.info.run_id).data.tags["error"]
+    (longer,) = [r for r in finished if r.data.params["trainer.max_epochs"] == "4"]
+    assert longer.data.tags.get("continued_from") == first.info.run_id  # the epoch-1 state
     exp = client.get_experiment_by_name(EXPERIMENT).experiment_id
     parents = client.search_runs([exp], "tags.run_type = 'sweep'", order_by=["start_time ASC"])
     assert [p.info.status for p in parents] == ["KILLED", "FINISHED"]

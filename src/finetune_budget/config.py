@@ -206,6 +206,9 @@ def value_errors(cfg: Any) -> list[str]:
     return errors
 
 
+_DEFAULTS: dict[tuple, Any] = {}
+
+
 def override_errors(cfg: Any) -> list[str]:
     """The command line's `key=value` overrides whose value has another type than the config's
     default for that key (`data.n=lots`, `trainer.max_epochs=abc`, `budget.rerun=maybe`).
@@ -233,7 +236,10 @@ def override_errors(cfg: Any) -> list[str]:
         ]
         if not values:
             return []
-        defaults = compose(config_name=hc.job.config_name, overrides=groups)
+        key = (hc.job.config_name, tuple(groups))
+        if key not in _DEFAULTS:  # the jobs of a sweep share their group choices
+            _DEFAULTS[key] = compose(config_name=hc.job.config_name, overrides=groups)
+        defaults = _DEFAULTS[key]
     except Exception as e:  # noqa: BLE001 - the checks are a courtesy; the run checks again
         log.debug("override type check skipped: %s", e)
         return []

@@ -193,7 +193,31 @@ def _columns(frame: pd.DataFrame, path: Any, **columns: str | None) -> pd.DataFr
                 f"(columns: {', '.join(map(str, frame.columns))}); "
                 f"set data.{option}"
             )
-    return frame.dropna(subset=list(columns.values()))
+    for column in columns.values():
+        values = frame[column]
+        empty = values.isna() | (values.astype(str).str.strip() == "")
+        if empty.any():
+            first = int(np.flatnonzero(empty.to_numpy())[0])
+            raise DataError(
+                f"{path}: {int(empty.sum())} row(s) have an empty {column!r} (the first is data "
+                f"row {first + 1}); fill them in or delete those rows"
+            )
+    return frame
+
+
+def warn_overlap(train: list[str], held: list[str], path: Any) -> int:
+    """Warn (with the count) when held-out items also appear in the training file."""
+    seen = set(train)
+    shared = sum(text in seen for text in held)
+    if shared:
+        log.warning(
+            "%d of the %d held-out items in %s also appear in the training file: their scores "
+            "measure memorisation; remove them from one of the files",
+            shared,
+            len(held),
+            path,
+        )
+    return shared
 
 
 def load_table(
@@ -228,6 +252,12 @@ def load_table(
             ),
         )
         train = frame
+        key = (query_column, positive_column) if pairs else (text_column,)
+        warn_overlap(
+            [str(t) for c in key for t in train[c]],
+            [str(t) for c in key for t in held[c]],
+            eval_path,
+        )
     else:
         if not 0 < eval_fraction < 1:
             raise DataError(

@@ -61,7 +61,11 @@ def _instantiate_group(group: DictConfig | None) -> list[Any]:
 
 
 def build_trainer(
-    cfg: DictConfig, tracker: BudgetTracker, run: TrackedRun, extra: list[L.Callback]
+    cfg: DictConfig,
+    tracker: BudgetTracker,
+    run: TrackedRun,
+    extra: list[L.Callback],
+    plugins: list[Any] | None = None,
 ) -> L.Trainer:
     loggers = []
     for node in (cfg.get("logger") or {}).values():
@@ -76,6 +80,7 @@ def build_trainer(
         callbacks=[tracker, *callbacks, *extra],
         logger=loggers or False,
         precision=precision,
+        plugins=plugins or None,
     )
 
 
@@ -111,7 +116,9 @@ def train(
             max_train_s=cfg.budget.get("max_train_s"),
         )
         cont = Continuation(cfg, config, tracker, run)
-        trainer = build_trainer(cfg, tracker, run, [*(callbacks or []), *cont.callbacks])
+        trainer = build_trainer(
+            cfg, tracker, run, [*(callbacks or []), *cont.callbacks], plugins=cont.plugins
+        )
         evaluate_baseline(cfg, trainer, parts, tracker, run)
         L.seed_everything(cfg.seed, workers=True, verbose=False)
         trainer.fit(parts.module, datamodule=parts.datamodule, ckpt_path=cont.ckpt_path)

@@ -6,9 +6,9 @@ from typing import Any
 
 import lightning as L
 import torch
-from torch.utils.data import DataLoader, RandomSampler
+from torch.utils.data import BatchSampler, DataLoader, RandomSampler
 
-from finetune_budget.data.samplers import ClassChunkBatchSampler
+from finetune_budget.data.samplers import ClassChunkBatchSampler, LengthBucketBatchSampler
 from finetune_budget.data.subsets import nested_subset
 from finetune_budget.data.text import TextRetrievalData
 
@@ -30,6 +30,7 @@ class TextRetrievalDataModule(L.LightningDataModule):
         max_length: int = 128,
         num_workers: int = 0,
         seed: int = 0,
+        length_bucket_pool: int = 0,
     ) -> None:
         super().__init__()
         self.data = data
@@ -41,6 +42,7 @@ class TextRetrievalDataModule(L.LightningDataModule):
         self.max_length = max_length
         self.num_workers = num_workers
         self.seed = seed
+        self.length_bucket_pool = length_bucket_pool  # > 1: LengthBucketBatchSampler's pool
         self.eval_groups = torch.as_tensor(data.eval_groups)
         self._eval_order = sorted(
             range(len(data.eval_texts)), key=lambda i: len(data.eval_texts[i])
@@ -80,6 +82,27 @@ class TextRetrievalDataModule(L.LightningDataModule):
             "index": torch.as_tensor(indices),
         }
 
+    def _train_lengths(self, items: list[int]) -> list[int]:
+        """Token count of each training item (query + positive for pairs), capped at max_length."""
+
+        def count(texts: list[str]) -> list[int]:
+            ids = self.tokenizer(texts, truncation=True, max_length=self.max_length)["input_ids"]
+            return [len(x) for x in ids]
+
+        d = self.data
+        lengths = count([d.train_texts[i] for i in items])
+        if d.kind == "pairs":
+            positives = count([d.train_positives[i] for i in items])
+            lengths = [a + b for a, b in zip(lengths, positives, strict=True)]
+        return lengths
+
+    def _bucketed(self, sampler: Any, items: list[int], labels: list[int] | None) -> Any:
+        if self.length_bucket_pool <= 1:
+            return sampler
+        return LengthBucketBatchSampler(
+            sampler, self._train_lengths(items), labels, self.length_bucket_pool, self.seed
+        )
+
     def _loader_kwargs(self) -> dict[str, Any]:
         return {"num_workers": self.num_workers, "persistent_workers": self.num_workers > 0}
 
@@ -99,11 +122,23 @@ class TextRetrievalDataModule(L.LightningDataModule):
             )
             return DataLoader(
                 items,
-                batch_sampler=sampler,
+                batch_sampler=self._bucketed(sampler, items, labels),
                 collate_fn=self.collate_train,
                 **self._loader_kwargs(),
             )
         generator = torch.Generator().manual_seed(self.seed)
+        if self.length_bucket_pool > 1:
+            pairs = BatchSampler(
+                RandomSampler(items, generator=generator),
+                self.batch_size,
+                drop_last=len(items) > self.batch_size,
+            )
+            return DataLoader(
+                items,
+                batch_sampler=self._bucketed(pairs, items, None),
+                collate_fn=self.collate_train,
+                **self._loader_kwargs(),
+            )
         return DataLoader(
             items,
             batch_size=self.batch_size,

@@ -80,18 +80,54 @@ def floor_of(uri: str, experiment: str) -> dict[str, float]:
     }
 
 
+# (label, file suffix, function name): cumulative seconds of each in the profiled sweep
+PHASES = (
+    ("Hydra: compose each job's config", "config_loader_impl.py", "load_sweep_config"),
+    ("MLflow: create run, params, config", "mlflow_run.py", "tracked_run"),
+    ("MLflow: log_batch calls (all)", "client.py", "log_batch"),
+    ("build the task (data, model, tokenizer)", "tasks.py", "build_task"),
+    ("build the Trainer", "training.py", "build_trainer"),
+    ("epoch-0 baseline (cache or evaluate)", "training.py", "evaluate_baseline"),
+    ("Trainer.fit (training + evaluation)", "trainer.py", "fit"),
+    ("continuation: keep the epoch state", "continuation.py", "save"),
+    ("continuation: restore the epoch state", "continuation.py", "load_checkpoint"),
+    ("tracking.save_checkpoint (last.ckpt)", "trainer.py", "save_checkpoint"),
+    ("sweep report", "build.py", "build_report"),
+)
+
+
+def print_profile(path: Path) -> None:
+    import pstats
+
+    stats = pstats.Stats(str(path)).stats
+    print("profile (cumulative s; phases overlap where one calls another):")
+    for label, suffix, name in PHASES:
+        total = sum(
+            v[3] for (file, _, func), v in stats.items() if func == name and file.endswith(suffix)
+        )
+        calls = sum(
+            v[1] for (file, _, func), v in stats.items() if func == name and file.endswith(suffix)
+        )
+        print(f"  {label:44s}{total:8.1f} s  ({calls} calls)")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--grid", choices=sorted(GRIDS), default="user")
     parser.add_argument("--keep", default=None, help="write the store here and keep it")
+    parser.add_argument(
+        "--profile", action="store_true", help="run under cProfile; print where the time went"
+    )
     parser.add_argument("overrides", nargs="*", help="extra overrides after --")
     args = parser.parse_args()
     work = Path(args.keep or tempfile.mkdtemp(prefix="bench_sweep_"))
     work.mkdir(parents=True, exist_ok=True)
     uri = f"sqlite:///{work / 'mlflow.db'}"
     experiment = "bench-sweep"
+    profile = work / "sweep.prof"
     command = [
         sys.executable,
+        *(["-m", "cProfile", "-o", str(profile)] if args.profile else []),
         str(ROOT / "train.py"),
         "-m",
         *GRIDS[args.grid],
@@ -129,6 +165,8 @@ def main() -> None:
     print(f"  inside the jobs  {job_overhead:9.1f} s   (job run time minus the floor)")
     print(f"  sweep report     {f['report_s']:9.1f} s   (last job's end to the parent's end)")
     print(f"  after the report {end - f['last_end'] - f['report_s']:9.1f} s   (to process exit)")
+    if args.profile:
+        print_profile(profile)
     print(f"store: {uri}" + ("" if args.keep else " (temporary)"))
     print(
         "repeat: nice -n 5 .venv/bin/python bench/bench_sweep.py --grid "

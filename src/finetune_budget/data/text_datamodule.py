@@ -44,9 +44,9 @@ class TextRetrievalDataModule(L.LightningDataModule):
         self.seed = seed
         self.length_bucket_pool = length_bucket_pool  # > 1: LengthBucketBatchSampler's pool
         self.eval_groups = torch.as_tensor(data.eval_groups)
-        self._eval_order = sorted(
-            range(len(data.eval_texts)), key=lambda i: len(data.eval_texts[i])
-        )
+        # by token count (not characters): each eval batch pads to nearly its own length
+        eval_lengths = self._token_counts(data.eval_texts)
+        self._eval_order = sorted(range(len(data.eval_texts)), key=eval_lengths.__getitem__)
 
     @property
     def n_train(self) -> int:
@@ -82,17 +82,17 @@ class TextRetrievalDataModule(L.LightningDataModule):
             "index": torch.as_tensor(indices),
         }
 
+    def _token_counts(self, texts: list[str]) -> list[int]:
+        """Tokens of each text, capped at max_length."""
+        ids = self.tokenizer(texts, truncation=True, max_length=self.max_length)["input_ids"]
+        return [len(x) for x in ids]
+
     def _train_lengths(self, items: list[int]) -> list[int]:
-        """Token count of each training item (query + positive for pairs), capped at max_length."""
-
-        def count(texts: list[str]) -> list[int]:
-            ids = self.tokenizer(texts, truncation=True, max_length=self.max_length)["input_ids"]
-            return [len(x) for x in ids]
-
+        """Token count of each training item (query + positive for pairs)."""
         d = self.data
-        lengths = count([d.train_texts[i] for i in items])
+        lengths = self._token_counts([d.train_texts[i] for i in items])
         if d.kind == "pairs":
-            positives = count([d.train_positives[i] for i in items])
+            positives = self._token_counts([d.train_positives[i] for i in items])
             lengths = [a + b for a, b in zip(lengths, positives, strict=True)]
         return lengths
 

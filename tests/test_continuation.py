@@ -213,3 +213,36 @@ def test_disk_store_keeps_the_states_of_the_most_recent_earlier_configs_only(tmp
     assert store.get("b").epoch == 1
     assert (store.get("c").epoch, store.get("c").run_id) == (2, "run-c2")
     assert sorted(p.name for p in (store.root / "c").iterdir()) == ["epoch_2.ckpt", "state.json"]
+
+
+@pytest.mark.parametrize(
+    ("mode", "launcher", "expected"),
+    [
+        ("MULTIRUN", "hydra._internal.core_plugins.basic_launcher.BasicLauncher", "memory"),
+        ("MULTIRUN", "hydra_plugins.hydra_joblib_launcher.joblib_launcher.JoblibLauncher", "disk"),
+        ("RUN", "hydra._internal.core_plugins.basic_launcher.BasicLauncher", "memory"),
+    ],
+)
+def test_auto_store_is_memory_in_process_and_disk_for_launchers_of_other_processes(
+    tiny_text_cfg, mode, launcher, expected
+):
+    from hydra import compose, initialize_config_dir
+    from hydra.core.global_hydra import GlobalHydra
+    from hydra.core.hydra_config import HydraConfig
+    from omegaconf import open_dict
+
+    from finetune_budget.continuation import store_kind
+    from tests.conftest import CONF
+
+    GlobalHydra.instance().clear()
+    with initialize_config_dir(config_dir=str(CONF), version_base="1.3"):
+        cfg = compose(config_name="train", return_hydra_config=True)
+    with open_dict(cfg):
+        cfg.hydra.mode = mode
+        cfg.hydra.launcher = {"_target_": launcher}
+    HydraConfig.instance().set_config(cfg)
+    try:
+        assert store_kind(cfg) == expected
+        assert store_kind(tiny_text_cfg("budget.continuation_store=disk")) == "disk"
+    finally:
+        HydraConfig.instance().cfg = None

@@ -139,19 +139,27 @@ def why_not_exact(cfg: DictConfig) -> str | None:
     return None
 
 
-def jobs_in_other_processes() -> bool:
-    """True when Hydra's launcher runs this sweep's jobs in other processes (submitit, joblib)."""
+def hydra_launch() -> str:
+    """How this job was started: `python` (no Hydra: tests, tune.py), `single` (no -m),
+    `in_process` (-m with Hydra's basic launcher), `other_processes` (submitit, joblib, ...)."""
     try:
         from hydra.core.hydra_config import HydraConfig
         from hydra.types import RunMode
 
         if not HydraConfig.initialized():
-            return False
+            return "python"
         hydra_cfg = HydraConfig.get()
+        if hydra_cfg.mode != RunMode.MULTIRUN:
+            return "single"
         target = str(hydra_cfg.launcher.get("_target_", ""))
-        return hydra_cfg.mode == RunMode.MULTIRUN and not target.endswith("BasicLauncher")
+        return "in_process" if target.endswith("BasicLauncher") else "other_processes"
     except Exception:  # noqa: BLE001 - no Hydra context: a plain Python call
-        return False
+        return "python"
+
+
+def jobs_in_other_processes() -> bool:
+    """True when Hydra's launcher runs this sweep's jobs in other processes (submitit, joblib)."""
+    return hydra_launch() == "other_processes"
 
 
 def store_kind(cfg: DictConfig) -> str:
@@ -480,6 +488,8 @@ class Continuation:
         old = MEMORY.get(self.key) or self.disk.get(self.key)
         if old is not None and old.epoch >= self.max_epochs:
             return  # a shorter run never replaces a longer state
+        if self.kind == "memory" and hydra_launch() == "single":
+            return  # `python train.py` without -m: no later job in this process
         try:
             if self.kind == "memory":
                 trainer.save_checkpoint(MEMORY_SCHEME + self.key)  # -> StateIO -> MEMORY

@@ -47,7 +47,7 @@ from omegaconf import DictConfig
 
 from finetune_budget.config import flatten, resolve_precision
 from finetune_budget.errors import ConfigError
-from finetune_budget.tracking.baseline_cache import _fingerprint
+from finetune_budget.tracking.baseline_cache import with_fingerprints
 from finetune_budget.tracking.budget_tracker import BudgetTracker
 from finetune_budget.tracking.mlflow_run import TrackedRun
 
@@ -91,16 +91,18 @@ def _versions() -> dict[str, str]:
 def continuation_key(config: dict[str, Any]) -> str:
     """A hash of everything that changes what a run computes, except `trainer.max_epochs`:
     the resolved run config (bookkeeping keys left out), the resolved precision (`auto` differs
-    by machine), package versions, and size + mtime of the data files the config names."""
+    by machine), package versions, and fingerprints (names, sizes, mtimes) of the data files and
+    folders and the weights packages the config names."""
     flat = {k: v for k, v in flatten(config).items() if not k.startswith(IGNORED_PREFIXES)}
     trainer = config.get("trainer", {})
     flat["resolved.precision"] = resolve_precision(
         trainer.get("precision"), trainer.get("accelerator", "auto")
     )
     flat["resolved.versions"] = _versions()
-    for k, v in flatten(config.get("data", {}), "data.").items():
-        if "path" in k or k.endswith(("_dir", "root")):
-            flat[f"resolved.{k}"] = _fingerprint(v)
+    # names, sizes and mtimes of the data files and folders and the weights packages named
+    flat["resolved.files"] = with_fingerprints(
+        {"data": config.get("data", {}), "model": config.get("model", {})}
+    )
     blob = json.dumps(flat, sort_keys=True, default=str)
     return hashlib.sha256(blob.encode()).hexdigest()[:20]
 

@@ -4,19 +4,21 @@ from __future__ import annotations
 
 from typing import Any
 
-import lightning as L
 import torch
-from torch.utils.data import BatchSampler, DataLoader, RandomSampler
+from torch.utils.data import DataLoader, Sampler
 
-from finetune_budget.data.samplers import ClassChunkBatchSampler, LengthBucketBatchSampler
-from finetune_budget.data.subsets import nested_subset
+from finetune_budget.data.base import BudgetDataModule
+from finetune_budget.data.samplers import LengthBucketBatchSampler
 from finetune_budget.data.text import TextRetrievalData
 
 
-class TextRetrievalDataModule(L.LightningDataModule):
-    """Training batches of the first `n` items of a seeded permutation; eval batches of all
-    held-out items, sorted by length so padding stays small (each batch carries the items'
-    `index`)."""
+class TextRetrievalDataModule(BudgetDataModule):
+    """Training batches of the first `n` items of a seeded permutation (labels: class-aware,
+    {"input": tokenised (B, T), "labels": (B,), "index": (B,)}; pairs: shuffled, {"query",
+    "positive": tokenised (B, T), "index"}); eval batches {"input", "index"} of all held-out items,
+    sorted by token count so padding stays small. `length_bucket_pool` > 1: training batches of
+    similar token length (LengthBucketBatchSampler over the base's class-aware or shuffled
+    batches; same items, batch sizes and class chunks)."""
 
     def __init__(
         self,
@@ -32,25 +34,42 @@ class TextRetrievalDataModule(L.LightningDataModule):
         seed: int = 0,
         length_bucket_pool: int = 0,
     ) -> None:
-        super().__init__()
+        super().__init__(
+            len(data), n, subset_seed, name=f"{data.name} train", batch_size=batch_size,
+            samples_per_class=samples_per_class, eval_batch_size=eval_batch_size,
+            num_workers=num_workers, seed=seed,
+        )  # fmt: skip
         self.data = data
         self.tokenizer = tokenizer
-        self.subset = nested_subset(len(data), n, subset_seed, name=f"{data.name} train")
-        self.batch_size = batch_size
-        self.samples_per_class = samples_per_class
-        self.eval_batch_size = eval_batch_size
         self.max_length = max_length
-        self.num_workers = num_workers
-        self.seed = seed
-        self.length_bucket_pool = length_bucket_pool  # > 1: LengthBucketBatchSampler's pool
+        self.length_bucket_pool = int(length_bucket_pool)
         self.eval_groups = torch.as_tensor(data.eval_groups)
         # by token count (not characters): each eval batch pads to nearly its own length
         eval_lengths = self._token_counts(data.eval_texts)
         self._eval_order = sorted(range(len(data.eval_texts)), key=eval_lengths.__getitem__)
 
-    @property
-    def n_train(self) -> int:
-        return len(self.subset)
+    def _token_counts(self, texts: list[str]) -> list[int]:
+        """Tokens of each text, capped at max_length."""
+        ids = self.tokenizer(texts, truncation=True, max_length=self.max_length)["input_ids"]
+        return [len(x) for x in ids]
+
+    def _train_lengths(self) -> list[int]:
+        """Token count of each training item, in subset order (query + positive for pairs)."""
+        d, items = self.data, self.subset.tolist()
+        lengths = self._token_counts([d.train_texts[i] for i in items])
+        if d.kind == "pairs":
+            positives = self._token_counts([d.train_positives[i] for i in items])
+            lengths = [a + b for a, b in zip(lengths, positives, strict=True)]
+        return lengths
+
+    def train_sampler(self, n_items: int, labels=None, drop_last: bool = False) -> Sampler:
+        """The base's batches of this rank, length-bucketed when `length_bucket_pool` > 1."""
+        sampler = super().train_sampler(n_items, labels, drop_last)
+        if self.length_bucket_pool <= 1:
+            return sampler
+        return LengthBucketBatchSampler(
+            sampler, self._train_lengths(), labels, self.length_bucket_pool, self.seed
+        )
 
     def _tokenize(self, texts: list[str]) -> dict[str, torch.Tensor]:
         return dict(
@@ -70,10 +89,12 @@ class TextRetrievalDataModule(L.LightningDataModule):
             return {
                 "query": self._tokenize(texts),
                 "positive": self._tokenize([d.train_positives[i] for i in indices]),
+                "index": torch.as_tensor(indices),
             }
         return {
             "input": self._tokenize(texts),
             "labels": torch.as_tensor([d.train_labels[i] for i in indices]),
+            "index": torch.as_tensor(indices),
         }
 
     def collate_eval(self, indices: list[int]) -> dict[str, Any]:
@@ -82,78 +103,13 @@ class TextRetrievalDataModule(L.LightningDataModule):
             "index": torch.as_tensor(indices),
         }
 
-    def _token_counts(self, texts: list[str]) -> list[int]:
-        """Tokens of each text, capped at max_length."""
-        ids = self.tokenizer(texts, truncation=True, max_length=self.max_length)["input_ids"]
-        return [len(x) for x in ids]
-
-    def _train_lengths(self, items: list[int]) -> list[int]:
-        """Token count of each training item (query + positive for pairs)."""
-        d = self.data
-        lengths = self._token_counts([d.train_texts[i] for i in items])
-        if d.kind == "pairs":
-            positives = self._token_counts([d.train_positives[i] for i in items])
-            lengths = [a + b for a, b in zip(lengths, positives, strict=True)]
-        return lengths
-
-    def _bucketed(self, sampler: Any, items: list[int], labels: list[int] | None) -> Any:
-        if self.length_bucket_pool <= 1:
-            return sampler
-        return LengthBucketBatchSampler(
-            sampler, self._train_lengths(items), labels, self.length_bucket_pool, self.seed
-        )
-
-    def _loader_kwargs(self) -> dict[str, Any]:
-        return {"num_workers": self.num_workers, "persistent_workers": self.num_workers > 0}
-
     def train_dataloader(self) -> DataLoader:
-        trainer = self.trainer
-        world, rank = (trainer.world_size, trainer.global_rank) if trainer is not None else (1, 0)
         items = self.subset.tolist()
         if self.data.kind == "labels":
             labels = [self.data.train_labels[i] for i in items]
-            sampler = ClassChunkBatchSampler(
-                labels,
-                self.batch_size,
-                self.samples_per_class,
-                seed=self.seed,
-                num_replicas=world,
-                rank=rank,
-            )
-            return DataLoader(
-                items,
-                batch_sampler=self._bucketed(sampler, items, labels),
-                collate_fn=self.collate_train,
-                **self._loader_kwargs(),
-            )
-        generator = torch.Generator().manual_seed(self.seed)
-        if self.length_bucket_pool > 1:
-            pairs = BatchSampler(
-                RandomSampler(items, generator=generator),
-                self.batch_size,
-                drop_last=len(items) > self.batch_size,
-            )
-            return DataLoader(
-                items,
-                batch_sampler=self._bucketed(pairs, items, None),
-                collate_fn=self.collate_train,
-                **self._loader_kwargs(),
-            )
-        return DataLoader(
-            items,
-            batch_size=self.batch_size,
-            sampler=RandomSampler(items, generator=generator),
-            collate_fn=self.collate_train,
-            drop_last=len(items) > self.batch_size,
-            **self._loader_kwargs(),
-        )
+            return self.train_loader(items, self.collate_train, labels=labels)
+        # in-batch negatives: no short last batch (a batch of one pair has no negative)
+        return self.train_loader(items, self.collate_train, drop_last=True)
 
     def val_dataloader(self) -> DataLoader:
-        # Every rank embeds the whole held-out split (no distributed sampler): metrics need all.
-        return DataLoader(
-            self._eval_order,
-            batch_size=self.eval_batch_size,
-            shuffle=False,
-            collate_fn=self.collate_eval,
-            **self._loader_kwargs(),
-        )
+        return self.eval_loader(self._eval_order, self.collate_eval)

@@ -52,11 +52,15 @@ def test_length_buckets_keep_the_items_sizes_and_class_chunks_and_cut_padding():
         assert lonely <= 2 * len(fast)
         assert _padding(fast, lengths) < 0.85 * _padding(plain, lengths)
     # seeded: the same (seed, epoch) gives the same batches, another epoch others
-    again = LengthBucketBatchSampler(base, lengths, labels, pool=8, seed=3)
+    other_base = ClassChunkBatchSampler(labels, batch_size=16, per_class=4, seed=3)
+    again = LengthBucketBatchSampler(other_base, lengths, labels, pool=8, seed=3)
     again.set_epoch(1)
     assert list(again) == list(bucketed)
     again.set_epoch(0)
     assert list(again) != list(bucketed)
+    # Lightning sets the epoch on `batch_sampler.sampler`: the base's epoch holder
+    again.sampler.set_epoch(1)
+    assert list(again) == list(bucketed)
 
 
 def test_one_pool_of_single_items_pads_as_little_as_sorting_all_items_by_length():

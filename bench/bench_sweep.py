@@ -85,7 +85,7 @@ PHASES = (
     ("Hydra: compose each job's config", "config_loader_impl.py", "load_sweep_config"),
     ("MLflow: create run, params, config", "mlflow_run.py", "tracked_run"),
     ("MLflow: log_batch calls (all)", "client.py", "log_batch"),
-    ("build the task (data, model, tokenizer)", "tasks.py", "build_task"),
+    ("build the task (data, model, tokenizer)", "__init__.py", "build_task"),
     ("build the Trainer", "training.py", "build_trainer"),
     ("epoch-0 baseline (cache or evaluate)", "training.py", "evaluate_baseline"),
     ("Trainer.fit (training + evaluation)", "trainer.py", "fit"),

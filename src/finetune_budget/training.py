@@ -69,7 +69,11 @@ def _instantiate_group(group: DictConfig | None) -> list[Any]:
 
 
 def build_trainer(
-    cfg: DictConfig, tracker: BudgetTracker, run: TrackedRun, extra: list[L.Callback]
+    cfg: DictConfig,
+    tracker: BudgetTracker,
+    run: TrackedRun,
+    extra: list[L.Callback],
+    plugins: list[Any] | None = None,
 ) -> L.Trainer:
     loggers = []
     # ranks 1.. of a multi-process run get no logger: MLFlowLogger opens the store when created
@@ -85,6 +89,7 @@ def build_trainer(
         callbacks=[tracker, *callbacks, *extra],
         logger=loggers or False,
         precision=precision,
+        plugins=plugins or None,
     )
 
 
@@ -134,7 +139,9 @@ def train(
             max_train_s=cfg.budget.get("max_train_s"),
         )
         cont = Continuation(cfg, config, tracker, run)
-        trainer = build_trainer(cfg, tracker, run, [*(callbacks or []), *cont.callbacks])
+        trainer = build_trainer(
+            cfg, tracker, run, [*(callbacks or []), *cont.callbacks], plugins=cont.plugins
+        )
         evaluate_baseline(cfg, trainer, parts, tracker, run)
         # rank r draws its own dropout, augmentation and masking (nanoGPT's seed_offset); the
         # epoch's item order is shared and split across ranks by the DataModule

@@ -306,6 +306,9 @@ class MaskedLMAdapter(L.LightningModule):
         self.eval_metrics: dict[str, float] = {}
         self.saved_model: str | None = None
         self.save_check_diff: float | None = None
+        # recorded on the MLflow run by the budget tracker at the end of fit
+        self.run_tags: dict[str, str] = {}
+        self.run_metrics: dict[str, float] = {}
         self._eval_parts: list[tuple[torch.Tensor, torch.Tensor]] = []
 
     def training_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> torch.Tensor:
@@ -346,8 +349,9 @@ class MaskedLMAdapter(L.LightningModule):
         self.eval_metrics = {f"probe/{k}": v for k, v in scores.items()}
         self.log("probe/r2", scores["r2"], prog_bar=True, logger=False, rank_zero_only=True)
 
-    def on_fit_end(self) -> None:
-        """Save the adapted encoder, reload it, check the embeddings agree; tag the MLflow run."""
+    def on_train_end(self) -> None:
+        """Save the adapted encoder, reload it, check the embeddings agree; the tracker records
+        the folder (tag `adapted_model`) and the check (`check/save_max_abs_diff`)."""
         if not self.hparams.save_dir or not self.trainer.is_global_zero:
             return
         dm = self.trainer.datamodule
@@ -364,14 +368,8 @@ class MaskedLMAdapter(L.LightningModule):
             self.saved_model,
             self.save_check_diff,
         )
-        for logger in self.trainer.loggers:
-            experiment, run_id = (
-                getattr(logger, "experiment", None),
-                getattr(logger, "run_id", None),
-            )
-            if run_id and hasattr(experiment, "set_tag"):
-                experiment.set_tag(run_id, "adapted_model", self.saved_model)
-                experiment.log_metric(run_id, "check/save_max_abs_diff", self.save_check_diff)
+        self.run_tags["adapted_model"] = self.saved_model
+        self.run_metrics["check/save_max_abs_diff"] = self.save_check_diff
 
     def configure_optimizers(self):
         return optimizer_with_schedule(

@@ -5,11 +5,13 @@ gain      = (m - m0) / max(|m0|, floor)     (for errors, where lower is better: 
 gain_abs  = m - m0                          (m0 - m for errors)
 roi_label = gain / n_labels
 roi_s     = gain / train_seconds
+marginal ROI per second (the report's "more time made it worse") = gain change / seconds added
 The floor keeps the relative gain finite when the baseline is near zero (an assembled CLIP).
 """
 
 from __future__ import annotations
 
+import math
 from collections.abc import Mapping
 
 LOWER_IS_BETTER_MARKERS = ("loss", "error", "mae", "median_ae", "rmse")
@@ -23,6 +25,11 @@ def lower_is_better(metric: str) -> bool:
 def metric_name(key: str) -> str:
     """`val/mrr_at_20` -> `mrr_at_20` (the suffix used in gain/, roi_label/, roi_s/ keys)."""
     return key.split("/", 1)[-1]
+
+
+def per_unit(gain: float, cost: float) -> float:
+    """ROI: `gain` per labelled item or per training second (`cost`); NaN when cost <= 0."""
+    return gain / cost if cost > 0 else math.nan
 
 
 def gains(
@@ -44,7 +51,7 @@ def gains(
         out[f"gain/{name}"] = gain
         out[f"gain_abs/{name}"] = improvement
         if n_labels > 0:
-            out[f"roi_label/{name}"] = gain / n_labels
+            out[f"roi_label/{name}"] = per_unit(gain, n_labels)
         if train_s > 0:
-            out[f"roi_s/{name}"] = gain / train_s
+            out[f"roi_s/{name}"] = per_unit(gain, train_s)
     return out

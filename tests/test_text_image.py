@@ -9,11 +9,11 @@ import torch
 import torch.nn.functional as F
 from conftest import requires_data
 
-from finetune_budget.clip_module import ClipFineTuner, score_both_directions
 from finetune_budget.data.image_text import load_flickr8k
 from finetune_budget.data.subsets import nested_subset
 from finetune_budget.errors import ConfigError, DataError, ModelError
 from finetune_budget.models.clip import build_clip
+from finetune_budget.tasks.text_image import ClipFineTuner, score_both_directions
 from finetune_budget.training import train
 
 TINY_CLIP = (

@@ -8,18 +8,19 @@ from __future__ import annotations
 
 import logging
 import math
-import os
 from collections.abc import Callable, Sequence
 from typing import Any
 
 from omegaconf import DictConfig
 
 from finetune_budget.config import expand_range_overrides
+from finetune_budget.distributed import is_main_process
 from finetune_budget.errors import BudgetError
 
 log = logging.getLogger("finetune_budget")
 
 FAILED_JOBS: list[str] = []
+__all__ = ["exit_code", "expand_argv", "format_table", "guarded_job", "is_main_process"]
 
 
 def expand_argv(argv: Sequence[str]) -> list[str]:
@@ -43,11 +44,6 @@ def guarded_job(job: Callable[[DictConfig], Any], cfg: DictConfig) -> Any:
         FAILED_JOBS.append(f"{type(e).__name__}: {e}")
         log.exception("job failed: %s", e)
     return float("nan")
-
-
-def is_main_process() -> bool:
-    """False in the extra processes (ranks 1..) of a multi-device run."""
-    return all(int(os.environ.get(k, "0") or 0) == 0 for k in ("LOCAL_RANK", "RANK"))
 
 
 def exit_code() -> int:

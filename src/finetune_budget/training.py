@@ -18,6 +18,7 @@ from omegaconf import DictConfig, OmegaConf
 
 from finetune_budget.config import resolve_precision
 from finetune_budget.continuation import Continuation
+from finetune_budget.distributed import is_main_process
 from finetune_budget.tasks import build_task
 from finetune_budget.tracking.baseline_cache import BaselineCache, baseline_key, weights_digest
 from finetune_budget.tracking.budget_tracker import BudgetTracker
@@ -91,6 +92,9 @@ def train(
     tags: extra MLflow tags set when the run is created (a search's study and trial number).
     """
     config = run_config(cfg)
+    main_process = is_main_process(cfg.trainer)
+    if not main_process:  # ranks 1.. of a multi-process run: rank 0 reports and records
+        logging.getLogger("finetune_budget").setLevel(logging.WARNING)
     tags = {**run_tags(cfg), **(tags or {})}
     if parent_run_id:
         tags["mlflow.parentRunId"] = parent_run_id
@@ -101,6 +105,7 @@ def train(
         tags=tags,
         run_name=cfg.tracking.get("run_name"),
         config_yaml=OmegaConf.to_yaml(config),
+        main_process=main_process,
     ) as run:
         L.seed_everything(cfg.seed, workers=True, verbose=False)
         parts = build_task(cfg)
@@ -113,7 +118,9 @@ def train(
         cont = Continuation(cfg, config, tracker, run)
         trainer = build_trainer(cfg, tracker, run, [*(callbacks or []), *cont.callbacks])
         evaluate_baseline(cfg, trainer, parts, tracker, run)
-        L.seed_everything(cfg.seed, workers=True, verbose=False)
+        # rank r draws its own dropout, augmentation and masking (nanoGPT's seed_offset); the
+        # epoch's item order is shared and split across ranks by the DataModule
+        L.seed_everything(cfg.seed + trainer.global_rank, workers=True, verbose=False)
         trainer.fit(parts.module, datamodule=parts.datamodule, ckpt_path=cont.ckpt_path)
         if trainer.interrupted:
             raise KeyboardInterrupt("training interrupted")

@@ -27,6 +27,16 @@ def metric_name(key: str) -> str:
     return key.split("/", 1)[-1]
 
 
+def improvement(metric: str, value: float, baseline: float) -> float:
+    """gain_abs: value - baseline, or baseline - value for errors (lower is better)."""
+    return baseline - value if lower_is_better(metric) else value - baseline
+
+
+def relative_gain(metric: str, value: float, baseline: float, floor: float = 0.01) -> float:
+    """gain: the improvement over the baseline relative to max(|baseline|, floor)."""
+    return improvement(metric, value, baseline) / max(abs(baseline), floor)
+
+
 def per_unit(gain: float, cost: float) -> float:
     """ROI: `gain` per labelled item or per training second (`cost`); NaN when cost <= 0."""
     return gain / cost if cost > 0 else math.nan
@@ -44,12 +54,10 @@ def gains(
     for key, value in metrics.items():
         if key not in baseline:
             continue
-        base = baseline[key]
-        improvement = (base - value) if lower_is_better(key) else (value - base)
-        gain = improvement / max(abs(base), floor)
+        gain = relative_gain(key, value, baseline[key], floor)
         name = metric_name(key)
         out[f"gain/{name}"] = gain
-        out[f"gain_abs/{name}"] = improvement
+        out[f"gain_abs/{name}"] = improvement(key, value, baseline[key])
         if n_labels > 0:
             out[f"roi_label/{name}"] = per_unit(gain, n_labels)
         if train_s > 0:

@@ -44,7 +44,7 @@ from finetune_budget.tracking.query import roi_table
 
 log = logging.getLogger(__name__)
 
-DEFAULT_METRICS = ("val/mrr_at_20", "val/recall_at_20", "val/map_at_20")
+DEFAULT_METRICS = ("val/mrr_at_20", "val/recall_at_20", "val/map_at_20", "val/map_hits_at_20")
 
 
 @dataclass

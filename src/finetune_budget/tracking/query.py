@@ -140,17 +140,33 @@ def _param(run: Run, key: str, cast=int, default=None):
         return default
 
 
+def logged_names(logged: Sequence[str]) -> dict[str, str]:
+    """{metric as this version defines it: the key the run logged it under}.
+
+    Runs from before metrics version 2 (finetune_budget.metrics) logged torchmetrics' mAP, now
+    `map_hits_at_k`, as `map_at_k`, and have no `map_hits_at_k`: their `map_at_k` is read as
+    `map_hits_at_k`, and they have no `map_at_k` of the current definition.
+    """
+    names = {k: k for k in logged}
+    if any("map_hits_at_" in k for k in logged):
+        return names
+    for key in logged:
+        if "map_at_" in key:
+            del names[key]
+            names[key.replace("map_at_", "map_hits_at_")] = key
+    return names
+
+
 def run_rows(client: MlflowClient, run: Run, metrics: Sequence[str] | None = None) -> list[dict]:
     """The per-epoch rows of one run: logged metric histories joined on step (= epoch)."""
-    keys = (
-        [k for k in run.data.metrics if k.startswith("val/")] if metrics is None else list(metrics)
-    )
+    names = logged_names(list(run.data.metrics))
+    keys = [k for k in names if k.startswith("val/")] if metrics is None else list(metrics)
     wanted = [*keys, "time/train_s", "time/eval_s", "data/n", *COST_KEYS]
     by_step: dict[int, dict[str, float]] = {}
     for key in wanted:
-        if key not in run.data.metrics:
+        if key not in names:
             continue
-        for m in client.get_metric_history(run.info.run_id, key):
+        for m in client.get_metric_history(run.info.run_id, names[key]):
             by_step.setdefault(int(m.step), {})[key] = m.value
     if not by_step:
         return []

@@ -20,12 +20,19 @@ One step of the search (`decide`):
 4. More epochs first, when the last epoch at the largest n still added more than
    `min_epoch_gain` (mean over seeds): every measured n is rerun with `epoch_step` more epochs,
    which continues each saved run and costs only the added epochs.
-5. Otherwise measure the next n: the smallest n (up to `growth` times the largest measured) where
-   the fitted curve reaches the target, or where the ROI per label from the largest measured n is
-   predicted below the threshold even at the top of the prediction interval (the step that
-   should decide test 2); with no such n, the candidate where the interval is widest. When
-   the fit cannot be trusted to extrapolate, the largest step allowed. A step whose estimated
-   cost (measured seconds per item-epoch so far) does not fit in the remaining budget is not run.
+5. Otherwise measure the next n (at most `growth` times the largest measured, or among
+   `sizes`): with a target, the smallest n where the fitted curve reaches it; else, while the
+   fitted curve's knee (where its marginal ROI falls below the threshold) lies above the largest
+   measured n, the candidate nearest below the knee; once past it, the smallest n where test 2
+   is expected to pass (the fitted ROI per label from the largest measured n plus the paired
+   test's half-width from the measured seed-to-seed spread is below the threshold). With no
+   such n, or a fit that cannot be trusted to extrapolate, the farthest step allowed (where the
+   prediction is least certain). A step whose estimated cost (seconds per item-epoch so far)
+   does not fit in the remaining budget is not run.
+
+The advice: the smallest measured n reaching the target; after the ROI test, the largest
+measured n at or below the fitted knee (else the smaller of the last two sizes); otherwise the
+largest n measured. Its epochs: the epoch with the best mean gain there.
 """
 
 from __future__ import annotations
@@ -424,29 +431,39 @@ def decide(
             below = [c for c in cands if c <= knee]
             hit = [below[-1] if below else cands[0]]
             what = f"the candidate nearest below the predicted knee (data.n~{nice(knee)})"
-        else:  # past the knee: a step that should decide the stopping test, ROI from n_top
-            # to it below the threshold even at the top of the prediction interval
+        else:  # past the knee: the smallest step where the stopping test is expected to
+            # pass: predicted ROI from n_top plus the paired test's expected half-width
             c = np.asarray(cands, float)
-            seg_hi = (hi - means[n_top]) / (c - n_top)
-            hit = [n for n, r in zip(cands, seg_hi, strict=True) if r < d.roi_threshold]
+            k = len(s.seeds)
+            sd = _seed_sd(points)
+            t = float(stats.t.ppf(s.level, k - 1)) if k >= 2 else 0.0
+            expected = (mean - means[n_top]) / (c - n_top) + t * math.sqrt(2 / k) * sd / (
+                c - n_top
+            )
+            hit = [n for n, r in zip(cands, expected, strict=True) if r < d.roi_threshold]
             what = (
-                f"the smallest n where ROI per label from data.n={n_top} is predicted below "
-                f"{d.roi_threshold:.3g} (interval top)"
+                f"the smallest n where the ROI test from data.n={n_top} is expected to fall "
+                f"below {d.roi_threshold:.3g}"
             )
         if hit:
             n_next, d.reason = hit[0], f"{what} at data.n={hit[0]}"
         else:
-            width = np.nan_to_num(hi - lo, nan=np.inf)
-            n_next = max(zip(width.round(12), cands, strict=True))[1]  # ties: the farthest
+            n_next = cands[-1]
             d.reason = (
-                f"no knee or target predicted up to data.n={cands[-1]}; the most uncertain "
-                f"prediction is at data.n={n_next}"
+                f"no knee or target predicted up to data.n={n_next}: the farthest step allowed, "
+                "where the prediction is least certain"
             )
         i = cands.index(n_next)
         d.predicted, d.predicted_lo, d.predicted_hi = float(mean[i]), float(lo[i]), float(hi[i])
     d.action, d.n = "measure", [n_next]
     d.jobs = [Job(n_next, seed, epochs) for seed in s.seeds]
     return _within_budget(d, rate * n_next * epochs * len(s.seeds), spent_s, s)
+
+
+def _seed_sd(points: Mapping[int, Mapping[int, float]]) -> float:
+    """The pooled seed-to-seed standard deviation of the gain over the measured sizes."""
+    sq = [np.var(list(g.values()), ddof=1) for g in points.values() if len(g) >= 2]
+    return math.sqrt(float(np.mean(sq))) if sq else 0.0
 
 
 def fitted_knee(curve, lo_n: float, hi_n: float, threshold: float, level: float) -> float | None:

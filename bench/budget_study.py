@@ -36,7 +36,7 @@ def interval(values: list[float], level: float) -> tuple[float, float, float]:
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    p.add_argument("--tracking-uri", required=True)
+    p.add_argument("--tracking-uri", required=True, nargs="+", help="one or more stores")
     p.add_argument("--experiment", required=True)
     p.add_argument("--metric", default="val/mrr_at_20")
     p.add_argument("--epochs", type=int, required=True, help="trainer.max_epochs of the grid")
@@ -48,7 +48,9 @@ def main() -> None:
     p.add_argument("--epoch-rule", default="best")
     args = p.parse_args()
 
-    found = bs.from_mlflow(args.tracking_uri, args.experiment, args.metric)
+    found = {}
+    for uri in args.tracking_uri:
+        found.update(bs.from_mlflow(uri, args.experiment, args.metric))
     obs = [o for o in found.values() if o.epochs == args.epochs]
     points = bs.curve_points(obs, args.epochs, args.epoch_rule)
     seeds = sorted({s for by_seed in points.values() for s in by_seed})
@@ -73,24 +75,25 @@ def main() -> None:
     beyond = [n for n in points if n > args.pilot_max]
     covered_seeds = covered_means = total_seeds = 0
     if beyond:
-        mean, lo, hi = fit.predict(np.array(beyond, float), args.level)
-        print("\n| data.n | x pilot max | predicted | interval | measured mean | per seed | covered |")
-        print("|---|---|---|---|---|---|---|")
+        xs = np.array(beyond, float)
+        mean, lo, hi = fit.predict(xs, args.level)  # interval of a mean over the seeds measured
+        _, lo1, hi1 = fit.predict(xs, args.level, seeds=1)  # ... of one seed's value
+        print("\n| data.n | x pilot max | predicted mean | interval | measured mean | covered |")
+        print("|---|---|---|---|---|---|")
         for i, n in enumerate(beyond):
             values = list(points[n].values())
-            inside = [lo[i] <= v <= hi[i] for v in values]
             m = float(np.mean(values))
-            covered_seeds += sum(inside)
+            inside = lo[i] <= m <= hi[i]
+            covered_means += inside
+            covered_seeds += sum(lo1[i] <= v <= hi1[i] for v in values)
             total_seeds += len(values)
-            covered_means += lo[i] <= m <= hi[i]
             print(
-                f"| {n} | {n / args.pilot_max:.1f} | {mean[i]:.4g} | [{lo[i]:.4g}, {hi[i]:.4g}] | "
-                f"{m:.4g} | {', '.join(f'{v:.4g}' for v in values)} | "
-                f"{sum(inside)}/{len(values)} seeds, mean {'yes' if lo[i] <= m <= hi[i] else 'no'} |"
+                f"| {n} | {n / args.pilot_max:.1f} | {mean[i]:.4g} | [{lo[i]:.4g}, {hi[i]:.4g}] "
+                f"| {m:.4g} | {'yes' if inside else 'no'} |"
             )
         print(
-            f"\ncoverage: {covered_seeds}/{total_seeds} seed values, "
-            f"{covered_means}/{len(beyond)} means"
+            f"\ncoverage: {covered_means}/{len(beyond)} means; {covered_seeds}/{total_seeds} "
+            "single-seed values inside their one-seed intervals"
         )
     xa = np.array([n for n, g in points.items() for _ in g], float)
     ya = np.array([v for g in points.values() for v in g.values()], float)

@@ -214,3 +214,16 @@ def test_search_replayed_on_a_grid_gives_the_grid_advice_for_less():
     used = {(o.n, o.seed) for o in result.observations}
     assert result.spent_s == pytest.approx(0.01 * sum(n for n, _ in used))
     assert result.spent_s <= 0.5 * grid_s  # 100+200+500+1000+2000 of 8800 item-epochs
+
+
+def test_a_curve_still_flat_at_the_pilot_does_not_stop_the_search():
+    # gain 0 up to n=400, then the stub's curve shifted by 400: the pilot's last segment pays
+    # nothing, but ROI has not *fallen* (it never rose), so the search goes on past 400.
+    class Late(Stub):
+        def gain(self, n: int, seed: int, epoch: int) -> float:
+            return 0.0 if n <= 400 else super().gain(n - 400, seed, epoch)
+
+    stub = Late()
+    result = run_search(stub, settings(min_roi_per_label=2e-5, max_steps=3))
+    assert max(j.n for j in stub.jobs) > 400, result.summary()
+    assert not result.decisions[1].reason.startswith("ROI per label")

@@ -6,7 +6,7 @@
 
 The Hydra sweeper (`hydra_plugins/budget_sweeper`) only launches jobs and reads their MLflow runs;
 everything that decides is here, as plain functions over `Observation`s, so a stub objective can
-drive it (tests/test_budget_search.py). The learning curve is `report.curves.fit_learning_curve`
+drive it (tests/test_budget_sweeper.py). The learning curve is `report.curves.fit_learning_curve`
 (gain against labelled items, seeds as groups); its `predict` interval is the stated confidence.
 
 One step of the search (`decide`):
@@ -14,8 +14,10 @@ One step of the search (`decide`):
 2. Stop when ROI per label has fallen below the threshold with confidence `level`: the marginal
    ROI of the last labels added, (gain(n2) - gain(n1)) / (n2 - n1) between the two largest
    measured n, paired by seed (the subsets are nested), has a one-sided t upper bound below the
-   threshold. The threshold is `min_roi_per_label`, or `roi_share_of_peak` times the largest
-   marginal ROI measured so far (0.3: "ROI has fallen by 70% from its peak").
+   threshold, after an earlier segment paid at least the threshold (ROI has *fallen*: a curve
+   still flat at the pilot's sizes does not stop). The threshold is `min_roi_per_label`, or
+   `roi_share_of_peak` times the largest marginal ROI measured so far (0.3: "ROI has fallen
+   by 70% from its peak").
 3. Stop when the compute budget is spent, `max_steps` steps were run, or all data is used.
 4. More epochs first, when the last epoch at the largest n still added more than
    `min_epoch_gain` (mean over seeds): every measured n is rerun with `epoch_step` more epochs,
@@ -280,6 +282,13 @@ def marginal_roi_bound(
     return mean, mean + float(stats.t.ppf(level, len(d) - 1)) * sem, len(d)
 
 
+def has_risen(points: Mapping[int, Mapping[int, float]], threshold: float) -> bool:
+    """Whether ROI per label was at or above the threshold before the last segment: it can only
+    have "fallen below" it then (a curve that is still flat at the pilot's sizes, as CLINC150
+    is below a few hundred labels, must not stop the search)."""
+    return any(r >= threshold for r in segment_rois(points)[:-1])
+
+
 def roi_threshold(points: Mapping[int, Mapping[int, float]], settings: SearchSettings) -> float:
     if settings.min_roi_per_label is not None:
         return float(settings.min_roi_per_label)
@@ -376,7 +385,7 @@ def decide(
     d.roi_threshold = roi_threshold(points, s)
     mean_roi, d.roi_upper, k = marginal_roi_bound(points, s.level)
     (n1, _), (n2, _) = list(points.items())[-2:]
-    if goal is None and d.roi_upper < d.roi_threshold:
+    if goal is None and d.roi_upper < d.roi_threshold and has_risen(points, d.roi_threshold):
         d.reason = (
             f"ROI per label from data.n={n1} to {n2} is {mean_roi:.3g}, below "
             f"{d.roi_threshold:.3g} with {s.level:.0%} confidence (upper bound {d.roi_upper:.3g}, "
@@ -516,7 +525,11 @@ def advise(
     ns = list(points)
     if goal is not None and any(m >= goal for m in means.values()):
         n, basis = min(n for n, m in means.items() if m >= goal), "the smallest n reaching target"
-    elif len(ns) >= 2 and stop.roi_upper < stop.roi_threshold:
+    elif (
+        len(ns) >= 2
+        and stop.roi_upper < stop.roi_threshold
+        and has_risen(points, stop.roi_threshold)
+    ):
         n, basis = ns[-2], "the last n whose added labels paid more than the threshold"
         curve = _fit(points, settings, fit)
         knee = None
@@ -569,7 +582,8 @@ def grid_advice(
         return ns[-1], "the target was not reached; the largest n"
     for k in range(2, len(ns) + 1):
         sub = {n: points[n] for n in ns[:k]}
-        if marginal_roi_bound(sub, settings.level)[1] < roi_threshold(sub, settings):
+        thr = roi_threshold(sub, settings)
+        if marginal_roi_bound(sub, settings.level)[1] < thr and has_risen(sub, thr):
             return ns[k - 2], f"ROI per label from {ns[k - 2]} to {ns[k - 1]} below the threshold"
     return ns[-1], "ROI per label never fell below the threshold; the largest n"
 

@@ -436,6 +436,9 @@ def decide(
         if goal is not None:
             hit = [c for c, m in zip(cands, mean, strict=True) if m >= goal]
             what = f"predicted to reach the target gain {goal:.4g}"
+        elif not has_risen(points, d.roi_threshold):  # still flat: look further out
+            hit = [cands[-1]]
+            what = f"ROI per label has not yet risen to {d.roi_threshold:.3g}: the farthest step"
         elif knee is not None and knee > 1.25 * n_top:  # measure near the predicted knee
             below = [c for c in cands if c <= knee]
             hit = [below[-1] if below else cands[0]]

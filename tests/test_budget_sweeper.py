@@ -18,6 +18,7 @@ from finetune_budget.budget_search import (
     Job,
     Observation,
     SearchSettings,
+    from_mlflow,
     grid_advice,
     marginal_roi_bound,
     replay,
@@ -227,3 +228,27 @@ def test_a_curve_still_flat_at_the_pilot_does_not_stop_the_search():
     result = run_search(stub, settings(min_roi_per_label=2e-5, max_steps=3))
     assert result.decisions[1].action == "measure", result.summary()
     assert result.decisions[1].n == [1000]  # the farthest step allowed: 2.5 x 400
+
+
+def test_from_mlflow_reads_gains_and_costs_of_finished_runs(tmp_path):
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    client = MlflowClient(uri)
+    exp = client.create_experiment("e")
+    run = client.create_run(exp, tags={"run_type": "train"})
+    rid = run.info.run_id
+    for key, value in {"data.n": 200, "seed": 1, "trainer.max_epochs": 2}.items():
+        client.log_param(rid, key, value)
+    for step, (mrr, train_s, eval_s) in enumerate(
+        [(0.8, 0.0, 5.0), (0.88, 10.0, 4.0), (0.84, 20.0, 4.0)]
+    ):
+        client.log_metric(rid, "val/mrr_at_20", mrr, step=step)
+        client.log_metric(rid, "time/train_s", train_s, step=step)
+        client.log_metric(rid, "time/eval_s", eval_s, step=step)
+    client.set_terminated(rid, "FINISHED")
+    (obs,) = from_mlflow(uri, "e", "val/mrr_at_20").values()
+    assert (obs.n, obs.seed, obs.epochs) == (200, 1, 2)
+    # relative gains (m - m0) / m0: 0.08 / 0.8 and 0.04 / 0.8; best epoch 1
+    assert obs.gain == pytest.approx({1: 0.1, 2: 0.05})
+    assert obs.at("best") == (1, pytest.approx(0.1)) and obs.at("last")[0] == 2
+    assert obs.baseline == pytest.approx(0.8)
+    assert obs.cost_s == pytest.approx(20.0 + 5.0 + 4.0 + 4.0)  # training + every evaluation

@@ -389,7 +389,7 @@ class CurveFit:
         x = float(_invert(self._fam, target, *self._theta)[0]) * self._scale
         if not self.extrapolation_ok and (x > self.x_max or not math.isfinite(x)):
             return math.nan, math.nan, math.nan
-        grid = np.geomspace(self.x_min, self.x_max * 1e4, 2000)
+        grid = np.geomspace(self.x_min, self.x_max * 1e4, 600)
         _, lo, hi = self.expected(grid, level)
 
         def first(values: np.ndarray) -> float:
@@ -415,8 +415,10 @@ def _clean(x, y, groups) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     return x[keep], y[keep], g_idx
 
 
-def _next_budgets(x_max: float, k: int = 1) -> str:
-    return ",".join(str(int(round(x_max * 2**i))) for i in range(1, k + 1))
+def _next_budgets(x_max: float, k: int, axis: str) -> str:
+    """What to run: k more budgets doubling from x_max, as `axis=...` (data.n) or in words."""
+    values = ",".join(f"{x_max * 2**i:.0f}" for i in range(1, k + 1))
+    return f"{axis}={values}" if axis == "data.n" else f"{axis} {values}"
 
 
 def _fit_rows(fam: _Family, xs: np.ndarray, y_rows: np.ndarray, w: np.ndarray, cap) -> tuple:
@@ -460,6 +462,7 @@ def fit_learning_curve(
     n_boot: int = N_BOOT,
     seed: int = 0,
     check: bool = True,
+    axis: str = "data.n",
 ) -> CurveFit:
     """Fit gain(x) with each family, keep the one with the lowest leave-one-budget-out error.
 
@@ -467,6 +470,7 @@ def fit_learning_curve(
     groups: (N,) the seed of each point (None: one seed); ceiling: the largest gain the metric
     allows (pow_err needs it; for a metric <= 1 with baseline m0: (1 - m0) / m0).
     check: also run the backtest (hold out the largest budget) and set `backtest` / `trust`.
+    axis: how messages name a budget to run (`data.n=...`; other names are written in words).
     Raises ValueError with fewer than 2 distinct budgets.
     """
     unknown = [f for f in families if f not in _FAMILY]
@@ -479,7 +483,7 @@ def fit_learning_curve(
         have = f"one budget ({budgets[0]:g})" if k else "no valid points"
         raise ValueError(
             f"a learning curve needs at least 2 distinct budgets, got {have}; measure more, "
-            f"e.g. data.n={_next_budgets(budgets[0] if k else 100, 2)}"
+            f"e.g. {_next_budgets(budgets[0] if k else 100, 2, axis)}"
         )
     scale = float(budgets[0])
     xs = x / scale
@@ -510,7 +514,7 @@ def fit_learning_curve(
             need = min(_FAMILY[f].n_params for f in usable) + 1
             raise ValueError(
                 f"{k} budgets are too few for the families {', '.join(usable)} (need {need}); "
-                f"measure more, e.g. data.n={_next_budgets(budgets[-1], need - k)}"
+                f"measure more, e.g. {_next_budgets(budgets[-1], need - k, axis)}"
             )
         name = min(fitable, key=lambda f: _FAMILY[f].n_params)
         p = _FAMILY[name].n_params
@@ -518,7 +522,7 @@ def fit_learning_curve(
         reason = (
             f"{k} budgets for a {p}-parameter curve ({name}): it passes through every budget "
             f"and cannot be checked, so nothing is extrapolated; measure "
-            f"{p + 1 - k + 1} more, e.g. data.n={_next_budgets(budgets[-1], p + 2 - k)}"
+            f"{p + 1 - k} more, e.g. {_next_budgets(budgets[-1], p + 1 - k, axis)}"
         )
     fam = _FAMILY[name]
     cap = a_max if fam.capped else None
@@ -555,7 +559,7 @@ def fit_learning_curve(
     else:
         fit.reason += "; the fit is exact (no residual left): no interval"
     if check:
-        fit.backtest = backtest(x, y, g, level, families, ceiling, n_boot, seed)
+        fit.backtest = backtest(x, y, g, level, families, ceiling, n_boot, seed, axis)
     return fit
 
 
@@ -611,6 +615,7 @@ def backtest(
     ceiling: float | None = None,
     n_boot: int = N_BOOT,
     seed: int = 0,
+    axis: str = "data.n",
 ) -> Backtest:
     """Hold out the largest budget, fit the rest, predict the held-out mean over its seeds.
 
@@ -632,7 +637,7 @@ def backtest(
 
     try:
         fit = fit_learning_curve(
-            x[~held], y[~held], g[~held], families, level, ceiling, n_boot, seed, check=False
+            x[~held], y[~held], g[~held], families, level, ceiling, n_boot, seed, False, axis
         )
     except ValueError as e:
         return untested(f"the budgets below {top:g} cannot be fitted: {e}")

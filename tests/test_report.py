@@ -129,12 +129,14 @@ def test_report_files_means_intervals_and_mlflow_artifacts(store):
         "gain_vs_n_mrr_at_20.png",
         "roi_label_vs_n_recall_at_20.png",
         "gain_vs_epoch_map_at_20.png",
+        "gain_vs_epoch_map_hits_at_20.png",
         "gain_vs_seconds_mrr_at_20.png",
         "roi_s_vs_seconds_mrr_at_20.png",
     ):
         assert (out / name).is_file(), name
     html = (out / "report.html").read_text()
-    assert html.count("data:image/png;base64,") == 18 and "<img" in html  # 6 per metric
+    # 6 figures for each default metric: mrr, recall, map and map_hits at 20
+    assert html.count("data:image/png;base64,") == 6 * 4 and "<img" in html
     assert html.index("class='card'") < html.index("<img")  # the decision comes first
     assert 'src="http' not in html  # self-contained
     md = (out / "report.md").read_text()
@@ -466,3 +468,32 @@ def test_training_cost_counts_real_tokens_of_text_and_items_of_images():
     pairs = {"query": text["input"], "positive": text["input"]}
     assert cost_units(pairs) == (3, 2 * 15)
     assert cost_units({"images": torch.zeros(3, 3, 8, 8), "labels": torch.arange(3)}) == (3, 3)
+
+
+def test_runs_logged_before_map_hits_existed_show_their_map_as_map_hits(tmp_path):
+    """A run of the old metrics logged torchmetrics' mAP as val/map_at_20 (no map_hits key)."""
+    uri = f"sqlite:///{tmp_path / 'old.db'}"
+    client = MlflowClient(uri)
+    exp_id = client.create_experiment("old")
+    logged = {
+        "old": {"val/mrr_at_20": (0.5, 0.6), "val/map_at_20": (0.8, 0.9)},
+        "new": {
+            "val/mrr_at_20": (0.5, 0.6),
+            "val/map_at_20": (0.1, 0.2),
+            "val/map_hits_at_20": (0.8, 0.9),
+        },
+    }
+    for name, values in logged.items():
+        rid = client.create_run(exp_id, tags={"run_type": "train", "task": name}).info.run_id
+        client.log_param(rid, "data.n", "100")
+        metrics = [Metric("time/train_s", float(e), 0, e) for e in (0, 1)]
+        for key, (m0, m1) in values.items():
+            metrics += [Metric(key, m0, 0, 0), Metric(key, m1, 0, 1)]
+        client.log_batch(rid, metrics=metrics)
+        client.set_terminated(rid)
+    df = query.roi_table(uri, "old").set_index(["task", "epoch"])
+    assert df.loc[("old", 1), "val/map_hits_at_20"] == 0.9
+    assert df.loc[("old", 1), "gain/map_hits_at_20"] == pytest.approx((0.9 - 0.8) / 0.8)
+    assert math.isnan(df.loc[("old", 1), "val/map_at_20"])
+    assert df.loc[("new", 1), "val/map_at_20"] == 0.2
+    assert df.loc[("new", 1), "val/map_hits_at_20"] == 0.9

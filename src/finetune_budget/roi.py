@@ -5,11 +5,13 @@ gain      = (m - m0) / max(|m0|, floor)     (for errors, where lower is better: 
 gain_abs  = m - m0                          (m0 - m for errors)
 roi_label = gain / n_labels
 roi_s     = gain / train_seconds
+marginal ROI per second (the report's "more time made it worse") = gain change / seconds added
 The floor keeps the relative gain finite when the baseline is near zero (an assembled CLIP).
 """
 
 from __future__ import annotations
 
+import math
 from collections.abc import Mapping
 
 LOWER_IS_BETTER_MARKERS = ("loss", "error", "mae", "median_ae", "rmse")
@@ -25,6 +27,21 @@ def metric_name(key: str) -> str:
     return key.split("/", 1)[-1]
 
 
+def improvement(metric: str, value: float, baseline: float) -> float:
+    """gain_abs: value - baseline, or baseline - value for errors (lower is better)."""
+    return baseline - value if lower_is_better(metric) else value - baseline
+
+
+def relative_gain(metric: str, value: float, baseline: float, floor: float = 0.01) -> float:
+    """gain: the improvement over the baseline relative to max(|baseline|, floor)."""
+    return improvement(metric, value, baseline) / max(abs(baseline), floor)
+
+
+def per_unit(gain: float, cost: float) -> float:
+    """ROI: `gain` per labelled item or per training second (`cost`); NaN when cost <= 0."""
+    return gain / cost if cost > 0 else math.nan
+
+
 def gains(
     metrics: Mapping[str, float],
     baseline: Mapping[str, float],
@@ -37,14 +54,12 @@ def gains(
     for key, value in metrics.items():
         if key not in baseline:
             continue
-        base = baseline[key]
-        improvement = (base - value) if lower_is_better(key) else (value - base)
-        gain = improvement / max(abs(base), floor)
+        gain = relative_gain(key, value, baseline[key], floor)
         name = metric_name(key)
         out[f"gain/{name}"] = gain
-        out[f"gain_abs/{name}"] = improvement
+        out[f"gain_abs/{name}"] = improvement(key, value, baseline[key])
         if n_labels > 0:
-            out[f"roi_label/{name}"] = gain / n_labels
+            out[f"roi_label/{name}"] = per_unit(gain, n_labels)
         if train_s > 0:
-            out[f"roi_s/{name}"] = gain / train_s
+            out[f"roi_s/{name}"] = per_unit(gain, train_s)
     return out

@@ -30,7 +30,7 @@ from scipy import stats
 from finetune_budget.report.curves import CurveFit, fit_learning_curve
 from finetune_budget.report.knee import drop_point
 from finetune_budget.report.table import GROUP, data_curve, items_seen
-from finetune_budget.roi import lower_is_better, metric_name
+from finetune_budget.roi import lower_is_better, metric_name, relative_gain
 
 log = logging.getLogger(__name__)
 
@@ -149,9 +149,8 @@ def gain_ceiling(metric: str, baseline: float, floor: float = 0.01) -> float | N
 
 
 def value_to_gain(metric: str, value: float, baseline: float, floor: float = 0.01) -> float:
-    """A metric value as a relative gain over the baseline (the definition in roi.py)."""
-    improvement = baseline - value if lower_is_better(metric) else value - baseline
-    return improvement / max(abs(baseline), floor)
+    """A metric value as a relative gain over the baseline (roi.relative_gain)."""
+    return relative_gain(metric, value, baseline, floor)
 
 
 def _t_half(values: np.ndarray, level: float) -> float:

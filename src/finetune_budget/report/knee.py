@@ -10,6 +10,8 @@ from dataclasses import dataclass
 import numpy as np
 import pandas as pd
 
+from finetune_budget.roi import per_unit
+
 
 @dataclass
 class Drop:
@@ -88,7 +90,7 @@ def worse_with_time(summary: pd.DataFrame, gain: str, by: Sequence[str]) -> pd.D
                     "epoch": int(g.loc[i, "epoch"]),
                     "delta": float(delta),
                     "seconds_added": float(added),
-                    "marginal_roi_s": float(delta / added) if added > 0 else math.nan,
+                    "marginal_roi_s": per_unit(float(delta), float(added)),
                     "beyond_noise": bool(not math.isnan(noise) and -delta > noise),
                 }
             )

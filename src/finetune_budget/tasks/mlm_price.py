@@ -284,6 +284,9 @@ class MaskedLMAdapter(FineTuner):
         )
         self.saved_model: str | None = None
         self.save_check_diff: float | None = None
+        # recorded on the MLflow run by the budget tracker at the end of fit
+        self.run_tags: dict[str, str] = {}
+        self.run_metrics: dict[str, float] = {}
 
     def compute_loss(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
         return masked_lm_loss(self.mlm, batch)
@@ -307,8 +310,9 @@ class MaskedLMAdapter(FineTuner):
         )
         return {f"probe/{k}": v for k, v in scores.items()}
 
-    def on_fit_end(self) -> None:
-        """Save the adapted encoder, reload it, check the embeddings agree; tag the MLflow run."""
+    def on_train_end(self) -> None:
+        """Save the adapted encoder, reload it, check the embeddings agree; the tracker records
+        the folder (tag `adapted_model`) and the check (`check/save_max_abs_diff`)."""
         if not self.hparams.save_dir or not self.trainer.is_global_zero:
             return
         dm = self.trainer.datamodule
@@ -325,14 +329,8 @@ class MaskedLMAdapter(FineTuner):
             self.saved_model,
             self.save_check_diff,
         )
-        for logger in self.trainer.loggers:
-            experiment, run_id = (
-                getattr(logger, "experiment", None),
-                getattr(logger, "run_id", None),
-            )
-            if run_id and hasattr(experiment, "set_tag"):
-                experiment.set_tag(run_id, "adapted_model", self.saved_model)
-                experiment.log_metric(run_id, "check/save_max_abs_diff", self.save_check_diff)
+        self.run_tags["adapted_model"] = self.saved_model
+        self.run_metrics["check/save_max_abs_diff"] = self.save_check_diff
 
     def param_groups(self) -> list[dict]:
         return weight_decay_groups(self.mlm.named_parameters())

@@ -48,6 +48,8 @@ IGNORED_PREFIXES = (
     "paths.",
     "tracking.run_name",
     "tracking.save_checkpoint",
+    "tracking.log_model",
+    "tracking.registered_model",
     "budget.continue_shorter_runs",
     "budget.continuation_max_configs",
     "hydra.",

@@ -87,15 +87,29 @@ def artifact_location(tracking_uri: str) -> str | None:
     return (db.parent / "mlartifacts").as_uri()
 
 
+# MLflow 3's experiment type: "custom_model_development" is the UI's "Machine learning" kind, which
+# opens on the runs table (untagged experiments may open on the GenAI traces page).
+EXPERIMENT_KIND_TAG = "mlflow.experimentKind"
+EXPERIMENT_KIND = "custom_model_development"
+
+
 def experiment_id(client: MlflowClient, name: str) -> str:
+    """The id of experiment `name`, created as a model-training experiment when missing; an
+    existing experiment without a kind gets it (a kind set in the UI is kept)."""
     experiment = client.get_experiment_by_name(name)
     if experiment is not None:
         if experiment.lifecycle_stage == "deleted":
             client.restore_experiment(experiment.experiment_id)
+        if EXPERIMENT_KIND_TAG not in experiment.tags:
+            client.set_experiment_tag(
+                experiment.experiment_id, EXPERIMENT_KIND_TAG, EXPERIMENT_KIND
+            )
         return experiment.experiment_id
     try:
         return client.create_experiment(
-            name, artifact_location=artifact_location(client.tracking_uri)
+            name,
+            artifact_location=artifact_location(client.tracking_uri),
+            tags={EXPERIMENT_KIND_TAG: EXPERIMENT_KIND},
         )
     except mlflow.exceptions.MlflowException:  # created meanwhile by a parallel job
         return client.get_experiment_by_name(name).experiment_id

@@ -26,7 +26,12 @@ from finetune_budget.export import (
 )
 from finetune_budget.models.text import load_tokenizer
 from finetune_budget.models.vision import backbone_mean_std
-from finetune_budget.tracking.mlflow_run import EXPERIMENT_KIND, EXPERIMENT_KIND_TAG, experiment_id
+from finetune_budget.tracking.mlflow_run import (
+    EXPERIMENT_KIND,
+    EXPERIMENT_KIND_TAG,
+    experiment_id,
+    ui_addresses,
+)
 from finetune_budget.tracking.sweep_parent import SweepParentRun, current_parent
 from finetune_budget.training import train
 
@@ -284,3 +289,8 @@ def test_experiments_are_created_as_model_training_experiments(tmp_path):
     chosen = client.create_experiment("genai", tags={EXPERIMENT_KIND_TAG: "genai_development"})
     experiment_id(client, "genai")
     assert client.get_experiment(chosen).tags[EXPERIMENT_KIND_TAG] == "genai_development"
+    # `make ui` prints each experiment's runs table, in the UI's model-training view
+    assert (
+        f"fresh: http://h/#/experiments/{new.experiment_id}/runs?workflowType=machine_learning"
+        in (ui_addresses(client.tracking_uri, "http://h"))
+    )

@@ -115,6 +115,20 @@ def experiment_id(client: MlflowClient, name: str) -> str:
         return client.get_experiment_by_name(name).experiment_id
 
 
+def ui_addresses(tracking_uri: str, base: str = "http://127.0.0.1:5000") -> list[str]:
+    """`<name>: <runs-table address>` for each experiment of the store (for `make ui`): MLflow
+    3.17's UI opens a new browser on its GenAI pages unless the address asks for model training."""
+    try:
+        experiments = MlflowClient(tracking_uri).search_experiments()
+    except Exception:  # noqa: BLE001 - no store yet: nothing to list
+        return []
+    return [
+        f"{e.name}: {base}/#/experiments/{e.experiment_id}/runs?workflowType=machine_learning"
+        for e in experiments
+        if e.name != "Default"
+    ]
+
+
 RUN_ID_ENV = "FINETUNE_BUDGET_RUN_ID"
 
 

@@ -19,9 +19,11 @@ from finetune_budget.evaluation import evaluate, run_mode
 from finetune_budget.export import (
     LOGGED_MODEL_TAG,
     export_model,
+    load_into_module,
     load_logged_model,
     load_open_clip,
     load_timm_folder,
+    log_model,
     module_embeddings,
 )
 from finetune_budget.models.text import load_tokenizer
@@ -160,6 +162,57 @@ def test_image_export_loads_in_timm_with_the_modules_embeddings(tmp_path, overri
     mean, std = backbone_mean_std(cfg.model.backbone)
     assert data["input_size"] == (3, 64, 64)
     assert data["mean"] == pytest.approx(mean) and data["std"] == pytest.approx(std)
+
+
+# -- MLflow: the pytorch flavor of CLIP and image models, loaded back into a fresh module ---------
+def _image_module(tmp_path, *overrides):
+    from finetune_budget.image_module import ImageEmbeddingFineTuner
+
+    cfg = compose_config(
+        ["task=image_image", *overrides, "model.pretrained=null", "model.image_size=64"], tmp_path
+    )
+    return lambda: ImageEmbeddingFineTuner(
+        model=plain(cfg.model), loss=plain(cfg.loss), optim=plain(cfg.optim)
+    )
+
+
+def _clip_module(tmp_path):
+    from finetune_budget.clip_module import ClipFineTuner
+
+    cfg = compose_config(["task=text_image", "model=tiny_clip"], tmp_path)
+    return lambda: ClipFineTuner(model=plain(cfg.model), optim=plain(cfg.optim))
+
+
+@pytest.mark.parametrize(
+    "kind", ["timm_projection", "tiny_cnn", "tiny_clip"], ids=lambda k: k.replace("_", "-")
+)
+def test_logged_pytorch_models_load_back_with_the_same_embeddings(tmp_path, kind):
+    build = {
+        "timm_projection": lambda: _image_module(
+            tmp_path,
+            "model=timm_backbone",
+            "model.backbone=test_efficientnet",
+            "model.output_dim=8",
+        ),  # fmt: skip
+        "tiny_cnn": lambda: _image_module(tmp_path, "model=tiny_cnn"),
+        "tiny_clip": lambda: _clip_module(tmp_path),
+    }[kind]()
+    trained, fresh = build(), build()
+    perturb(trained)
+    side = 32 if kind == "tiny_clip" else 64
+    images = torch.randn(2, 3, side, side, generator=torch.Generator().manual_seed(3))
+    assert not torch.allclose(module_embeddings(fresh, images), module_embeddings(trained, images))
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    client = MlflowClient(uri)
+    run = client.create_run(experiment_id(client, "export"))
+    model_uri = log_model(uri, run.info.run_id, trained, {"val/mrr_at_20": 0.5})
+    loaded = load_logged_model(model_uri)
+    assert isinstance(loaded, torch.nn.Module)
+    load_into_module(fresh, loaded)
+    torch.testing.assert_close(
+        module_embeddings(fresh, images), module_embeddings(trained, images), atol=1e-6, rtol=0
+    )
+    assert client.get_run(run.info.run_id).data.tags[LOGGED_MODEL_TAG] == model_uri
 
 
 # -- MLflow: a single run, a sweep's best run, evaluate.py mode=export ---------------------------

@@ -338,7 +338,7 @@ def log_model(
             )
         else:
             library = {"clip": ("open_clip_torch", "timm"), "image": ("timm",)}[kind]
-            net = module.clip if kind == "clip" else timm_model(module)
+            net = module.clip if kind == "clip" else library_image_model(module)
             info = mlflow.pytorch.log_model(
                 net,
                 serialization_format="pickle",
@@ -367,6 +367,14 @@ def load_logged_model(model_uri: str) -> Any:
     return mlflow.pytorch.load_model(model_uri, map_location="cpu")
 
 
+def library_image_model(module: L.LightningModule) -> nn.Module:
+    """The timm model of an image module; for backbones timm lacks (`torchvision:<name>`,
+    `tiny_cnn`) the module's own embedder (loading it needs this package)."""
+    if _timm_name(module.hparams.model["backbone"]) is None:
+        return module.embedder
+    return timm_model(module)
+
+
 def load_into_module(module: L.LightningModule, model: Any) -> None:
     """Put a logged model's weights (`load_logged_model`) into a freshly built `module`."""
     kind = model_kind(module)
@@ -374,6 +382,8 @@ def load_into_module(module: L.LightningModule, model: Any) -> None:
         load_sentence_transformer(module, model)
     elif kind == "clip":
         module.clip.load_state_dict(model.state_dict(), strict=True)
+    elif _timm_name(module.hparams.model["backbone"]) is None:
+        module.embedder.load_state_dict(model.state_dict(), strict=True)
     else:
         load_timm_model(module, model)
 

@@ -25,7 +25,7 @@ from finetune_budget.tuning.objectives import sweep_objective
 
 def run(cfg: DictConfig) -> float:
     result = train(cfg, parent_run_id=current_parent())
-    if is_main_process():  # ranks 1.. of a multi-device run print nothing
+    if is_main_process(cfg.trainer):  # ranks 1.. of a multi-process run print nothing
         print(f"\nMLflow run {result.run_id} ({cfg.tracking.uri}, {cfg.tracking.experiment})")
         print(format_table(result.history, budget_metric=cfg.budget.metric))
     return sweep_objective(cfg, result)  # tune.objectives of hparams_search, else budget.metric

@@ -33,8 +33,8 @@ from torch.utils.data import DataLoader
 
 from finetune_budget import losses
 from finetune_budget.config import resolve_precision
-from finetune_budget.image_module import build_image_image
 from finetune_budget.optim import lr_lambda
+from finetune_budget.tasks.image_image import build
 
 ROOT = Path(__file__).resolve().parents[1]
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
@@ -182,7 +182,7 @@ def main() -> None:
         cfg.data.n = bs * args.steps
 
     L.seed_everything(cfg.seed, verbose=False)
-    parts = build_image_image(cfg)
+    parts = build(cfg)
     dm0 = parts.datamodule
     dm0.num_workers = 0
     train_batches = list(dm0.train_dataloader())[: args.steps]

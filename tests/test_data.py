@@ -9,7 +9,7 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from finetune_budget.data.samplers import ClassChunkBatchSampler
+from finetune_budget.data.samplers import ClassChunkBatchSampler, ShuffledBatchSampler
 from finetune_budget.data.subsets import nested_subset
 from finetune_budget.data.text import (
     load_clinc150,
@@ -51,11 +51,57 @@ def test_class_batches_hold_several_items_per_class_and_cover_each_item_once():
     assert list(sampler) != batches  # a new order each epoch, from (seed, epoch) alone
 
 
-def test_class_batches_shard_across_ranks_without_overlap():
-    labels = np.repeat(np.arange(10), 4)
-    ranks = [list(ClassChunkBatchSampler(labels, 8, 4, num_replicas=2, rank=r)) for r in (0, 1)]
-    seen = [set(i for b in r for i in b) for r in ranks]
-    assert not seen[0] & seen[1] and len(ranks[0]) == len(ranks[1])
+def _steps(samplers) -> list[list[list[int]]]:
+    """Per step, the batch of every rank."""
+    ranks = [list(s) for s in samplers]
+    assert len({len(r) for r in ranks}) == 1, "ranks run different numbers of steps"
+    return [list(step) for step in zip(*ranks, strict=True)]
+
+
+# n=1000, batch 32: 2 ranks: 15 rounds of 64 + 40 left (20 each): 16 steps, all 1000 used;
+# 3 ranks: 10 rounds of 96 + 40 left (13 each, 1 left out): 11 steps, 999 used
+@pytest.mark.parametrize(("world", "n_steps", "n_used"), [(2, 16, 1000), (3, 11, 999)])
+def test_class_batches_split_across_ranks_with_equal_shapes_at_every_step(world, n_steps, n_used):
+    # the issue's case: n=1000, batch 32, 2 ranks used to give rank 1 a batch of 8 (rank 0: 32)
+    labels = np.repeat(np.arange(250), 4)
+    samplers = [
+        ClassChunkBatchSampler(labels, 32, 4, seed=0, num_replicas=world, rank=r)
+        for r in range(world)
+    ]
+    steps = _steps(samplers)
+    assert all(len({len(b) for b in step}) == 1 for step in steps)  # equal shapes per step
+    items = [i for step in steps for b in step for i in b]
+    assert len(items) == len(set(items))  # no item twice in an epoch
+    assert len(steps) == n_steps and len(items) == n_used
+    one = [i for b in ClassChunkBatchSampler(labels, 32, 4, seed=0) for i in b]
+    assert sorted(one) == list(range(1000))  # one process: every item
+
+
+def test_shuffled_batches_drop_only_the_last_incomplete_round_and_reshuffle_each_epoch():
+    samplers = [ShuffledBatchSampler(100, 8, seed=1, drop_last=True, num_replicas=2, rank=r)
+                for r in (0, 1)]  # fmt: skip
+    steps = _steps(samplers)
+    assert len(steps) == 100 // 16 and all(len(b) == 8 for step in steps for b in step)
+    epoch0 = [i for step in steps for b in step for i in b]
+    assert len(set(epoch0)) == 96  # 100 - 100 % 16 items, each once
+    for s in samplers:
+        s.set_epoch(1)
+    epoch1 = [i for step in _steps(samplers) for b in step for i in b]
+    assert epoch1 != epoch0 and len(set(epoch1)) == 96
+    # fewer items than one round: they are split, not all dropped
+    few = _steps([ShuffledBatchSampler(5, 8, drop_last=True, num_replicas=2, rank=r)
+                  for r in (0, 1)])  # fmt: skip
+    assert [len(b) for b in few[0]] == [2, 2]
+
+
+def test_lightning_sets_the_epoch_of_the_batch_samplers():
+    """Lightning calls set_epoch on a loader's batch_sampler.sampler at every epoch start."""
+    from lightning.fabric.utilities.data import _set_sampler_epoch
+    from torch.utils.data import DataLoader
+
+    for sampler in (ShuffledBatchSampler(20, 4), ClassChunkBatchSampler([0, 1] * 10, 4, 2)):
+        _set_sampler_epoch(DataLoader(range(20), batch_sampler=sampler), 3)
+        assert sampler.epoch == 3
 
 
 @requires_data("clinc150")

@@ -1,22 +1,31 @@
-"""DDP proof: 2 CPU processes (gloo) with per-process batch B train like 1 process with batch 2B.
+"""DDP on CPU (gloo): 2 processes with per-process batch B train like 1 process with batch 2B,
+and `train()` on 2 processes splits each epoch's items between them and records one MLflow run.
 
 The contrastive losses gather features with their gradients, so each process sees the other's
-negatives. Each case runs a small linear encoder under DistributedDataParallel in 2 processes and
-compares the mean of the per-process losses and the (DDP-averaged) weight gradients with one
-process computing the same loss on the concatenated batch.
+negatives. Each loss case runs a small linear encoder under DistributedDataParallel in 2 processes
+and compares the mean of the per-process losses and the (DDP-averaged) weight gradients with one
+process computing the same loss on the concatenated batch. The end-to-end cases run train.py
+under Lightning's launcher (`trainer=ddp trainer.devices=2`) and under torchrun, for every kind
+of training data.
 """
 
 from __future__ import annotations
 
+import json
 import os
 import socket
+import subprocess
+import sys
 from pathlib import Path
 
+import mlflow
 import pytest
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 import torch.nn.functional as F
+from conftest import DATA_DIR, ROOT
+from test_image_image import _write_classes
 from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 
@@ -120,3 +129,93 @@ def test_no_valid_anchor_on_any_rank_gives_zero_loss_without_hanging() -> None:
     loss.backward()
     assert loss.item() == 0.0
     assert encoder.weight.grad is not None and encoder.weight.grad.abs().sum() == 0
+
+
+# -- train() end to end on 2 gloo processes ------------------------------------------------------
+# Each run: n=32 training items, 8 per process and step (2 rounds of 16 per epoch), 2 epochs.
+N, PER_RANK = 32, 8
+EPOCHS = 2
+TASKS = {
+    "text_labels": ("model=tiny_bert", "data=clinc150", "trainer.limit_val_batches=1",
+                    "eval.batch_size=32", "data.samples_per_class=2"),
+    "text_pairs": ("model=tiny_bert", "data=stsb", "trainer.limit_val_batches=1",
+                   "eval.batch_size=32"),
+    "images": ("task=image_image", "model=tiny_cnn", "data=custom_images",
+               "data.eval_fraction=0.25", "data.samples_per_class=2", "data.num_workers=0",
+               "eval.batch_size=32"),
+    "clip": ("task=text_image", "model=tiny_clip", "data=flickr8k", "data.eval_subset=4",
+             "data.num_workers=0", "eval.batch_size=32"),
+}  # fmt: skip
+LAUNCHERS = {
+    "lightning": [sys.executable, "train.py"],
+    "torchrun": [sys.executable, "-m", "torch.distributed.run", "--standalone",
+                 "--nproc_per_node", "2", "train.py"],
+}  # fmt: skip
+
+
+def _train_on_2_processes(task: str, launcher: str, tmp_path: Path) -> subprocess.CompletedProcess:
+    overrides = [
+        *TASKS[task], "trainer=ddp", "trainer.accelerator=cpu", "trainer.devices=2",
+        "trainer.precision=32-true", f"trainer.max_epochs={EPOCHS}", f"data.n={N}",
+        f"data.batch_size={PER_RANK}", "trainer.enable_progress_bar=false",
+        "tracking.save_checkpoint=false", "eval.cache_baseline=false",
+        f"tracking.uri=sqlite:///{tmp_path / 'mlflow.db'}", "tracking.experiment=ddp",
+        f"paths.data_dir={DATA_DIR}", f"paths.cache_dir={tmp_path / 'cache'}",
+        f"hydra.run.dir={tmp_path / 'out'}",
+        "+callbacks.record._target_=ddp_recorder.IndexRecorder",
+        f"+callbacks.record.out={tmp_path / 'record'}",
+    ]  # fmt: skip
+    if task == "images":
+        _write_classes(tmp_path / "photos")  # 8 classes x 6: 36 training, 12 held-out images
+        overrides.append(f"data.root={tmp_path / 'photos'}")
+    env = {
+        **os.environ,
+        "PYTHONPATH": os.pathsep.join([str(ROOT / "src"), str(ROOT / "tests")]),
+        "OMP_NUM_THREADS": "1",
+    }
+    for k in ("RANK", "LOCAL_RANK", "NODE_RANK", "WORLD_SIZE", "FINETUNE_BUDGET_RUN_ID"):
+        env.pop(k, None)
+    return subprocess.run(
+        [*LAUNCHERS[launcher], *overrides], cwd=ROOT, env=env, capture_output=True, text=True,
+        timeout=600,
+    )  # fmt: skip
+
+
+FAST = {("text_labels", "lightning"), ("clip", "torchrun")}
+
+
+@pytest.mark.parametrize(
+    ("task", "launcher"),
+    [
+        pytest.param(t, la, marks=() if (t, la) in FAST else pytest.mark.slow)
+        for t in TASKS
+        for la in LAUNCHERS
+    ],
+)
+def test_train_on_2_processes_splits_every_epoch_and_records_one_run(task, launcher, tmp_path):
+    needs = {"text_labels": "clinc150", "text_pairs": "stsb", "clip": "flickr8k"}.get(task)
+    if needs and not (DATA_DIR / needs).exists():
+        pytest.skip(f"{needs} not found in {DATA_DIR}")
+    proc = _train_on_2_processes(task, launcher, tmp_path)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+
+    # across the 2 processes every training item is used exactly once per epoch, and at every
+    # step both hold a batch of the same size (the losses' all-gathers need equal shapes)
+    ranks = [json.loads((tmp_path / "record" / f"rank{r}.json").read_text()) for r in (0, 1)]
+    seen = []
+    for epoch in range(EPOCHS):
+        batches = [[b["index"] for b in rank if b["epoch"] == epoch] for rank in ranks]
+        assert len(batches[0]) == len(batches[1]) == N // (2 * PER_RANK)
+        assert all(len(a) == len(b) == PER_RANK for a, b in zip(*batches, strict=True))
+        items = [i for rank in batches for batch in rank for i in batch]
+        assert len(items) == len(set(items)) == N, f"epoch {epoch}: {sorted(items)}"
+        seen.append(items)
+    assert set(seen[0]) == set(seen[1]) and seen[0] != seen[1]  # same items, a new order
+
+    # one MLflow run, FINISHED, counting each item once per epoch
+    client = mlflow.tracking.MlflowClient(f"sqlite:///{tmp_path / 'mlflow.db'}")
+    runs = client.search_runs([client.get_experiment_by_name("ddp").experiment_id])
+    assert [r.info.status for r in runs] == ["FINISHED"]
+    samples = client.get_metric_history(runs[0].info.run_id, "data/samples_seen")
+    assert {m.step: m.value for m in samples} == {e: e * N for e in range(EPOCHS + 1)}
+    assert proc.stdout.count("MLflow run ") == 1  # only rank 0 prints its table

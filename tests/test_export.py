@@ -45,7 +45,7 @@ def plain(node):
 
 
 def text_module(cfg):
-    from finetune_budget.module import EmbeddingFineTuner
+    from finetune_budget.tasks.text_text import EmbeddingFineTuner
 
     return EmbeddingFineTuner(model=plain(cfg.model), loss=plain(cfg.loss), optim=plain(cfg.optim))
 
@@ -101,7 +101,7 @@ def _tiny_bert_folder(path):
 
 @pytest.mark.parametrize("family", ["tiny_clip", "assembled"])
 def test_clip_export_loads_in_open_clip_with_the_modules_embeddings(tmp_path, family):
-    from finetune_budget.clip_module import ClipFineTuner
+    from finetune_budget.tasks.text_image import ClipFineTuner
 
     overrides = ["task=text_image", "trainer.accelerator=cpu", "model=tiny_clip"]
     if family == "assembled":
@@ -141,7 +141,7 @@ def test_clip_export_loads_in_open_clip_with_the_modules_embeddings(tmp_path, fa
     ids=["timm_projection", "torchvision_mobilenet_v2"],
 )
 def test_image_export_loads_in_timm_with_the_modules_embeddings(tmp_path, overrides):
-    from finetune_budget.image_module import ImageEmbeddingFineTuner
+    from finetune_budget.tasks.image_image import ImageEmbeddingFineTuner
 
     cfg = compose_config(
         ["task=image_image", *overrides, "model.pretrained=null", "model.image_size=64"], tmp_path
@@ -166,7 +166,7 @@ def test_image_export_loads_in_timm_with_the_modules_embeddings(tmp_path, overri
 
 # -- MLflow: the pytorch flavor of CLIP and image models, loaded back into a fresh module ---------
 def _image_module(tmp_path, *overrides):
-    from finetune_budget.image_module import ImageEmbeddingFineTuner
+    from finetune_budget.tasks.image_image import ImageEmbeddingFineTuner
 
     cfg = compose_config(
         ["task=image_image", *overrides, "model.pretrained=null", "model.image_size=64"], tmp_path
@@ -177,7 +177,7 @@ def _image_module(tmp_path, *overrides):
 
 
 def _clip_module(tmp_path):
-    from finetune_budget.clip_module import ClipFineTuner
+    from finetune_budget.tasks.text_image import ClipFineTuner
 
     cfg = compose_config(["task=text_image", "model=tiny_clip"], tmp_path)
     return lambda: ClipFineTuner(model=plain(cfg.model), optim=plain(cfg.optim))

@@ -14,7 +14,9 @@ from transformers import DataCollatorForLanguageModeling
 
 from finetune_budget.data.airbnb import load_listings, parse_price, strip_html
 from finetune_budget.errors import ConfigError, DataError, ModelError
-from finetune_budget.mlm import (
+from finetune_budget.models.text import SentenceEncoder, build_sentence_encoder, load_tokenizer
+from finetune_budget.probes import embed_texts
+from finetune_budget.tasks.mlm_price import (
     MaskedLMDataModule,
     build_masked_lm,
     check_saved_encoder,
@@ -22,8 +24,6 @@ from finetune_budget.mlm import (
     masked_lm_loss,
     save_sentence_encoder,
 )
-from finetune_budget.models.text import SentenceEncoder, build_sentence_encoder, load_tokenizer
-from finetune_budget.probes import embed_texts
 from tests.conftest import requires_data
 
 TINY = {
@@ -180,7 +180,7 @@ def test_sentence_transformers_loads_the_saved_folder(tmp_path, tokenizer):
 
 
 def test_projection_heads_are_refused():
-    from finetune_budget.mlm import MaskedLMAdapter
+    from finetune_budget.tasks.mlm_price import MaskedLMAdapter
 
     model = {"pretrained": None, "config": TINY, "output_dim": 16}
     with pytest.raises(ConfigError, match="model.output_dim=null"):

@@ -9,11 +9,11 @@ import torch
 import torch.nn.functional as F
 from conftest import requires_data
 
-from finetune_budget.clip_module import ClipFineTuner, score_both_directions
 from finetune_budget.data.image_text import load_flickr8k
 from finetune_budget.data.subsets import nested_subset
 from finetune_budget.errors import ConfigError, DataError, ModelError
 from finetune_budget.models.clip import build_clip
+from finetune_budget.tasks.text_image import ClipFineTuner, score_both_directions
 from finetune_budget.training import train
 
 TINY_CLIP = (
@@ -50,6 +50,10 @@ def test_tiny_clip_run_logs_both_directions_at_epoch_0_and_1(make_cfg):
         "val/i2t_recall_at_1",
         "val/i2t_recall_at_5",
         "val/i2t_recall_at_10",
+        "val/map_hits_at_20",
+        "val/t2i_hit_at_1",
+        "val/i2t_hit_at_1",
+        "val/i2t_map_at_20",
     ):
         history = metric_history(cfg, result.run_id, key)
         assert set(history) == {0, 1}, key
@@ -173,6 +177,29 @@ def test_both_directions_equal_a_brute_force_reference_on_near_chance_embeddings
     )
     assert out["val/i2t_mrr_at_20"] == pytest.approx(i2t_mrr, abs=1e-5)
     assert out["val/i2t_recall_at_5"] == pytest.approx(i2t_rec5, abs=1e-5)
+
+
+def test_both_directions_on_a_case_worked_out_by_hand():
+    # unit vectors at these angles; captions 0, 1 describe image 0, captions 2, 3 image 1
+    def at(*angles):
+        a = torch.tensor(angles)
+        return torch.stack([a.cos(), a.sin()], dim=1)
+
+    images, texts = at(0.0, 1.0), at(0.1, 0.9, 0.45, 1.2)
+    out = score_both_directions(texts, images, torch.tensor([0, 0, 1, 1]), recall_at=(1,))
+    # captions -> images: the right image at ranks 1, 2, 2, 1
+    assert out["val/mrr_at_20"] == pytest.approx((1 + 1 / 2 + 1 / 2 + 1) / 4)
+    assert out["val/t2i_hit_at_1"] == pytest.approx(1 / 2)
+    assert out["val/t2i_recall_at_1"] == pytest.approx(1 / 2)
+    # images -> captions: image 0 ranks captions 0, 2, 1, 3 (its own at 1 and 3); image 1 ranks
+    # 1, 3, 2, 0 (its own at 2 and 3)
+    assert out["val/i2t_mrr_at_20"] == pytest.approx((1 + 1 / 2) / 2)
+    assert out["val/i2t_hit_at_1"] == pytest.approx(1 / 2)
+    assert out["val/i2t_recall_at_1"] == pytest.approx((1 / 2 + 0) / 2)
+    ap0, ap1 = (1 + 2 / 3) / 2, (1 / 2 + 2 / 3) / 2  # / min(k, 2 relevant)
+    assert out["val/i2t_map_at_20"] == pytest.approx((ap0 + ap1) / 2)
+    assert out["val/i2t_map_hits_at_20"] == pytest.approx((ap0 + ap1) / 2)  # every caption found
+    assert out["val/i2t_recall_at_20"] == 1.0
 
 
 @pytest.mark.parametrize(

@@ -6,6 +6,7 @@ import subprocess
 import sys
 
 import lightning as L
+import numpy as np
 import pytest
 import yaml
 from mlflow.tracking import MlflowClient
@@ -65,15 +66,94 @@ def test_fine_tuning_changes_the_metrics_and_lowers_the_loss(tiny_text_cfg):
     assert history[-1]["val/mrr_at_20"] != history[0]["val/mrr_at_20"]
 
 
-def test_the_pretrained_evaluation_is_reused_by_runs_that_share_model_and_split(tiny_text_cfg):
-    first = train(tiny_text_cfg("data.n=32"))
-    second = train(tiny_text_cfg("data.n=64", "trainer.max_epochs=2"))
-    client = MlflowClient(tiny_text_cfg().tracking.uri)
-    assert client.get_run(first.run_id).data.tags["baseline_cached"] == "false"
-    assert client.get_run(second.run_id).data.tags["baseline_cached"] == "true"
-    assert first.history[0]["val/mrr_at_20"] == second.history[0]["val/mrr_at_20"]
-    other_split = train(tiny_text_cfg("data.eval_split=test"))
-    assert client.get_run(other_split.run_id).data.tags["baseline_cached"] == "false"
+def _write_labelled_csv(path, labels: int, per_label: int, offset: int = 0) -> str:
+    """A `text,label` CSV: each item is its label's word among four random filler words."""
+    rng = np.random.default_rng(offset + per_label)
+    filler = "red green blue cold warm tall short fast slow old new big small dark light".split()
+    rows = ["text,label"]
+    for label in range(labels):
+        for _ in range(per_label):
+            words = [f"topic{label + offset}", *rng.choice(filler, 4)]
+            rows.append(f"{' '.join(rng.permutation(words))},l{label + offset}")
+    path.write_text("\n".join(rows) + "\n")
+    return str(path)
+
+
+@pytest.fixture
+def small_text_cfg(tiny_text_cfg, tmp_path):
+    """Tiny BERT on a small labelled CSV: 100 held-out items in 7 batches of 16 (fast to
+    evaluate in full); the whole held-out split unless a test limits it."""
+    train_csv = _write_labelled_csv(tmp_path / "train.csv", labels=10, per_label=10)
+    eval_csv = _write_labelled_csv(tmp_path / "heldout.csv", labels=10, per_label=10, offset=10)
+
+    def make(*overrides: str):
+        return tiny_text_cfg(
+            "data=custom_text",
+            f"data.train_path={train_csv}",
+            f"data.eval_path={eval_csv}",
+            "data.n=50",
+            "data.samples_per_class=2",
+            "eval.batch_size=16",
+            "trainer.limit_val_batches=null",
+            *overrides,
+        )
+
+    return make
+
+
+def _tag(cfg, result, key: str) -> str:
+    return MlflowClient(cfg.tracking.uri).get_run(result.run_id).data.tags[key]
+
+
+def test_epoch_0_is_cached_only_when_complete_and_recomputed_when_what_it_computes_changes(
+    small_text_cfg, tmp_path
+):
+    short = train(small_text_cfg("trainer.limit_val_batches=2"))
+    cfg = small_text_cfg()
+    assert _tag(cfg, short, "baseline_cached") == "false"
+    assert _tag(cfg, short, "baseline_items") == "32/100"  # 2 batches of 16
+    # the full run after the short one recomputes epoch 0 on every held-out item
+    full = train(cfg)
+    assert _tag(cfg, full, "baseline_cached") == "false"
+    assert _tag(cfg, full, "baseline_items") == "100/100"
+    assert full.history[0]["val/mrr_at_20"] != short.history[0]["val/mrr_at_20"]
+    # a run that differs only in training budget reuses it
+    again = train(small_text_cfg("data.n=80", "trainer.max_epochs=2"))
+    assert _tag(cfg, again, "baseline_cached") == "true"
+    assert again.history[0] == {**full.history[0], "data/n": 80}
+    other_precision = train(small_text_cfg("trainer.precision=bf16-mixed"))
+    assert _tag(cfg, other_precision, "baseline_cached") == "false"
+    # the held-out file changes (same path): its fingerprint changes, epoch 0 is recomputed
+    _write_labelled_csv(tmp_path / "heldout.csv", labels=10, per_label=12, offset=10)
+    changed = train(cfg)
+    assert _tag(cfg, changed, "baseline_cached") == "false"
+    assert _tag(cfg, changed, "baseline_items") == "120/120"
+
+
+def test_the_baseline_key_follows_file_and_folder_contents_and_the_metrics_version(
+    tmp_path, monkeypatch
+):
+    from finetune_budget.tracking import baseline_cache
+    from finetune_budget.tracking.baseline_cache import baseline_key
+
+    folder = tmp_path / "images" / "person_a"
+    folder.mkdir(parents=True)
+    (folder / "1.jpg").write_bytes(b"x" * 10)
+
+    def key() -> str:
+        data = {"format": "folder", "root": str(tmp_path / "images"), "n": 10}
+        return baseline_key("image_image", {"name": "m"}, data, {"top_k": 20}, {}, None)
+
+    first = key()
+    assert key() == first
+    (folder / "2.jpg").write_bytes(b"y" * 10)  # a new image in the folder
+    second = key()
+    assert second != first
+    (folder / "2.jpg").write_bytes(b"y" * 11)  # an image's content (size) changes
+    assert key() != second
+    third = key()
+    monkeypatch.setattr(baseline_cache, "METRICS_VERSION", baseline_cache.METRICS_VERSION + 1)
+    assert key() != third
 
 
 def test_a_failed_run_is_marked_failed_with_its_error(tiny_text_cfg):

@@ -8,18 +8,19 @@ from __future__ import annotations
 
 import logging
 import math
-import os
 from collections.abc import Callable, Sequence
 from typing import Any
 
 from omegaconf import DictConfig
 
 from finetune_budget.config import expand_range_overrides
+from finetune_budget.distributed import is_main_process
 from finetune_budget.errors import BudgetError
 
 log = logging.getLogger("finetune_budget")
 
 FAILED_JOBS: list[str] = []
+__all__ = ["exit_code", "expand_argv", "format_table", "guarded_job", "is_main_process"]
 
 
 def expand_argv(argv: Sequence[str]) -> list[str]:
@@ -45,11 +46,6 @@ def guarded_job(job: Callable[[DictConfig], Any], cfg: DictConfig) -> Any:
     return float("nan")
 
 
-def is_main_process() -> bool:
-    """False in the extra processes (ranks 1..) of a multi-device run."""
-    return all(int(os.environ.get(k, "0") or 0) == 0 for k in ("LOCAL_RANK", "RANK"))
-
-
 def exit_code() -> int:
     if FAILED_JOBS:
         log.error("%d job(s) failed; their MLflow runs are marked FAILED", len(FAILED_JOBS))
@@ -73,7 +69,7 @@ def format_table(
     if not history:
         return "(no epochs recorded)"
     if metric_keys is None:
-        metric_keys = [k for k in history[0] if k.startswith(("val/", "probe/"))][:4]
+        metric_keys = [k for k in history[0] if k.startswith(("val/", "probe/"))][:5]
     name = budget_metric.split("/", 1)[-1]
     columns = [
         "epoch",

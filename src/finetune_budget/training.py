@@ -19,6 +19,7 @@ from omegaconf import DictConfig, OmegaConf
 
 from finetune_budget.config import resolve_precision
 from finetune_budget.continuation import Continuation
+from finetune_budget.distributed import is_main_process
 from finetune_budget.export import (
     budget_summary,
     check_log_model_option,
@@ -26,7 +27,7 @@ from finetune_budget.export import (
     model_params,
 )
 from finetune_budget.tasks import build_task
-from finetune_budget.tracking.baseline_cache import BaselineCache, baseline_key
+from finetune_budget.tracking.baseline_cache import BaselineCache, baseline_key, weights_digest
 from finetune_budget.tracking.budget_tracker import BudgetTracker
 from finetune_budget.tracking.mlflow_run import TrackedRun, tracked_run
 
@@ -98,6 +99,9 @@ def train(
     tags: extra MLflow tags set when the run is created (a search's study and trial number).
     """
     config = run_config(cfg)
+    main_process = is_main_process(cfg.trainer)
+    if not main_process:  # ranks 1.. of a multi-process run: rank 0 reports and records
+        logging.getLogger("finetune_budget").setLevel(logging.WARNING)
     tags = {**run_tags(cfg), **(tags or {})}
     if parent_run_id:
         tags["mlflow.parentRunId"] = parent_run_id
@@ -108,6 +112,7 @@ def train(
         tags=tags,
         run_name=cfg.tracking.get("run_name"),
         config_yaml=OmegaConf.to_yaml(config),
+        main_process=main_process,
     ) as run:
         L.seed_everything(cfg.seed, workers=True, verbose=False)
         parts = build_task(cfg)
@@ -120,7 +125,9 @@ def train(
         cont = Continuation(cfg, config, tracker, run)
         trainer = build_trainer(cfg, tracker, run, [*(callbacks or []), *cont.callbacks])
         evaluate_baseline(cfg, trainer, parts, tracker, run)
-        L.seed_everything(cfg.seed, workers=True, verbose=False)
+        # rank r draws its own dropout, augmentation and masking (nanoGPT's seed_offset); the
+        # epoch's item order is shared and split across ranks by the DataModule
+        L.seed_everything(cfg.seed + trainer.global_rank, workers=True, verbose=False)
         trainer.fit(parts.module, datamodule=parts.datamodule, ckpt_path=cont.ckpt_path)
         if trainer.interrupted:
             raise KeyboardInterrupt("training interrupted")
@@ -172,18 +179,27 @@ def log_run_model(
 def evaluate_baseline(
     cfg: DictConfig, trainer: L.Trainer, parts, tracker: BudgetTracker, run: TrackedRun
 ) -> None:
-    """Epoch 0: from the cache when the same model, split and settings were evaluated before."""
-    precision = str(trainer.precision)
-    key = baseline_key(
-        cfg.task.name,
-        OmegaConf.to_container(cfg.model, resolve=True),
-        OmegaConf.to_container(cfg.data, resolve=True),
-        OmegaConf.to_container(cfg.eval, resolve=True),
-        precision,
-        cfg.seed if parts.baseline_depends_on_seed else None,
-    )
+    """Epoch 0: from the cache when the same model, split and settings were evaluated before.
+
+    Only an evaluation that embedded every held-out item is stored (not one cut short by
+    trainer.limit_val_batches)."""
     cache = BaselineCache(cfg.paths.cache_dir) if cfg.eval.get("cache_baseline", True) else None
-    hit = cache.get(key) if cache is not None else None
+    key = hit = None
+    if cache is not None:
+        key = baseline_key(
+            cfg.task.name,
+            OmegaConf.to_container(cfg.model, resolve=True),
+            OmegaConf.to_container(cfg.data, resolve=True),
+            OmegaConf.to_container(cfg.eval, resolve=True),
+            {
+                "precision": str(trainer.precision),
+                "accelerator": type(trainer.accelerator).__name__,
+                "limit_val_batches": trainer.limit_val_batches,
+            },
+            cfg.seed if parts.baseline_depends_on_seed else None,
+            weights=weights_digest(parts.module),
+        )
+        hit = cache.get(key)
     if hit is not None:
         log.info("epoch 0: pretrained metrics from the baseline cache (%s)", key)
         tracker.record(0, hit["metrics"], hit["eval_s"])
@@ -193,9 +209,15 @@ def evaluate_baseline(
     # Lightning finalises its loggers after validate(); the run goes on.
     if run.writer:
         run.client.update_run(run.run_id, status="RUNNING")
+    seen, total = tracker.eval_items_seen, tracker.eval_items_total
     if cache is not None and trainer.is_global_zero:  # only rank 0 records history rows
-        cache.put(key, parts.module.eval_metrics, tracker.history[0]["time/eval_s"])
-    run.set_tags({"baseline_cached": "false", "baseline_key": key})
+        if tracker.eval_complete:
+            cache.put(key, parts.module.eval_metrics, tracker.history[0]["time/eval_s"])
+        else:
+            log.info("epoch 0 embedded %d of %s held-out items: not cached", seen, total)
+    run.set_tags(
+        {"baseline_cached": "false", "baseline_key": str(key), "baseline_items": f"{seen}/{total}"}
+    )
 
 
 def summarise(cfg: DictConfig, run: TrackedRun, history: list[dict[str, float]]) -> None:

@@ -3,23 +3,19 @@ and the held-out images, each embedded once per evaluation."""
 
 from __future__ import annotations
 
-from typing import Any
-
-import lightning as L
 import torch
 from torch.utils.data import DataLoader
 
+from finetune_budget.data.base import BudgetDataModule
 from finetune_budget.data.images import ImageDataset, ImageRetrievalData, check_readable
-from finetune_budget.data.samplers import ClassChunkBatchSampler
-from finetune_budget.data.subsets import nested_subset
 from finetune_budget.errors import DataError
 from finetune_budget.models.vision import image_transforms
 
 
-class ImageRetrievalDataModule(L.LightningDataModule):
-    """Training batches {"images": (B, 3, S, S), "labels": (B,)} of the first `n` training images
-    of a seeded permutation, `samples_per_class` images of a class together; eval batches
-    {"images": (B, 3, S, S), "index": (B,)} over all held-out images."""
+class ImageRetrievalDataModule(BudgetDataModule):
+    """Training batches {"images": (B, 3, S, S), "labels": (B,), "index": (B,)} of the first `n`
+    training images of a seeded permutation, `samples_per_class` images of a class together; eval
+    batches {"images": (B, 3, S, S), "index": (B,)} over all held-out images."""
 
     def __init__(
         self,
@@ -36,18 +32,14 @@ class ImageRetrievalDataModule(L.LightningDataModule):
         augment: bool = True,
         seed: int = 0,
     ) -> None:
-        super().__init__()
+        super().__init__(
+            len(data.train_paths), n, subset_seed, name=f"{data.name} training images",
+            batch_size=batch_size, samples_per_class=samples_per_class,
+            eval_batch_size=eval_batch_size, num_workers=num_workers, seed=seed,
+        )  # fmt: skip
         self.data = data
-        self.subset = nested_subset(
-            len(data.train_paths), n, subset_seed, name=f"{data.name} training images"
-        )
         if len(data.eval_paths) < 2:
             raise DataError(f"{data.name}: fewer than 2 held-out images; add images or classes")
-        self.batch_size = batch_size
-        self.samples_per_class = samples_per_class
-        self.eval_batch_size = eval_batch_size
-        self.num_workers = num_workers
-        self.seed = seed
         self.eval_groups = torch.as_tensor(data.eval_groups)
         train_paths = [data.train_paths[i] for i in self.subset]
         check_readable(train_paths + data.eval_paths)
@@ -56,6 +48,7 @@ class ImageRetrievalDataModule(L.LightningDataModule):
             data.train_labels[self.subset],
             image_transforms(image_size, train=augment, mean=mean, std=std),
             key="labels",
+            ids=self.subset.tolist(),
         )
         self.eval_set = ImageDataset(
             data.eval_paths,
@@ -64,30 +57,8 @@ class ImageRetrievalDataModule(L.LightningDataModule):
             key="index",
         )
 
-    @property
-    def n_train(self) -> int:
-        return len(self.subset)
-
-    def _loader_kwargs(self) -> dict[str, Any]:
-        trainer = self.trainer
-        cuda = trainer is not None and trainer.strategy.root_device.type == "cuda"
-        return {
-            "num_workers": self.num_workers,
-            "persistent_workers": self.num_workers > 0,
-            "pin_memory": cuda,
-        }
-
     def train_dataloader(self) -> DataLoader:
-        trainer = self.trainer
-        world, rank = (trainer.world_size, trainer.global_rank) if trainer is not None else (1, 0)
-        sampler = ClassChunkBatchSampler(
-            self.train_set.values, self.batch_size, self.samples_per_class, seed=self.seed,
-            num_replicas=world, rank=rank,
-        )  # fmt: skip
-        return DataLoader(self.train_set, batch_sampler=sampler, **self._loader_kwargs())
+        return self.train_loader(self.train_set, labels=self.train_set.values)
 
     def val_dataloader(self) -> DataLoader:
-        # Every rank embeds the whole held-out split (no distributed sampler): metrics need all.
-        return DataLoader(
-            self.eval_set, batch_size=self.eval_batch_size, shuffle=False, **self._loader_kwargs()
-        )
+        return self.eval_loader(self.eval_set)

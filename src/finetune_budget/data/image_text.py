@@ -15,12 +15,11 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import lightning as L
 import torch
 from PIL import Image, UnidentifiedImageError
-from torch.utils.data import DataLoader, Dataset, RandomSampler
+from torch.utils.data import DataLoader, Dataset
 
-from finetune_budget.data.subsets import nested_subset
+from finetune_budget.data.base import BudgetDataModule
 from finetune_budget.data.text import read_flickr8k_captions, require_file, split_images
 from finetune_budget.errors import DataError
 
@@ -120,21 +119,28 @@ def read_image(path: str) -> Image.Image:
 
 
 class PairDataset(Dataset):
-    """Item i -> {"image": (3, S, S) float, "caption": str}; decoded and augmented in workers."""
+    """Item i -> {"image": (3, S, S) float, "caption": str, "index": id}; decoded and augmented
+    in workers."""
 
     def __init__(
         self,
         images: list[str],
         captions: list[str],
         transform: Callable[[Image.Image], torch.Tensor],
+        ids: list[int] | None = None,
     ) -> None:
         self.images, self.captions, self.transform = images, captions, transform
+        self.ids = ids if ids is not None else list(range(len(captions)))
 
     def __len__(self) -> int:
         return len(self.captions)
 
     def __getitem__(self, i: int) -> dict[str, Any]:
-        return {"image": self.transform(read_image(self.images[i])), "caption": self.captions[i]}
+        return {
+            "image": self.transform(read_image(self.images[i])),
+            "caption": self.captions[i],
+            "index": self.ids[i],
+        }
 
 
 class EvalDataset(Dataset):
@@ -156,10 +162,11 @@ class EvalDataset(Dataset):
         return 1, j, self.data.eval_captions[j]
 
 
-class ImageTextDataModule(L.LightningDataModule):
-    """Training batches {"image": (B, 3, S, S), "text": (B, T) token ids} of the first `n` pairs
-    of a seeded permutation; eval batches of held-out images {"image", "index"} or captions
-    {"text", "index"} (a batch holds one kind; captions sorted by length to keep padding small).
+class ImageTextDataModule(BudgetDataModule):
+    """Training batches {"image": (B, 3, S, S), "text": (B, T) token ids, "index": (B,)} of the
+    first `n` pairs of a seeded permutation; eval batches of held-out images {"image", "index"} or
+    captions {"text", "index"} (a batch holds one kind; captions sorted by length to keep padding
+    small).
     """
 
     def __init__(
@@ -175,19 +182,15 @@ class ImageTextDataModule(L.LightningDataModule):
         num_workers: int = 0,
         seed: int = 0,
     ) -> None:
-        super().__init__()
+        super().__init__(
+            len(data), n, subset_seed, name=f"{data.name} train pairs", batch_size=batch_size,
+            eval_batch_size=eval_batch_size, num_workers=num_workers, seed=seed,
+        )  # fmt: skip
         self.data = data
         self.tokenizer = tokenizer
         self.train_transform, self.eval_transform = train_transform, eval_transform
-        self.subset = nested_subset(len(data), n, subset_seed, name=f"{data.name} train pairs")
-        self.batch_size, self.eval_batch_size = batch_size, eval_batch_size
-        self.num_workers, self.seed = num_workers, seed
         # (C,) image index of each held-out caption: the relevance of both directions
         self.caption_image = torch.as_tensor(data.eval_caption_image)
-
-    @property
-    def n_train(self) -> int:
-        return len(self.subset)
 
     @property
     def n_eval_images(self) -> int:
@@ -197,6 +200,7 @@ class ImageTextDataModule(L.LightningDataModule):
         return {
             "image": torch.stack([it["image"] for it in items]),
             "text": self.tokenizer([it["caption"] for it in items]),
+            "index": torch.as_tensor([it["index"] for it in items]),
         }
 
     def collate_eval(self, items: list[tuple[int, int, Any]]) -> dict[str, torch.Tensor]:
@@ -205,9 +209,6 @@ class ImageTextDataModule(L.LightningDataModule):
             return {"image": torch.stack([x for _, _, x in items]), "index": index}
         return {"text": self.tokenizer([x for _, _, x in items]), "index": index}
 
-    def _loader_kwargs(self) -> dict[str, Any]:
-        return {"num_workers": self.num_workers, "persistent_workers": self.num_workers > 0}
-
     def train_dataloader(self) -> DataLoader:
         d = self.data
         items = self.subset.tolist()
@@ -215,16 +216,10 @@ class ImageTextDataModule(L.LightningDataModule):
             [d.train_images[i] for i in items],
             [d.train_captions[i] for i in items],
             self.train_transform,
+            ids=items,
         )
-        generator = torch.Generator().manual_seed(self.seed)
-        return DataLoader(
-            dataset,
-            batch_size=self.batch_size,
-            sampler=RandomSampler(dataset, generator=generator),
-            collate_fn=self.collate_train,
-            drop_last=len(dataset) > self.batch_size,
-            **self._loader_kwargs(),
-        )
+        # in-batch negatives: no short last batch (a batch of one pair has no negative)
+        return self.train_loader(dataset, self.collate_train, drop_last=True)
 
     def eval_batches(self) -> list[list[int]]:
         """Batches of EvalDataset positions: images in order, then captions by length."""
@@ -236,10 +231,6 @@ class ImageTextDataModule(L.LightningDataModule):
         return image_batches + text_batches
 
     def val_dataloader(self) -> DataLoader:
-        # Every rank embeds the whole held-out split (metrics need all items).
-        return DataLoader(
-            EvalDataset(self.data, self.eval_transform),
-            batch_sampler=self.eval_batches(),
-            collate_fn=self.collate_eval,
-            **self._loader_kwargs(),
+        return self.eval_loader(
+            EvalDataset(self.data, self.eval_transform), self.collate_eval, self.eval_batches()
         )

@@ -167,15 +167,22 @@ def check_readable(paths: list[str]) -> None:
 
 class ImageDataset(Dataset):
     """Item i -> {"images": (3, H, W) float tensor, key: int}; decoding and augmentation happen
-    here, i.e. in the DataLoader workers. key is "labels" (class id) or "index" (position)."""
+    here, i.e. in the DataLoader workers. key is "labels" (class id) or "index" (position).
+    ids: each item's id, added as "index" (training items carry theirs)."""
 
     def __init__(
-        self, paths: list[str], values: np.ndarray | list[int], transform: Any, key: str
+        self,
+        paths: list[str],
+        values: np.ndarray | list[int],
+        transform: Any,
+        key: str,
+        ids: list[int] | None = None,
     ) -> None:
         self.paths = paths
         self.values = [int(v) for v in values]
         self.transform = transform
         self.key = key
+        self.ids = ids
 
     def __len__(self) -> int:
         return len(self.paths)
@@ -188,4 +195,7 @@ class ImageDataset(Dataset):
             raise DataError(
                 f"image {self.paths[i]} cannot be read ({e}); remove or replace the file"
             ) from e
-        return {"images": image, self.key: torch.tensor(self.values[i])}
+        item = {"images": image, self.key: torch.tensor(self.values[i])}
+        if self.ids is not None:
+            item["index"] = torch.tensor(self.ids[i])
+        return item

@@ -1,4 +1,5 @@
-"""Class-aware batches: a few items of one class together, so every anchor has positives."""
+"""Training batch samplers that split each epoch across DDP ranks: class-aware batches (a few
+items of one class together, so every anchor has positives) and plain shuffled batches."""
 
 from __future__ import annotations
 
@@ -8,11 +9,90 @@ import numpy as np
 from torch.utils.data import Sampler
 
 
+class EpochCounter:
+    """The epoch a batch sampler draws. Lightning calls `set_epoch` on a loader's
+    `batch_sampler.sampler` (not on the batch sampler) at every epoch start, also when a run
+    resumes from a checkpoint; so the batch samplers below keep theirs there."""
+
+    def __init__(self) -> None:
+        self.epoch = 0
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = int(epoch)
+
+
+def rank_batches(
+    order: Sequence[int],
+    batch_size: int,
+    num_replicas: int = 1,
+    rank: int = 0,
+    drop_last: bool = False,
+) -> list[list[int]]:
+    """One epoch's item order (the same on every rank) -> this rank's batches.
+
+    The order is cut into rounds of `num_replicas * batch_size` items; in each round rank r takes
+    items r*B .. (r+1)*B-1. So at every step all ranks hold batches of one size: the all-gathers
+    of the losses see equal shapes and rank r's items sit at offset r*B, and across ranks every
+    item is used once. The last, incomplete round of R < num_replicas*B items is dropped with
+    `drop_last` (unless it is the only one), else split evenly (R // num_replicas items per rank;
+    the last R % num_replicas items of the epoch, fewer than num_replicas, are left out). With one
+    process and drop_last=False nothing is left out. Like torch's DistributedSampler with
+    drop_last, but it keeps batches of consecutive items (class chunks stay together).
+    """
+    step = batch_size * num_replicas
+    full = len(order) // step * step
+    batches = [
+        list(order[s + rank * batch_size : s + (rank + 1) * batch_size])
+        for s in range(0, full, step)
+    ]
+    rest = order[full:]
+    share = len(rest) // num_replicas
+    if share and (not drop_last or not batches):
+        batches.append(list(rest[rank * share : (rank + 1) * share]))
+    return batches
+
+
+class ShuffledBatchSampler(Sampler[list[int]]):
+    """Batches of a random order of `n` items that depends only on (seed, epoch), split across
+    `num_replicas` ranks by `rank_batches` (pairs, masked-LM chunks: any item may go with any)."""
+
+    def __init__(
+        self,
+        n: int,
+        batch_size: int,
+        seed: int = 0,
+        drop_last: bool = False,
+        num_replicas: int = 1,
+        rank: int = 0,
+    ) -> None:
+        self.n, self.batch_size, self.seed = int(n), int(batch_size), int(seed)
+        self.drop_last, self.num_replicas, self.rank = drop_last, num_replicas, rank
+        self.sampler = EpochCounter()
+
+    def set_epoch(self, epoch: int) -> None:
+        self.sampler.set_epoch(epoch)
+
+    @property
+    def epoch(self) -> int:
+        return self.sampler.epoch
+
+    def _batches(self) -> list[list[int]]:
+        order = np.random.default_rng([self.seed, self.epoch]).permutation(self.n).tolist()
+        return rank_batches(order, self.batch_size, self.num_replicas, self.rank, self.drop_last)
+
+    def __iter__(self) -> Iterator[list[int]]:
+        yield from self._batches()
+
+    def __len__(self) -> int:
+        return len(self._batches())
+
+
 class ClassChunkBatchSampler(Sampler[list[int]]):
     """Yields batches of `batch_size` indices built from chunks of `per_class` same-label items.
 
     Every item appears exactly once per epoch (an epoch sees n items), the order depends only on
-    (seed, epoch), and with `num_replicas > 1` each rank takes every num_replicas-th batch.
+    (seed, epoch), and with `num_replicas > 1` the ranks split it as `rank_batches` says (equal
+    batch sizes at every step; fewer than num_replicas items of an epoch dropped).
     labels: (N,) class ids of the training subset.
     """
 
@@ -33,10 +113,14 @@ class ClassChunkBatchSampler(Sampler[list[int]]):
         self.drop_last = drop_last
         self.num_replicas = num_replicas
         self.rank = rank
-        self.epoch = 0
+        self.sampler = EpochCounter()  # Lightning sets the epoch here
 
     def set_epoch(self, epoch: int) -> None:
-        self.epoch = epoch
+        self.sampler.set_epoch(epoch)
+
+    @property
+    def epoch(self) -> int:
+        return self.sampler.epoch
 
     def _batches(self) -> list[list[int]]:
         rng = np.random.default_rng([self.seed, self.epoch])
@@ -50,13 +134,7 @@ class ClassChunkBatchSampler(Sampler[list[int]]):
             ]
         order = rng.permutation(len(chunks))
         flat = [i for c in order for i in chunks[c]]
-        batches = [flat[i : i + self.batch_size] for i in range(0, len(flat), self.batch_size)]
-        if self.drop_last and batches and len(batches[-1]) < self.batch_size:
-            batches.pop()
-        if self.num_replicas > 1:
-            usable = len(batches) - len(batches) % self.num_replicas
-            batches = batches[self.rank : usable : self.num_replicas]
-        return batches
+        return rank_batches(flat, self.batch_size, self.num_replicas, self.rank, self.drop_last)
 
     def __iter__(self) -> Iterator[list[int]]:
         yield from self._batches()

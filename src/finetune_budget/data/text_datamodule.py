@@ -4,19 +4,18 @@ from __future__ import annotations
 
 from typing import Any
 
-import lightning as L
 import torch
-from torch.utils.data import DataLoader, RandomSampler
+from torch.utils.data import DataLoader
 
-from finetune_budget.data.samplers import ClassChunkBatchSampler
-from finetune_budget.data.subsets import nested_subset
+from finetune_budget.data.base import BudgetDataModule
 from finetune_budget.data.text import TextRetrievalData
 
 
-class TextRetrievalDataModule(L.LightningDataModule):
-    """Training batches of the first `n` items of a seeded permutation; eval batches of all
-    held-out items, sorted by length so padding stays small (each batch carries the items'
-    `index`)."""
+class TextRetrievalDataModule(BudgetDataModule):
+    """Training batches of the first `n` items of a seeded permutation (labels: class-aware,
+    {"input": tokenised (B, T), "labels": (B,), "index": (B,)}; pairs: shuffled, {"query",
+    "positive": tokenised (B, T), "index"}); eval batches {"input", "index"} of all held-out items,
+    sorted by length so padding stays small."""
 
     def __init__(
         self,
@@ -31,24 +30,18 @@ class TextRetrievalDataModule(L.LightningDataModule):
         num_workers: int = 0,
         seed: int = 0,
     ) -> None:
-        super().__init__()
+        super().__init__(
+            len(data), n, subset_seed, name=f"{data.name} train", batch_size=batch_size,
+            samples_per_class=samples_per_class, eval_batch_size=eval_batch_size,
+            num_workers=num_workers, seed=seed,
+        )  # fmt: skip
         self.data = data
         self.tokenizer = tokenizer
-        self.subset = nested_subset(len(data), n, subset_seed, name=f"{data.name} train")
-        self.batch_size = batch_size
-        self.samples_per_class = samples_per_class
-        self.eval_batch_size = eval_batch_size
         self.max_length = max_length
-        self.num_workers = num_workers
-        self.seed = seed
         self.eval_groups = torch.as_tensor(data.eval_groups)
         self._eval_order = sorted(
             range(len(data.eval_texts)), key=lambda i: len(data.eval_texts[i])
         )
-
-    @property
-    def n_train(self) -> int:
-        return len(self.subset)
 
     def _tokenize(self, texts: list[str]) -> dict[str, torch.Tensor]:
         return dict(
@@ -68,10 +61,12 @@ class TextRetrievalDataModule(L.LightningDataModule):
             return {
                 "query": self._tokenize(texts),
                 "positive": self._tokenize([d.train_positives[i] for i in indices]),
+                "index": torch.as_tensor(indices),
             }
         return {
             "input": self._tokenize(texts),
             "labels": torch.as_tensor([d.train_labels[i] for i in indices]),
+            "index": torch.as_tensor(indices),
         }
 
     def collate_eval(self, indices: list[int]) -> dict[str, Any]:
@@ -80,45 +75,13 @@ class TextRetrievalDataModule(L.LightningDataModule):
             "index": torch.as_tensor(indices),
         }
 
-    def _loader_kwargs(self) -> dict[str, Any]:
-        return {"num_workers": self.num_workers, "persistent_workers": self.num_workers > 0}
-
     def train_dataloader(self) -> DataLoader:
-        trainer = self.trainer
-        world, rank = (trainer.world_size, trainer.global_rank) if trainer is not None else (1, 0)
         items = self.subset.tolist()
         if self.data.kind == "labels":
             labels = [self.data.train_labels[i] for i in items]
-            sampler = ClassChunkBatchSampler(
-                labels,
-                self.batch_size,
-                self.samples_per_class,
-                seed=self.seed,
-                num_replicas=world,
-                rank=rank,
-            )
-            return DataLoader(
-                items,
-                batch_sampler=sampler,
-                collate_fn=self.collate_train,
-                **self._loader_kwargs(),
-            )
-        generator = torch.Generator().manual_seed(self.seed)
-        return DataLoader(
-            items,
-            batch_size=self.batch_size,
-            sampler=RandomSampler(items, generator=generator),
-            collate_fn=self.collate_train,
-            drop_last=len(items) > self.batch_size,
-            **self._loader_kwargs(),
-        )
+            return self.train_loader(items, self.collate_train, labels=labels)
+        # in-batch negatives: no short last batch (a batch of one pair has no negative)
+        return self.train_loader(items, self.collate_train, drop_last=True)
 
     def val_dataloader(self) -> DataLoader:
-        # Every rank embeds the whole held-out split (no distributed sampler): metrics need all.
-        return DataLoader(
-            self._eval_order,
-            batch_size=self.eval_batch_size,
-            shuffle=False,
-            collate_fn=self.collate_eval,
-            **self._loader_kwargs(),
-        )
+        return self.eval_loader(self._eval_order, self.collate_eval)

@@ -22,6 +22,29 @@ def _sync(module: L.LightningModule) -> None:
         torch.cuda.synchronize(module.device)
 
 
+def _eval_batch_items(batch: Any) -> int:
+    """Held-out items in an evaluation batch: every task's eval batch carries their `index`
+    (another format counts 0, so its epoch 0 is never cached rather than cached wrongly)."""
+    if isinstance(batch, dict) and "index" in batch:
+        return len(batch["index"])
+    return 0
+
+
+def held_out_size(trainer: L.Trainer) -> int | None:
+    """Items in the validation loaders' datasets (None when a loader has no sized dataset)."""
+    loaders = trainer.val_dataloaders
+    if loaders is None:
+        return None
+    if isinstance(loaders, dict):
+        loaders = list(loaders.values())
+    elif not isinstance(loaders, list | tuple):
+        loaders = [loaders]
+    try:
+        return sum(len(loader.dataset) for loader in loaders)
+    except (AttributeError, TypeError):
+        return None
+
+
 class BudgetTracker(Callback):
     """Records one row per evaluated epoch in `history` and logs it to the tracked MLflow run.
 
@@ -47,6 +70,9 @@ class BudgetTracker(Callback):
         self.epoch_batches = 0
         self._train_t0: float | None = None
         self._eval_t0: float | None = None
+        # items embedded by the last validation, and the held-out split's size
+        self.eval_items_seen = 0
+        self.eval_items_total: int | None = None
 
     # -- state for runs that continue from a saved epoch -----------------------------------------
     def state_dict(self) -> dict[str, Any]:
@@ -115,11 +141,23 @@ class BudgetTracker(Callback):
 
     def on_validation_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         self._stop_train_clock(pl_module)
+        self.eval_items_seen = 0
         self._eval_t0 = time.perf_counter()
+
+    def on_validation_batch_end(
+        self, trainer, pl_module, outputs, batch, batch_idx, dataloader_idx=0
+    ) -> None:
+        self.eval_items_seen += _eval_batch_items(batch)
+
+    @property
+    def eval_complete(self) -> bool:
+        """Whether the last validation embedded every held-out item."""
+        return self.eval_items_total is not None and self.eval_items_seen == self.eval_items_total
 
     def on_validation_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         _sync(pl_module)
         eval_s = time.perf_counter() - (self._eval_t0 or time.perf_counter())
+        self.eval_items_total = held_out_size(trainer)
         if trainer.sanity_checking or not trainer.is_global_zero:
             return
         fitting = trainer.state.fn == "fit"
@@ -131,3 +169,16 @@ class BudgetTracker(Callback):
 
     def on_train_epoch_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         self._stop_train_clock(pl_module)  # when no validation ran this epoch
+
+    def on_fit_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        """Record what the module asks for on the run: `run_tags` (str) and `run_metrics` (at the
+        last epoch). Modules never write to MLflow themselves."""
+        if self.run is None or not trainer.is_global_zero:
+            return
+        tags = getattr(pl_module, "run_tags", None)
+        if tags:
+            self.run.set_tags(tags)
+        metrics = getattr(pl_module, "run_metrics", None)
+        if metrics:
+            step = int(self.history[-1]["epoch"]) if self.history else 0
+            self.run.log_metrics(metrics, step=step)

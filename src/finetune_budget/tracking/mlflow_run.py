@@ -53,7 +53,7 @@ def package_versions() -> dict[str, str]:
 @dataclass
 class TrackedRun:
     client: MlflowClient
-    run_id: str
+    run_id: str | None  # None in the extra processes of a multi-process run (not launched by us)
     experiment_id: str
     tracking_uri: str
     history: list[dict[str, float]] = field(default_factory=list)
@@ -132,10 +132,6 @@ def ui_addresses(tracking_uri: str, base: str = "http://127.0.0.1:5000") -> list
 RUN_ID_ENV = "FINETUNE_BUDGET_RUN_ID"
 
 
-def _is_extra_rank() -> bool:
-    return any(int(os.environ.get(k, "0") or 0) > 0 for k in ("LOCAL_RANK", "RANK", "NODE_RANK"))
-
-
 def _one_line(error: BaseException) -> str:
     text = str(error).strip().splitlines()
     return f"{type(error).__name__}: {text[0] if text else ''}"[:5000]
@@ -149,19 +145,19 @@ def tracked_run(
     tags: Mapping[str, Any] | None = None,
     run_name: str | None = None,
     config_yaml: str | None = None,
+    main_process: bool = True,
 ) -> Iterator[TrackedRun]:
     """Create a run, log params/tags/config/versions, and set its final status on exit.
 
-    In a multi-device run Lightning starts ranks 1.. as new processes of the same command; they
-    attach to the run of rank 0 (RUN_ID_ENV) instead of creating their own.
+    main_process: False in the extra processes (global ranks 1..) of a multi-process run
+    (`distributed.is_main_process`): they create no run and write nothing, under Lightning's
+    launcher, torchrun and srun alike. Ranks that Lightning's launcher starts inherit rank 0's
+    run id (RUN_ID_ENV); others get None.
     """
     mlflow.set_tracking_uri(tracking_uri)
     client = MlflowClient(tracking_uri)
-    if _is_extra_rank() and os.environ.get(RUN_ID_ENV):
-        run_id = os.environ[RUN_ID_ENV]
-        yield TrackedRun(
-            client, run_id, client.get_run(run_id).info.experiment_id, tracking_uri, writer=False
-        )
+    if not main_process:
+        yield TrackedRun(client, os.environ.get(RUN_ID_ENV), "", tracking_uri, writer=False)
         return
     exp_id = experiment_id(client, experiment)
     all_tags = {f"versions.{k}": v for k, v in package_versions().items()}

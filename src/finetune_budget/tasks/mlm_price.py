@@ -19,7 +19,6 @@ import time
 from pathlib import Path
 from typing import Any
 
-import lightning as L
 import numpy as np
 import torch
 from omegaconf import DictConfig, OmegaConf
@@ -30,7 +29,7 @@ from transformers import (
 )
 
 from finetune_budget.data.airbnb import Listings, load_listings
-from finetune_budget.data.subsets import nested_subset
+from finetune_budget.data.base import BudgetDataModule
 from finetune_budget.errors import ConfigError, ModelError
 from finetune_budget.models.text import (
     SentenceEncoder,
@@ -38,13 +37,10 @@ from finetune_budget.models.text import (
     load_tokenizer,
     load_transformer,
 )
-from finetune_budget.optim import (
-    check_finite_embeddings,
-    check_finite_loss,
-    optimizer_with_schedule,
-    weight_decay_groups,
-)
+from finetune_budget.optim import weight_decay_groups
 from finetune_budget.probes import embed_texts, price_probe
+from finetune_budget.tasks.module import FineTuner
+from finetune_budget.tasks.task import TaskParts
 
 log = logging.getLogger(__name__)
 
@@ -72,10 +68,11 @@ def chunk_texts(
     return [c for c in ids if len(c) - special >= min_tokens]
 
 
-class MaskedLMDataModule(L.LightningDataModule):
+class MaskedLMDataModule(BudgetDataModule):
     """Training: masked-LM batches of chunks of the first `n` texts of a seeded permutation
-    ({"input_ids", "attention_mask", "labels"}: (B, T)). Validation: every listing (or a fixed
-    subsample) for the probe ({"input": tokenised (B, T'), "index": (B,)})."""
+    ({"input_ids", "attention_mask", "labels"}: (B, T), "index": (B,) chunk ids). Validation:
+    every listing (or a fixed subsample) for the probe ({"input": tokenised (B, T'), "index":
+    (B,)})."""
 
     def __init__(
         self,
@@ -92,19 +89,17 @@ class MaskedLMDataModule(L.LightningDataModule):
         num_workers: int = 0,
         seed: int = 0,
     ) -> None:
-        super().__init__()
         if not 0 < mlm_probability < 1:
             raise ConfigError(
                 f"data.mlm_probability={mlm_probability} must lie in (0, 1), e.g. 0.2"
             )
+        super().__init__(
+            len(listings), n, subset_seed, name="the listings", batch_size=batch_size,
+            eval_batch_size=eval_batch_size, num_workers=num_workers, seed=seed,
+        )  # fmt: skip
         self.listings = listings
         self.tokenizer = tokenizer
-        self.subset = nested_subset(len(listings), n, subset_seed, name="the listings")
-        self.batch_size = batch_size
         self.chunk_length = int(chunk_length)
-        self.num_workers = num_workers
-        self.seed = seed
-        self.eval_batch_size = eval_batch_size
         self.probe_max_length = int(probe_max_length)
         self.collator = DataCollatorForLanguageModeling(
             tokenizer, mlm=True, mlm_probability=mlm_probability
@@ -117,10 +112,6 @@ class MaskedLMDataModule(L.LightningDataModule):
             self.probe_items = np.arange(total)
         self.probe_prices = listings.prices[self.probe_items]
         self._chunks: list[list[int]] | None = None
-
-    @property
-    def n_train(self) -> int:
-        return len(self.subset)
 
     @property
     def chunks(self) -> list[list[int]]:
@@ -136,8 +127,9 @@ class MaskedLMDataModule(L.LightningDataModule):
             )
         return self._chunks
 
-    def collate_train(self, chunks: list[list[int]]) -> dict[str, torch.Tensor]:
-        return dict(self.collator([{"input_ids": c} for c in chunks]))
+    def collate_train(self, indices: list[int]) -> dict[str, torch.Tensor]:
+        batch = dict(self.collator([{"input_ids": self.chunks[i]} for i in indices]))
+        return {**batch, "index": torch.as_tensor(indices)}
 
     def collate_eval(self, indices: list[int]) -> dict[str, Any]:
         texts = [self.listings.texts[self.probe_items[i]] for i in indices]
@@ -151,26 +143,12 @@ class MaskedLMDataModule(L.LightningDataModule):
         return {"input": dict(tokens), "index": torch.as_tensor(indices)}
 
     def train_dataloader(self) -> DataLoader:
-        generator = torch.Generator().manual_seed(self.seed)
-        return DataLoader(
-            self.chunks,
-            batch_size=self.batch_size,
-            shuffle=True,
-            generator=generator,
-            collate_fn=self.collate_train,
-            num_workers=self.num_workers,
-        )
+        return self.train_loader(list(range(len(self.chunks))), self.collate_train)
 
     def val_dataloader(self) -> DataLoader:
         texts = self.listings.texts
         order = sorted(range(len(self.probe_items)), key=lambda i: len(texts[self.probe_items[i]]))
-        return DataLoader(
-            order,
-            batch_size=self.eval_batch_size,
-            shuffle=False,
-            collate_fn=self.collate_eval,
-            num_workers=self.num_workers,
-        )
+        return self.eval_loader(order, self.collate_eval)
 
 
 # -- model ---------------------------------------------------------------------------------------
@@ -269,7 +247,8 @@ def masked_lm_loss(model: torch.nn.Module, batch: dict[str, torch.Tensor]) -> to
     masked positions (~20% of the tokens), which halves a MiniLM step on a CPU."""
     head = mlm_head(model)
     if head is None:
-        return model(**batch).loss
+        keys = ("input_ids", "attention_mask", "labels")
+        return model(**{k: batch[k] for k in keys if k in batch}).loss
     hidden = model.base_model(
         input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]
     ).last_hidden_state
@@ -278,7 +257,7 @@ def masked_lm_loss(model: torch.nn.Module, batch: dict[str, torch.Tensor]) -> to
     return torch.nn.functional.cross_entropy(logits.float(), batch["labels"][selected])
 
 
-class MaskedLMAdapter(L.LightningModule):
+class MaskedLMAdapter(FineTuner):
     """Masked-LM training of a sentence encoder's transformer; the price probe after each
     validation sets `eval_metrics` = {"probe/r2", "probe/mae", "probe/median_ae"}."""
 
@@ -303,37 +282,20 @@ class MaskedLMAdapter(L.LightningModule):
             pooling=model.get("pooling", "mean"),
             normalize=model.get("normalize", True),
         )
-        self.eval_metrics: dict[str, float] = {}
         self.saved_model: str | None = None
         self.save_check_diff: float | None = None
-        self._eval_parts: list[tuple[torch.Tensor, torch.Tensor]] = []
 
-    def training_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> torch.Tensor:
-        loss = masked_lm_loss(self.mlm, batch)
-        check_finite_loss(self, loss)
-        self.log(
-            "train/loss",
-            loss,
-            on_step=True,
-            on_epoch=True,
-            prog_bar=True,
-            batch_size=batch["input_ids"].shape[0],
-        )
-        return loss
+    def compute_loss(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+        return masked_lm_loss(self.mlm, batch)
 
-    def on_validation_epoch_start(self) -> None:
-        self._eval_parts = []
+    def embed_eval(self, batch: dict[str, Any]) -> tuple[str, torch.Tensor]:
+        return "items", self.encoder(**batch["input"])
 
-    def validation_step(self, batch: dict[str, Any], batch_idx: int) -> None:
-        self._eval_parts.append(
-            (batch["index"].cpu(), self.encoder(**batch["input"]).float().cpu())
-        )
+    primary_metric = "probe/r2"
 
-    def on_validation_epoch_end(self) -> None:
-        index = torch.cat([i for i, _ in self._eval_parts])
-        emb = torch.cat([e for _, e in self._eval_parts])
-        self._eval_parts = []
-        check_finite_embeddings(self, emb)
+    def score(self, parts: dict[str, tuple[torch.Tensor, torch.Tensor]]) -> dict[str, float]:
+        """The price probe on the held-out listings' embeddings."""
+        index, emb = parts["items"]
         prices = self.trainer.datamodule.probe_prices[index.numpy()]
         start = time.perf_counter()
         scores = price_probe(emb.numpy(), prices, **self.hparams.probe)
@@ -343,8 +305,7 @@ class MaskedLMAdapter(L.LightningModule):
             scores,
             time.perf_counter() - start,
         )
-        self.eval_metrics = {f"probe/{k}": v for k, v in scores.items()}
-        self.log("probe/r2", scores["r2"], prog_bar=True, logger=False, rank_zero_only=True)
+        return {f"probe/{k}": v for k, v in scores.items()}
 
     def on_fit_end(self) -> None:
         """Save the adapted encoder, reload it, check the embeddings agree; tag the MLflow run."""
@@ -373,17 +334,13 @@ class MaskedLMAdapter(L.LightningModule):
                 experiment.set_tag(run_id, "adapted_model", self.saved_model)
                 experiment.log_metric(run_id, "check/save_max_abs_diff", self.save_check_diff)
 
-    def configure_optimizers(self):
-        return optimizer_with_schedule(
-            self, self.hparams.optim, weight_decay_groups(self.mlm.named_parameters())
-        )
+    def param_groups(self) -> list[dict]:
+        return weight_decay_groups(self.mlm.named_parameters())
 
 
 # -- task ----------------------------------------------------------------------------------------
-def build_mlm_price(cfg: DictConfig):
+def build(cfg: DictConfig) -> TaskParts:
     """TaskParts of task=mlm_price from the composed config."""
-    from finetune_budget.tasks import TaskParts
-
     plain = OmegaConf.to_container(cfg, resolve=True)
     model_cfg, data_cfg = plain["model"], plain["data"]
     probe = dict(plain["eval"].get("price_probe") or {})

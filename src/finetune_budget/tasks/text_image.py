@@ -1,9 +1,10 @@
-"""Text-to-image search: an open_clip dual encoder fine-tuned with the symmetric CLIP loss.
+"""Text-to-image search (task=text_image): an open_clip dual encoder fine-tuned with the
+symmetric CLIP loss.
 
     python train.py task=text_image                       MiniLM + MobileNetV2 on Flickr8k
     python train.py -m task=text_image data.n=100,500,1000 trainer.max_epochs=1..10
 
-After each validation `eval_metrics` holds {"val/mrr_at_20": ..., "val/t2i_recall_at_1": ...};
+After each validation `eval_metrics` holds {"val/mrr_at_20": ..., "val/i2t_hit_at_1": ...};
 the budget tracker logs it. The unprefixed metrics are text-to-image (captions query images).
 """
 
@@ -12,19 +13,14 @@ from __future__ import annotations
 import logging
 from typing import Any
 
-import lightning as L
 import torch
 from omegaconf import DictConfig
-from open_clip.loss import ClipLoss
 
 from finetune_budget.errors import ConfigError
 from finetune_budget.metrics import retrieval_metrics
 from finetune_budget.models.clip import build_clip
-from finetune_budget.optim import (
-    check_finite_embeddings,
-    check_finite_loss,
-    optimizer_with_schedule,
-)
+from finetune_budget.tasks.module import FineTuner
+from finetune_budget.tasks.task import TaskParts
 
 log = logging.getLogger(__name__)
 
@@ -39,31 +35,37 @@ def score_both_directions(
     top_k: int = 20,
     recall_at: tuple[int, ...] = (1, 5, 10),
 ) -> dict[str, float]:
-    """Retrieval metrics of both directions on the held-out split.
+    """Retrieval metrics of both directions on the held-out split (see finetune_budget.metrics).
 
     texts: (C, D), images: (M, D), L2-normalised; caption_image: (C,) the image of each caption.
-    val/<metric>: captions query images (text-to-image, the study's metric), also as
-    val/t2i_recall_at_<k>; val/i2t_<metric>: images query captions (their 5 captions relevant).
+    val/<metric>: captions query images (text-to-image, the study's metric), with its cut-off
+    metrics also as val/t2i_recall_at_<k> and val/t2i_hit_at_<k>; val/i2t_<metric>: images query
+    captions (their 5 captions relevant), every metric. One relevant image per caption makes
+    t2i recall@k = hit@k; for i2t, hit@k is what CLIP papers call R@k (recall@1 is at most 1/5).
     """
     image_ids = torch.arange(images.shape[0])
     t2i = retrieval_metrics(texts, images, caption_image, image_ids, top_k, recall_at)
     i2t = retrieval_metrics(images, texts, image_ids, caption_image, top_k, recall_at)
     out = {f"val/{k}": v for k, v in t2i.items()}
-    out.update({f"val/t2i_{k}": v for k, v in t2i.items() if k.startswith("recall_at_")})
     out.update(
-        {f"val/i2t_{k}": v for k, v in i2t.items() if k.startswith(("recall_at_", "mrr_at_"))}
+        {f"val/t2i_{k}": v for k, v in t2i.items() if k.startswith(("recall_at_", "hit_at_"))}
     )
+    out.update({f"val/i2t_{k}": v for k, v in i2t.items()})
     return out
 
 
-class ClipFineTuner(L.LightningModule):
+class ClipFineTuner(FineTuner):
     """Fine-tunes an open_clip model (see models/clip.py). Receives plain config values and builds
     its network itself.
 
     model: a CLIP `conf/model/*.yaml` as a dict; optim: optimizer (partial), schedule,
     warmup_steps and head_lr (learning rate of the projection heads and the temperature; null =
     the optimizer's lr); recall_at: the cut-offs of the per-direction recall metrics.
+    Batches: {"image": (B, 3, S, S), "text": (B, T) token ids, "index"}; held-out batches hold
+    one kind, {"image", "index"} or {"text", "index"}.
     """
+
+    loss_name = "clip"
 
     def __init__(
         self,
@@ -78,9 +80,6 @@ class ClipFineTuner(L.LightningModule):
         self.clip = parts.model
         self.parts = parts
         self.clip.train()
-        self.loss_fn: ClipLoss | None = None
-        self.eval_metrics: dict[str, float] = {}
-        self._eval: dict[str, list[tuple[torch.Tensor, torch.Tensor]]] = {}
 
     # -- the two encoders ------------------------------------------------------------------------
     def encode_image(self, images: torch.Tensor) -> torch.Tensor:
@@ -95,75 +94,53 @@ class ClipFineTuner(L.LightningModule):
         """exp of the learnable log-temperature, capped at MAX_LOGIT_SCALE (scalar)."""
         return self.clip.logit_scale.exp().clamp(max=MAX_LOGIT_SCALE)
 
-    # -- training --------------------------------------------------------------------------------
-    def setup(self, stage: str) -> None:
-        world = self.trainer.world_size if self._trainer is not None else 1
-        rank = self.trainer.global_rank if self._trainer is not None else 0
-        # Under DDP every rank scores its queries against all ranks' features, gathered with
-        # their gradients: 2 devices x batch B trains like 1 device x batch 2B.
-        self.loss_fn = ClipLoss(
-            local_loss=world > 1, gather_with_grad=world > 1, rank=rank, world_size=world
-        )
-
-    def compute_loss(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
-        """Symmetric InfoNCE over the batch's image-caption pairs (open_clip's ClipLoss)."""
-        if self.loss_fn is None:
-            self.setup("fit")
-        image = self.encode_image(batch["image"])
-        text = self.encode_text(batch["text"])
-        return self.loss_fn(image, text, self.logit_scale())
+    # -- batch format ----------------------------------------------------------------------------
+    def embed_train(self, batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        return {
+            "images": self.encode_image(batch["image"]),
+            "texts": self.encode_text(batch["text"]),
+            "logit_scale": self.logit_scale(),
+        }
 
     def training_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> torch.Tensor:
-        loss = self.compute_loss(batch)
-        check_finite_loss(self, loss)
-        n = batch["image"].shape[0]
-        self.log("train/loss", loss, on_step=True, on_epoch=True, prog_bar=True, batch_size=n)
+        loss = super().training_step(batch, batch_idx)
+        n = len(batch["index"])
         self.log("train/logit_scale", self.logit_scale().detach(), on_step=True, batch_size=n)
         return loss
 
-    # -- evaluation: each held-out image and caption embedded once -------------------------------
-    def on_validation_epoch_start(self) -> None:
-        self._eval = {"image": [], "text": []}
-
-    def validation_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> None:
+    def embed_eval(self, batch: dict[str, torch.Tensor]) -> tuple[str, torch.Tensor]:
         if "image" in batch:
-            emb = self.encode_image(batch["image"])
-            self._eval["image"].append((batch["index"].cpu(), emb.float().cpu()))
-        else:
-            emb = self.encode_text(batch["text"])
-            self._eval["text"].append((batch["index"].cpu(), emb.float().cpu()))
+            return "image", self.encode_image(batch["image"])
+        return "text", self.encode_text(batch["text"])
 
+    # -- evaluation: each held-out image and caption embedded once -------------------------------
     @staticmethod
-    def _stack(parts: list[tuple[torch.Tensor, torch.Tensor]], n: int) -> torch.Tensor:
+    def _stack(index: torch.Tensor, emb: torch.Tensor, n: int) -> torch.Tensor:
         """Embeddings put back in item order: (n, D)."""
-        index = torch.cat([i for i, _ in parts])
-        emb = torch.cat([e for _, e in parts])
         out = torch.empty(n, emb.shape[1])
         out[index] = emb
         return out
 
-    def on_validation_epoch_end(self) -> None:
+    def score(self, parts: dict[str, tuple[torch.Tensor, torch.Tensor]]) -> dict[str, float]:
         dm = self.trainer.datamodule
         n_img, n_cap = dm.n_eval_images, len(dm.caption_image)
-        seen_img = sum(len(i) for i, _ in self._eval["image"])
-        seen_cap = sum(len(i) for i, _ in self._eval["text"])
-        if seen_img != n_img or seen_cap != n_cap:
+        empty = (torch.zeros(0, dtype=torch.long), torch.zeros(0, 1))
+        (img_i, img_e), (cap_i, cap_e) = parts.get("image", empty), parts.get("text", empty)
+        if len(img_i) != n_img or len(cap_i) != n_cap:
             raise ConfigError(
-                f"evaluation saw {seen_img}/{n_img} images and {seen_cap}/{n_cap} captions; drop "
-                "trainer.limit_val_batches and use data.eval_subset=<images> for a shorter eval"
+                f"evaluation saw {len(img_i)}/{n_img} images and {len(cap_i)}/{n_cap} captions; "
+                "drop trainer.limit_val_batches and use data.eval_subset=<images> for a shorter "
+                "eval"
             )
-        images = self._stack(self._eval["image"], n_img)
-        texts = self._stack(self._eval["text"], n_cap)
-        self._eval = {}
-        check_finite_embeddings(self, images, texts)
-        self.eval_metrics = score_both_directions(
+        images = self._stack(img_i, img_e, n_img)
+        texts = self._stack(cap_i, cap_e, n_cap)
+        return score_both_directions(
             texts, images, dm.caption_image, self.hparams.top_k, tuple(self.hparams.recall_at)
         )
-        key = f"val/mrr_at_{self.hparams.top_k}"
-        self.log(key, self.eval_metrics[key], prog_bar=True, logger=False, rank_zero_only=True)
 
     # -- optimisation ----------------------------------------------------------------------------
-    def configure_optimizers(self):
+    def param_groups(self) -> list[dict]:
+        """Decayed weights, biases/norms without decay, and the heads at optim.head_lr."""
         cfg = self.hparams.optim
         head_lr = cfg.get("head_lr")
         groups: dict[str, list[torch.nn.Parameter]] = {"decay": [], "no_decay": [], "head": []}
@@ -185,16 +162,15 @@ class ClipFineTuner(L.LightningModule):
             param_groups.append(
                 {"params": groups["head"], "lr": float(head_lr), "weight_decay": 0.0}
             )
-        return optimizer_with_schedule(self, cfg, param_groups)
+        return param_groups
 
 
-def build_text_image(cfg: DictConfig):
+def build(cfg: DictConfig) -> TaskParts:
     """TaskParts of `task=text_image`: the image-caption DataModule and a ClipFineTuner."""
     from omegaconf import OmegaConf
 
     from finetune_budget.data.image_text import ImageTextDataModule, load_image_text_data
     from finetune_budget.models.vision import image_transforms
-    from finetune_budget.tasks import TaskParts
 
     model_cfg = OmegaConf.to_container(cfg.model, resolve=True)
     data_cfg = OmegaConf.to_container(cfg.data, resolve=True)

@@ -1,9 +1,10 @@
-"""The LightningModule for image-to-image search: a pooled CNN/ViT trunk, an optional projection,
+"""Image-to-image search (task=image_image): a pooled CNN/ViT trunk, an optional projection,
 a metric-learning loss over class-aware batches, retrieval evaluation on held-out classes.
 
+    python train.py task=image_image                    MobileNetV2 on CelebA identities
+
 After each validation, `eval_metrics` holds {"val/mrr_at_20": ..., ...}; the budget tracker logs
-it.
-Also builds the `image_image` task (`build_image_image`) registered in `tasks.TASKS`.
+it. `build(cfg)` makes the task's parts.
 """
 
 from __future__ import annotations
@@ -11,21 +12,15 @@ from __future__ import annotations
 import logging
 from typing import Any
 
-import lightning as L
 import torch
 import torch.nn.functional as F
 from omegaconf import DictConfig, OmegaConf
 from torch import nn
 
-from finetune_budget import losses
 from finetune_budget.errors import ConfigError
 from finetune_budget.models.vision import backbone_mean_std, build_image_backbone
-from finetune_budget.module import HeldOutRetrievalEval
-from finetune_budget.optim import (
-    check_finite_loss,
-    optimizer_with_schedule,
-    weight_decay_groups,
-)
+from finetune_budget.tasks.module import FineTuner, pick_loss
+from finetune_budget.tasks.task import TaskParts
 
 log = logging.getLogger(__name__)
 
@@ -67,11 +62,12 @@ class ImageEmbedder(nn.Module):
         return F.normalize(x, dim=-1) if self.normalize else x
 
 
-class ImageEmbeddingFineTuner(HeldOutRetrievalEval, L.LightningModule):
+class ImageEmbeddingFineTuner(FineTuner):
     """Fine-tunes an image backbone for search. Receives plain config values, builds its network.
 
     model: {backbone, pretrained, output_dim, normalize, ...}; loss: {name, temperature, margin};
-    optim: {optimizer (partial), schedule, warmup_steps}."""
+    optim: {optimizer (partial), schedule, warmup_steps}. Batches: {"images": (B, 3, S, S),
+    "labels": (B,), "index"}; held-out {"images", "index"}."""
 
     def __init__(
         self, model: dict[str, Any], loss: dict[str, Any], optim: dict[str, Any], top_k: int = 20
@@ -85,48 +81,22 @@ class ImageEmbeddingFineTuner(HeldOutRetrievalEval, L.LightningModule):
             model.get("normalize", True),
             model.get("freeze_norm_stats", False),
         )
-        name = loss.get("name", "auto")
-        if name not in ("auto", "supcon", "triplet"):
-            raise ConfigError(
-                f"loss.name={name!r} does not fit labelled images; use auto, supcon or triplet"
-            )
-        self.loss_name = "supcon" if name == "auto" else name
-        self.eval_metrics: dict[str, float] = {}
-        self._eval_parts: list[tuple[torch.Tensor, torch.Tensor]] = []
+        self.loss_name = pick_loss(loss.get("name", "auto"), "labels")
 
     def forward(self, images: torch.Tensor) -> torch.Tensor:
         return self.embedder(images)
 
-    def compute_loss(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
-        cfg = self.hparams.loss
-        emb = self(batch["images"])
-        if self.loss_name == "supcon":
-            return losses.supervised_contrastive(emb, batch["labels"], cfg["temperature"])
-        return losses.batch_hard_triplet(emb, batch["labels"], cfg.get("margin", 0.2))
+    def embed_train(self, batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        return {"embeddings": self(batch["images"]), "labels": batch["labels"]}
 
-    def training_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> torch.Tensor:
-        loss = self.compute_loss(batch)
-        check_finite_loss(self, loss)
-        self.log(
-            "train/loss", loss, on_step=True, on_epoch=True, prog_bar=True,
-            batch_size=batch["images"].shape[0],
-        )  # fmt: skip
-        return loss
-
-    def eval_embeddings(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
-        return self(batch["images"])
-
-    def configure_optimizers(self):
-        return optimizer_with_schedule(
-            self, self.hparams.optim, weight_decay_groups(self.named_parameters())
-        )
+    def embed_eval(self, batch: dict[str, torch.Tensor]) -> tuple[str, torch.Tensor]:
+        return "items", self(batch["images"])
 
 
-def build_image_image(cfg: DictConfig):
+def build(cfg: DictConfig) -> TaskParts:
     """The image_image task: DataModule and module from the resolved config (tasks.TaskParts)."""
     from finetune_budget.data.image_datamodule import ImageRetrievalDataModule
     from finetune_budget.data.images import load_image_data
-    from finetune_budget.tasks import TaskParts
 
     model_cfg = OmegaConf.to_container(cfg.model, resolve=True)
     data_cfg = OmegaConf.to_container(cfg.data, resolve=True)

@@ -1,0 +1,88 @@
+"""Text-to-text search (task=text_text): a sentence encoder fine-tuned on labelled texts
+(supervised contrastive over class-aware batches) or on pairs (in-batch-negatives InfoNCE);
+held-out texts query each other, same label or group = relevant.
+
+    python train.py                                     MiniLM on CLINC150
+    python train.py -m data.n=100,500,1000 trainer.max_epochs=1..10
+
+After each validation, `eval_metrics` holds {"val/mrr_at_20": ...}; the budget tracker logs it.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+from omegaconf import DictConfig
+
+from finetune_budget.matryoshka import truncation_dims
+from finetune_budget.models.text import build_sentence_encoder
+from finetune_budget.tasks.module import FineTuner, pick_loss
+from finetune_budget.tasks.task import TaskParts, plain
+
+
+class EmbeddingFineTuner(FineTuner):
+    """Fine-tunes a sentence encoder; gets plain config values and builds its network itself.
+
+    Batches: labels {"input": tokenised (B, T), "labels": (B,), "index"}, pairs {"query",
+    "positive": tokenised (B, T), "index"}; held-out {"input", "index"}."""
+
+    def __init__(
+        self,
+        model: dict[str, Any],
+        loss: dict[str, Any],
+        optim: dict[str, Any],
+        data_kind: str = "labels",
+        top_k: int = 20,
+    ) -> None:
+        super().__init__()
+        self.save_hyperparameters(logger=False)
+        self.encoder = build_sentence_encoder(**model)
+        self.encoder.train()  # pretrained weights load in eval mode; fine-tuning uses dropout
+        self.loss_name = pick_loss(loss.get("name", "auto"), data_kind)
+        self.matryoshka_dims = truncation_dims(loss.get("matryoshka_dims"), self.encoder.dim)
+
+    def forward(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+        return self.encoder(**batch)
+
+    def embed_train(self, batch: dict[str, Any]) -> dict[str, torch.Tensor]:
+        if self.loss_name == "infonce":
+            return {"queries": self(batch["query"]), "positives": self(batch["positive"])}
+        return {"embeddings": self(batch["input"]), "labels": batch["labels"]}
+
+    def embed_eval(self, batch: dict[str, Any]) -> tuple[str, torch.Tensor]:
+        return "items", self(batch["input"])
+
+
+def build(cfg: DictConfig) -> TaskParts:
+    """TaskParts of task=text_text from the composed config."""
+    from finetune_budget.data.text import load_text_data
+    from finetune_budget.data.text_datamodule import TextRetrievalDataModule
+    from finetune_budget.models.text import load_tokenizer
+    from finetune_budget.probes import attach_eval_hooks
+
+    model_cfg, data_cfg = plain(cfg.model), plain(cfg.data)
+    data = load_text_data(data_cfg)
+    tokenizer = load_tokenizer(model_cfg["tokenizer"])
+    dm = TextRetrievalDataModule(
+        data,
+        tokenizer,
+        n=data_cfg["n"],
+        subset_seed=data_cfg.get("subset_seed", cfg.seed),
+        batch_size=data_cfg["batch_size"],
+        samples_per_class=data_cfg.get("samples_per_class", 4),
+        eval_batch_size=cfg.eval.batch_size,
+        max_length=model_cfg["max_length"],
+        num_workers=data_cfg.get("num_workers", 0),
+        seed=cfg.seed,
+    )
+    module = EmbeddingFineTuner(
+        model=model_cfg,
+        loss=plain(cfg.loss),
+        optim=plain(cfg.optim),
+        data_kind=data.kind,
+        top_k=cfg.eval.top_k,
+    )
+    attach_eval_hooks(module, cfg, tokenizer)  # eval.truncate_dims, eval.pair_probe (optional)
+    random_parts = model_cfg.get("pretrained") is None or bool(model_cfg.get("output_dim"))
+    return TaskParts(dm, module, dm.n_train, random_parts)

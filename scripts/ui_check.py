@@ -232,8 +232,13 @@ def main(argv: list[str] | None = None) -> int:
         opened_on = "runs table" if "matching runs" in first else "GenAI overview"
         state_key = f'MLflowLocalStorage-1.1-ExperimentPage-["{exp_id}"]-ReactComponentState'
         layout = json.dumps(chart_layout(parents))
+        expand_key = f"MLflowLocalStorage-1.1-ExperimentView-{exp_id}-expandRows"
+        # set the layout from a page of the same origin that is not the app, so that the app
+        # (still saving its own state after the first visit) cannot overwrite it
+        browser.open(base + "/health", 2)
         browser.js(
             f"localStorage.setItem({json.dumps(state_key)}, {json.dumps(layout)});"
+            f"localStorage.setItem({json.dumps(expand_key)}, 'true');"
             "localStorage.setItem('mlflow.assistant.panelOpen_v1', 'false');"
         )
         query = urllib.parse.urlencode(

@@ -12,15 +12,22 @@ import lightning as L
 
 
 class IndexRecorder(L.Callback):
-    """Writes <out>/rank<r>.json: [{"epoch", "step", "index": [training item ids]}] per batch."""
+    """Writes <out>/rank<r>.json: [{"epoch", "step", "index": [training item ids], "loss"}], one
+    entry per training batch of this process."""
 
     def __init__(self, out: str) -> None:
         self.out = Path(out)
         self.batches: list[dict] = []
 
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
+        loss = outputs["loss"] if isinstance(outputs, dict) else outputs
         self.batches.append(
-            {"epoch": trainer.current_epoch, "step": batch_idx, "index": batch["index"].tolist()}
+            {
+                "epoch": trainer.current_epoch,
+                "step": batch_idx,
+                "index": batch["index"].tolist(),
+                "loss": float(loss.detach()),
+            }
         )
 
     def on_fit_end(self, trainer, pl_module) -> None:

@@ -19,17 +19,22 @@ import sys
 from pathlib import Path
 
 import mlflow
+import numpy as np
 import pytest
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 import torch.nn.functional as F
-from conftest import DATA_DIR, ROOT
+from conftest import DATA_DIR, ROOT, requires_data
+from ddp_recorder import IndexRecorder
 from test_image_image import _write_classes
 from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 
 from finetune_budget import losses
+from finetune_budget.distributed import RANK_VARIABLES, is_main_process
+from finetune_budget.tracking.mlflow_run import tracked_run
+from finetune_budget.training import train
 
 B, D_IN, D = 8, 12, 6  # per-process batch, input and embedding width
 WORLD = 2
@@ -137,7 +142,9 @@ N, PER_RANK = 32, 8
 EPOCHS = 2
 TASKS = {
     "text_labels": ("model=tiny_bert", "data=clinc150", "trainer.limit_val_batches=1",
-                    "eval.batch_size=32", "data.samples_per_class=2"),
+                    "eval.batch_size=32", "data.samples_per_class=2",
+                    "+model.config.hidden_dropout_prob=0",
+                    "+model.config.attention_probs_dropout_prob=0"),
     "text_pairs": ("model=tiny_bert", "data=stsb", "trainer.limit_val_batches=1",
                    "eval.batch_size=32"),
     "images": ("task=image_image", "model=tiny_cnn", "data=custom_images",
@@ -182,6 +189,19 @@ def _train_on_2_processes(task: str, launcher: str, tmp_path: Path) -> subproces
 
 
 FAST = {("text_labels", "lightning"), ("clip", "torchrun")}
+_RUNS: dict[tuple[str, str], tuple[Path, subprocess.CompletedProcess]] = {}
+
+
+def _run(task: str, launcher: str, factory: pytest.TempPathFactory):
+    """Each (task, launcher) runs once per session; tests share its records."""
+    if (task, launcher) not in _RUNS:
+        tmp = factory.mktemp(f"{task}_{launcher}")
+        _RUNS[task, launcher] = tmp, _train_on_2_processes(task, launcher, tmp)
+    return _RUNS[task, launcher]
+
+
+def _records(tmp: Path) -> list[list[dict]]:
+    return [json.loads((tmp / "record" / f"rank{r}.json").read_text()) for r in (0, 1)]
 
 
 @pytest.mark.parametrize(
@@ -192,16 +212,18 @@ FAST = {("text_labels", "lightning"), ("clip", "torchrun")}
         for la in LAUNCHERS
     ],
 )
-def test_train_on_2_processes_splits_every_epoch_and_records_one_run(task, launcher, tmp_path):
+def test_train_on_2_processes_splits_every_epoch_and_records_one_run(
+    task, launcher, tmp_path_factory
+):
     needs = {"text_labels": "clinc150", "text_pairs": "stsb", "clip": "flickr8k"}.get(task)
     if needs and not (DATA_DIR / needs).exists():
         pytest.skip(f"{needs} not found in {DATA_DIR}")
-    proc = _train_on_2_processes(task, launcher, tmp_path)
+    tmp_path, proc = _run(task, launcher, tmp_path_factory)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
 
     # across the 2 processes every training item is used exactly once per epoch, and at every
     # step both hold a batch of the same size (the losses' all-gathers need equal shapes)
-    ranks = [json.loads((tmp_path / "record" / f"rank{r}.json").read_text()) for r in (0, 1)]
+    ranks = _records(tmp_path)
     seen = []
     for epoch in range(EPOCHS):
         batches = [[b["index"] for b in rank if b["epoch"] == epoch] for rank in ranks]
@@ -219,3 +241,50 @@ def test_train_on_2_processes_splits_every_epoch_and_records_one_run(task, launc
     samples = client.get_metric_history(runs[0].info.run_id, "data/samples_seen")
     assert {m.step: m.value for m in samples} == {e: e * N for e in range(EPOCHS + 1)}
     assert proc.stdout.count("MLflow run ") == 1  # only rank 0 prints its table
+
+
+@requires_data("clinc150")
+def test_train_on_2_processes_equals_1_process_with_the_double_batch(tmp_path_factory, make_cfg):
+    """Text labels, no dropout: step k of 2 processes with batch B uses the items of step k of 1
+    process with batch 2B, and the mean of the 2 processes' losses equals its loss at every step
+    of 2 epochs, also after updates (so the gradients, averaged by DDP, were the same)."""
+    tmp, proc = _run("text_labels", "lightning", tmp_path_factory)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    ranks = _records(tmp)
+    cfg = make_cfg(
+        *TASKS["text_labels"], "trainer.accelerator=cpu", "trainer.precision=32-true",
+        f"trainer.max_epochs={EPOCHS}", f"data.n={N}", f"data.batch_size={2 * PER_RANK}",
+        "trainer.enable_progress_bar=false", "tracking.save_checkpoint=false",
+        "eval.cache_baseline=false", "budget.continue_shorter_runs=false", "logger=none",
+    )  # fmt: skip
+    one = IndexRecorder(str(tmp / "one_process"))
+    train(cfg, callbacks=[one])
+    assert [b["index"] for b in one.batches] == [
+        a["index"] + b["index"] for a, b in zip(*ranks, strict=True)
+    ]
+    two_losses = [(a["loss"] + b["loss"]) / 2 for a, b in zip(*ranks, strict=True)]
+    one_losses = [b["loss"] for b in one.batches]
+    assert len(one_losses) == EPOCHS * N // (2 * PER_RANK)
+    np.testing.assert_allclose(two_losses, one_losses, rtol=1e-4)
+    # batches without a same-label pair have loss 0; a non-zero loss after an earlier non-zero
+    # one (whose gradients updated the model) checks that the updates were the same too
+    assert sum(loss > 0 for loss in one_losses) >= 2, one_losses
+
+
+def test_only_global_rank_0_creates_a_run(monkeypatch, tmp_path):
+    """Ranks 1.. of Lightning's launcher (LOCAL_RANK, NODE_RANK), torchrun (RANK, GROUP_RANK) and
+    srun (SLURM_PROCID) create no MLflow run; a one-device run always does."""
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    two_devices = {"devices": 2, "num_nodes": 1}
+    for variable in RANK_VARIABLES:
+        for v in RANK_VARIABLES:
+            monkeypatch.delenv(v, raising=False)
+        assert is_main_process(two_devices)
+        monkeypatch.setenv(variable, "1")
+        assert not is_main_process(two_devices) and not is_main_process(), variable
+        assert is_main_process({"devices": 1}) and is_main_process({"devices": [3]})
+        with tracked_run(uri, "ddp", {"seed": 0}, main_process=is_main_process(two_devices)) as r:
+            r.log_metrics({"val/mrr_at_20": 1.0}, step=0)
+            r.set_tags({"x": "y"})
+    client = mlflow.tracking.MlflowClient(uri)
+    assert client.get_experiment_by_name("ddp") is None  # nothing was created

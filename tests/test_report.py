@@ -1,6 +1,7 @@
 """The report from MLflow alone: a real tiny sweep (tiny BERT, 2 sizes x 2 seeds x 1..2 epochs) in
-a temporary store; the table's gains and ROIs recomputed independently; where-to-stop and the
-learning-curve fit on synthetic curves with known answers; clear messages for bad input."""
+a temporary store; the table's gains and ROIs recomputed independently; where-to-stop, the
+learning curve, its backtest, the decision card and `evaluate.py mode=advise` on runs written with
+a known curve; clear messages for bad input."""
 
 from __future__ import annotations
 
@@ -9,6 +10,7 @@ import math
 import numpy as np
 import pandas as pd
 import pytest
+import torch
 from conftest import TINY, compose_config
 from mlflow.entities import Metric
 from mlflow.tracking import MlflowClient
@@ -18,10 +20,11 @@ from scipy import stats
 from finetune_budget.errors import DataError
 from finetune_budget.evaluation import run_mode
 from finetune_budget.report import ReportSettings, build_report
-from finetune_budget.report.fit import fit_learning_curve, power_law
+from finetune_budget.report.advice import gain_ceiling, value_to_gain
 from finetune_budget.report.knee import drop_point, worse_with_time
 from finetune_budget.report.table import budget_points
 from finetune_budget.tracking import query
+from finetune_budget.tracking.budget_tracker import cost_units
 from finetune_budget.tracking.sweep_parent import SweepParentRun, current_parent
 from finetune_budget.training import train
 
@@ -94,6 +97,16 @@ def test_roi_table_matches_gains_recomputed_from_logged_metrics(store):
                 assert rows.loc[epoch, f"roi_label/{name}"] == pytest.approx(gain / n, abs=1e-12)
                 assert rows.loc[epoch, f"roi_s/{name}"] == pytest.approx(gain / seconds[epoch])
                 assert rows.loc[epoch, "seconds"] == pytest.approx(seconds[epoch])
+    # a machine-independent cost per epoch: items seen and training FLOPs, growing with epochs
+    for (n, _, epochs), run_id in runs.items():
+        flops = _history(client, run_id, "cost/train_flops")
+        seen = _history(client, run_id, "data/samples_seen")
+        rows = df[df["run_id"] == run_id].set_index("epoch")
+        assert rows.loc[epochs, "train_flops"] == pytest.approx(flops[epochs])
+        assert rows.loc[epochs, "samples_seen"] == seen[epochs] and seen[1] >= n // 2
+        assert flops[1] > 0 and rows.loc[0, "train_flops"] == 0
+        if epochs == 2:  # the same items again (continued run): about twice the FLOPs
+            assert flops[2] == pytest.approx(2 * flops[1], rel=0.15)
     # the CLI writes the same table
     csv = tmp / "roi.csv"
     assert query.main(["--experiment", EXPERIMENT, "--tracking-uri", uri, "--csv", str(csv)]) == 0
@@ -107,6 +120,7 @@ def test_report_files_means_intervals_and_mlflow_artifacts(store):
     tmp, uri, runs = store
     out = tmp / "report_out"
     report = build_report(uri, EXPERIMENT, ReportSettings(out_dir=str(out), bootstrap=50))
+    assert "gain_vs_items_seen_mrr_at_20.png" in {p.name for p in report.files}
     for name in (
         "roi_table.csv",
         "summary.csv",
@@ -120,7 +134,8 @@ def test_report_files_means_intervals_and_mlflow_artifacts(store):
     ):
         assert (out / name).is_file(), name
     html = (out / "report.html").read_text()
-    assert html.count("data:image/png;base64,") == 15 and "<img" in html
+    assert html.count("data:image/png;base64,") == 18 and "<img" in html  # 6 per metric
+    assert html.index("class='card'") < html.index("<img")  # the decision comes first
     assert 'src="http' not in html  # self-contained
     md = (out / "report.md").read_text()
     assert "## The answer" in md and "best epoch count per n" in md
@@ -299,35 +314,23 @@ def test_worse_with_time_finds_the_overfitting_epoch():
     assert bool(worse.loc[0, "beyond_noise"])
 
 
-def test_learning_curve_fit_recovers_known_parameters():
-    a, b, c = 0.30, 2.0, 0.5
-    rng = np.random.default_rng(1)
-    n = np.repeat([50, 100, 200, 500, 1000, 2000, 5000], 3).astype(float)
-    gain = power_law(n, a, b, c) + rng.normal(0, 0.002, n.size)
-    fit = fit_learning_curve(n, gain, predict_n=[20000, 100000], n_boot=200)
-    assert fit.a == pytest.approx(a, abs=0.01)
-    assert fit.b == pytest.approx(b, rel=0.15)
-    assert fit.c == pytest.approx(c, abs=0.05)
-    assert fit.r2 > 0.99 and fit.rmse < 0.004
-    for target, lo, hi in zip(fit.predict_n, fit.lower, fit.upper, strict=True):
-        assert lo < power_law(target, a, b, c) < hi
-        assert hi - lo < 0.03
-    exact = fit_learning_curve([100, 200, 400], [0.1, 0.2, 0.25], predict_n=[1000])
-    assert "exact fit" in exact.note and math.isnan(exact.lower[0])
-    with pytest.raises(ValueError, match="at least 3 distinct data.n"):
-        fit_learning_curve([100, 100, 500], [0.1, 0.1, 0.2])
+def power_law(n, a, b, c):
+    return a - b * np.power(n, -c)
 
 
-def test_report_fits_and_stops_on_runs_with_a_known_curve(tmp_path):
-    """Runs logged by hand: gain(n) = 0.3 - 2 n^-0.5 at the final epoch, overfitting at epoch 3."""
-    uri = f"sqlite:///{tmp_path / 'known.db'}"
+A, B, C, BASE = 0.3, 2.0, 0.5, 0.5  # gain(n) = 0.3 - 2 n^-0.5 at the best epoch; m0 = 0.5
+
+
+def _known_runs(uri: str, name: str, sigma: float = 0.002) -> None:
+    """Runs logged by hand, 3 seeds: gain(n) + N(0, sigma) at epoch 2, half of it at epoch 1,
+    0.05 less at epoch 3 (overfitting); n/100 s per epoch, n items seen per epoch."""
+    sizes = (50, 100, 200, 500, 1000, 2000)
     client = MlflowClient(uri)
-    exp_id = client.create_experiment("known")
+    exp_id = client.create_experiment(name)
     rng = np.random.default_rng(0)
-    base = 0.5
-    for n in (50, 100, 200, 500, 1000, 2000):
+    for n in sizes:
         for seed in (0, 1, 2):
-            final_gain = power_law(n, 0.3, 2.0, 0.5) + rng.normal(0, 0.002)
+            final_gain = power_law(n, A, B, C) + rng.normal(0, sigma)
             gains_by_epoch = {1: 0.5 * final_gain, 2: final_gain, 3: final_gain - 0.05}
             run = client.create_run(
                 exp_id, tags={"run_type": "train", "task": "t", "model": "m", "data": "d"}
@@ -340,14 +343,20 @@ def test_report_fits_and_stops_on_runs_with_a_known_curve(tmp_path):
                 ("budget.gain_floor", 0.01),
             ):
                 client.log_param(rid, key, str(value))
-            metrics = [Metric("val/mrr_at_20", base, 0, 0), Metric("time/train_s", 0.0, 0, 0)]
+            metrics = [Metric("val/mrr_at_20", BASE, 0, 0), Metric("time/train_s", 0.0, 0, 0)]
             for epoch, g in gains_by_epoch.items():
                 metrics += [
-                    Metric("val/mrr_at_20", base * (1 + g), 0, epoch),
+                    Metric("val/mrr_at_20", BASE * (1 + g), 0, epoch),
                     Metric("time/train_s", n / 100 * epoch, 0, epoch),
+                    Metric("data/samples_seen", n * epoch, 0, epoch),
                 ]
             client.log_batch(rid, metrics=metrics)
             client.set_terminated(rid)
+
+
+def test_report_fits_backtests_and_stops_on_runs_with_a_known_curve(tmp_path):
+    uri = f"sqlite:///{tmp_path / 'known.db'}"
+    _known_runs(uri, "known")
     settings = ReportSettings(
         out_dir=str(tmp_path / "out"),
         metrics=["val/mrr_at_20"],
@@ -357,13 +366,22 @@ def test_report_fits_and_stops_on_runs_with_a_known_curve(tmp_path):
     )
     report = build_report(uri, "known", settings)
     fit = report.fits[(("t", "m", "d"), "val/mrr_at_20")]
-    assert fit.a == pytest.approx(0.3, abs=0.01) and fit.c == pytest.approx(0.5, abs=0.05)
-    assert fit.predicted[0] == pytest.approx(power_law(20000, 0.3, 2.0, 0.5), abs=0.005)
-    assert fit.lower[0] < fit.predicted[0] < fit.upper[0]
+    assert fit.family in ("pow3", "pow_err") and fit.extrapolation_ok
+    assert fit(20000)[0] == pytest.approx(power_law(20000, A, B, C), abs=0.01)
+    # backtest: fitted on n <= 1000, predicted n=2000, measured mean of the 3 seeds there
+    bt = report.backtests.set_index("curve").loc["gain vs data.n"]
+    measured = report.points.query("n == 2000 and epoch == 2")["gain/mrr_at_20"].mean()
+    assert bt["held out"] == 2000 and bt["fitted up to"] == 1000
+    assert bt["measured"] == pytest.approx(measured)
+    assert bool(bt["covered"]) == (bt["lo"] <= measured <= bt["hi"])
+    assert bt["lo"] <= power_law(2000, A, B, C) <= bt["hi"] and bt["trust"] == "high"
+    assert report.numbers["backtests"] >= 1
+    covered = report.backtests["covered"].dropna().astype(bool)
+    assert report.numbers["backtest_coverage"] == pytest.approx(covered.mean())
     # ROI per label = gain(n) / n at the best epoch (2); where it falls to 30% of its peak,
     # by linear interpolation between the measured means
     ns = np.array([50, 100, 200, 500, 1000, 2000], dtype=float)
-    expected = drop_point(ns, power_law(ns, 0.3, 2.0, 0.5) / ns, 0.3).x
+    expected = drop_point(ns, power_law(ns, A, B, C) / ns, 0.3).x
     assert report.numbers["drop_n/mrr_at_20"] == pytest.approx(expected, rel=0.05)
     text = "\n".join(report.answer)
     assert "In short (mrr_at_20): ROI shrinks by 70% from its highest value after ≈" in text
@@ -373,4 +391,78 @@ def test_report_fits_and_stops_on_runs_with_a_known_curve(tmp_path):
         and "epoch 2→3" in text
         and "beyond the seed noise" in text
     )
-    assert "R²=" in text and "n=20000" in text
+    assert "leave-one-budget-out" in text and "n=20000" in text
+    # the decision: the largest gain whose ROI per label is still >= 30% of the peak
+    advice = report.advice[(("t", "m", "d"), "val/mrr_at_20")]
+    roi = power_law(ns, A, B, C) / ns
+    paying = ns[roi >= 0.3 * roi.max()]
+    assert advice.n == int(paying.max()) and advice.epochs == 2
+    assert advice.gain == pytest.approx(power_law(paying.max(), A, B, C), abs=0.005)
+    assert advice.seconds == pytest.approx(paying.max() / 100 * 2)  # items seen / items per s
+    assert "not worth it: the gain fell after epoch 2" in advice.more_time.text
+    html = (tmp_path / "out" / "report.html").read_text()
+    assert f"data.n = {advice.n}, trainer.max_epochs = 2" in html
+    assert "Backtests: " in html and "prediction interval (coverage" in html
+
+
+@pytest.fixture(scope="module")
+def known_store(tmp_path_factory) -> str:
+    uri = f"sqlite:///{tmp_path_factory.mktemp('known') / 'known.db'}"
+    _known_runs(uri, "known", sigma=0.0005)  # the calibration of intervals: test_curves.py
+    return uri
+
+
+@pytest.mark.parametrize(
+    "question",
+    ["advise.target_gain=0.27", f"advise.target_value={BASE * 1.27}"],
+)
+def test_advise_mode_answers_from_a_synthetic_experiment(known_store, tmp_path, capsys, question):
+    uri = known_store
+    cfg = compose_config(
+        [
+            "mode=advise",
+            "tracking.experiment=known",
+            "report.metrics=[val/mrr_at_20]",
+            "advise.data_epoch=best",
+            "advise.extra_labels=1000",
+            question,
+        ],
+        tmp_path,
+        "evaluate",
+    )
+    with open_dict(cfg):
+        cfg.tracking.uri = uri
+    (advice,) = run_mode(cfg)
+    out = capsys.readouterr().out
+    # gain 0.27 = 0.3 - 2 n^-0.5  =>  n = (2 / 0.03)^2 = 4444 labels (beyond the measured 2000)
+    need = (B / (A - 0.27)) ** (1 / C)
+    labels = advice.answers[0]
+    assert labels.value == pytest.approx(need, rel=0.15) and labels.lo < need < labels.hi
+    assert advice.n == math.ceil(labels.value)
+    # the next 1000 labels at that n: gain(n + 1000) - gain(n)
+    buy = power_law(advice.n + 1000, A, B, C) - power_law(advice.n, A, B, C)
+    assert advice.more_labels.value == pytest.approx(buy, abs=0.002)
+    assert advice.gain == pytest.approx(0.27, abs=0.01)
+    lines = out.strip().splitlines()
+    assert 3 <= len(lines) <= 10
+    assert lines[0].startswith(f"t · m · d · mrr_at_20: train with data.n={advice.n} for")
+    assert "labels to reach" in out and "1,000 more labels" in out and "trust:" in out
+
+
+def test_a_gain_cannot_pass_the_metrics_ceiling_and_values_convert_to_gains():
+    # a score <= 1 with baseline 0.8 can gain at most (1 - 0.8) / 0.8 = 25%
+    assert gain_ceiling("val/recall_at_20", 0.8) == pytest.approx(0.25)
+    # an error >= 0 can fall by at most 100% of its baseline
+    assert gain_ceiling("val/mae", 60.0) == pytest.approx(1.0)
+    assert gain_ceiling("val/r2", 0.3) is None  # no known bound
+    assert value_to_gain("val/mrr_at_20", 0.97, 0.9467) == pytest.approx(0.0233 / 0.9467)
+    assert value_to_gain("val/mae", 50.0, 60.0) == pytest.approx(10 / 60)
+
+
+def test_training_cost_counts_real_tokens_of_text_and_items_of_images():
+    mask = torch.tensor([[1] * 7, [1] * 3 + [0] * 4, [1] * 5 + [0] * 2])
+    text = {"input": {"input_ids": torch.zeros(3, 7), "attention_mask": mask}}
+    assert cost_units({**text, "labels": torch.arange(3)}) == (3, 7 + 3 + 5)  # padding not counted
+    pairs = {"query": text["input"], "positive": text["input"]}
+    assert cost_units(pairs) == (3, 2 * 15)
+    assert cost_units({"images": torch.zeros(3, 3, 8, 8), "labels": torch.arange(3)}) == (3, 3)

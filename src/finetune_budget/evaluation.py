@@ -20,7 +20,7 @@ from finetune_budget.config import resolve_precision
 from finetune_budget.errors import ConfigError, ModelError
 from finetune_budget.export import apply_weights, config_of_run, export_mode, weights_of_run
 from finetune_budget.external_baseline import evaluate_external
-from finetune_budget.report import report_mode
+from finetune_budget.report import advise_mode, report_mode
 from finetune_budget.tasks import build_task
 from finetune_budget.tracking.mlflow_run import tracked_run
 from finetune_budget.training import run_config
@@ -113,6 +113,7 @@ def run_to_evaluate(cfg: DictConfig) -> tuple[DictConfig, tuple[str, str]]:
 MODES: dict[str, Callable[[DictConfig], Any]] = {"eval": evaluate, "report": report_mode}
 MODES["export"] = export_mode
 MODES["external_baseline"] = evaluate_external
+MODES["advise"] = advise_mode
 
 
 def run_mode(cfg: DictConfig) -> Any:

@@ -72,7 +72,8 @@ def build_trainer(
     cfg: DictConfig, tracker: BudgetTracker, run: TrackedRun, extra: list[L.Callback]
 ) -> L.Trainer:
     loggers = []
-    for node in (cfg.get("logger") or {}).values():
+    # ranks 1.. of a multi-process run get no logger: MLFlowLogger opens the store when created
+    for node in (cfg.get("logger") or {}).values() if run.writer else ():
         if node is not None and "_target_" in node:
             loggers.append(instantiate(node, run_id=run.run_id))
     precision = resolve_precision(cfg.trainer.get("precision"), cfg.trainer.get("accelerator"))

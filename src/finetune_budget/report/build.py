@@ -1,5 +1,6 @@
-"""The study's answer from an experiment's MLflow runs: tables, figures, where to stop, a
-learning-curve fit; written to a folder and attached to MLflow.
+"""The study's answer from an experiment's MLflow runs: a decision card, the questions answered,
+checked learning curves with their backtests, figures, tables; written to a folder and attached
+to MLflow.
 
     python evaluate.py mode=report tracking.experiment=<name>       # -> reports/<name>/
 """
@@ -18,8 +19,15 @@ from mlflow.tracking import MlflowClient
 
 from finetune_budget.errors import DataError
 from finetune_budget.report import html
-from finetune_budget.report.figures import data_figures, time_figures
-from finetune_budget.report.fit import CurveFit, fit_learning_curve
+from finetune_budget.report.advice import (
+    Advice,
+    AdviceSettings,
+    advise,
+    answers_frame,
+    epochs_lines,
+)
+from finetune_budget.report.curves import CurveFit
+from finetune_budget.report.figures import cost_figures, data_figures, time_figures
 from finetune_budget.report.knee import best_epochs, drop_point, worse_with_time
 from finetune_budget.report.table import (
     GROUP,
@@ -48,8 +56,10 @@ class ReportSettings:
     drop_fraction: float = 0.3
     data_epoch: str = "final"
     predict_n: list[int] | None = None
-    bootstrap: int = 500
+    bootstrap: int = 300
+    level: float = 0.9
     log_to_mlflow: bool = True
+    advise: AdviceSettings = field(default_factory=AdviceSettings)
 
     @classmethod
     def from_config(cls, node: Any | None) -> ReportSettings:
@@ -59,9 +69,24 @@ class ReportSettings:
         values = {
             k: (list(v) if isinstance(v, Sequence) and not isinstance(v, str) else v)
             for k, v in dict(node).items()
-            if k in known
+            if k in known and k != "advise"
         }
+        if "advise" in node:
+            values["advise"] = AdviceSettings.from_config(node["advise"])
         return cls(**values)
+
+    def advice_settings(self) -> AdviceSettings:
+        """The advice with this report's drop fraction, epoch rule and interval level."""
+        a = self.advise
+        return AdviceSettings(
+            **{
+                **a.__dict__,
+                "drop_fraction": self.drop_fraction,
+                "data_epoch": self.data_epoch,
+                "level": self.level,
+                "bootstrap": self.bootstrap,
+            }
+        )
 
 
 @dataclass
@@ -73,6 +98,8 @@ class Report:
     fits: dict[tuple[tuple, str], CurveFit]
     files: list[Path]
     numbers: dict[str, float]
+    advice: dict[tuple[tuple, str], Advice] = field(default_factory=dict)
+    backtests: pd.DataFrame | None = None
     run_id: str | None = None
 
 
@@ -84,9 +111,11 @@ def _num(x: float) -> str:
     return f"{x:.3g}"
 
 
-def _check(
+def check_runs(
     df: pd.DataFrame, metrics: Sequence[str], experiment: str
 ) -> tuple[pd.DataFrame, list[str]]:
+    """The rows with an epoch-0 baseline, and notes on what was left out; DataError when nothing
+    usable is left."""
     notes = []
     missing = [m for m in metrics if m not in df.columns or df[m].isna().all()]
     if len(missing) == len(metrics):
@@ -115,7 +144,7 @@ def _data_answer(
     key: tuple,
     metric: str,
     curve: pd.DataFrame,
-    points: pd.DataFrame,
+    advice: Advice,
     s: ReportSettings,
     fits: dict,
     numbers: dict,
@@ -155,25 +184,37 @@ def _data_answer(
                 f"largest n={drop.last_x:.0f}: not yet down to "
                 f"{100 * s.drop_fraction:.0f}% within the measured budgets."
             )
-    data = data_curve(points, metric, s.data_epoch)
-    try:
-        targets = s.predict_n or [int(curve["n"].max() * f) for f in (2, 5, 10)]
-        fit = fit_learning_curve(data["n"], data[gain], targets, n_boot=s.bootstrap)
-    except (ValueError, RuntimeError) as e:
-        lines.append(f"{name}: no learning-curve fit: {e}")
+    fit = advice.data_fit
+    if fit is None:
+        lines.append(f"{name}: no learning curve in data.n: fewer than 2 sizes measured.")
         return lines
     fits[(key, metric)] = fit
+    targets = s.predict_n or [int(curve["n"].max() * f) for f in (2, 5)]
+    mean, lo, hi = fit.predict(targets)
     preds = "; ".join(
-        f"n={t:.0f}: {_pct(p)}" + ("" if math.isnan(lo) else f" [{_pct(lo)}, {_pct(hi)}]")
-        for t, p, lo, hi in zip(fit.predict_n, fit.predicted, fit.lower, fit.upper, strict=True)
+        f"n={t:.0f}: {_pct(p)}"
+        + ("" if math.isnan(a) else f" [{_pct(a)}, {_pct(b)}]")
+        + f" ({fit.trust_at(t)})"
+        for t, p, a, b in zip(targets, mean, lo, hi, strict=True)
     )
-    lines.append(
-        f"{name}: learning curve {fit.formula()} fitted to {fit.points} points "
-        f"({fit.distinct_n} sizes): R²={fit.r2:.3f}, RMSE={fit.rmse:.3g}; it predicts "
-        f"the gain at larger budgets as {preds} (95% bootstrap interval)."
-        + (f" Note: {fit.note}." if fit.note else "")
+    bt = fit.backtest
+    check = (
+        f" Backtest: fitted below n={bt.x:.0f}, it predicted {_pct(bt.predicted)} "
+        f"[{_pct(bt.lo)}, {_pct(bt.hi)}] there and {_pct(bt.measured)} was measured "
+        f"({'inside' if bt.covered else 'outside'}; trust {bt.trust})."
+        if bt is not None and bt.covered is not None
+        else f" Not backtested: {bt.reason if bt is not None else 'no backtest'}."
     )
-    numbers[f"fit_r2/{name}"] = fit.r2
+    if fit.extrapolation_ok:
+        lines.append(
+            f"{name}: learning curve {fit.formula()} ({fit.family}, chosen by "
+            f"leave-one-budget-out error {fit.cv_error:.3g} among {', '.join(fit.cv)}; "
+            f"{fit.n_points} points, {fit.n_budgets} sizes); {100 * s.level:.0f}% prediction "
+            f"intervals: {preds}." + check
+        )
+    else:
+        lines.append(f"{name}: learning curve {fit.formula()}: no extrapolation: {fit.reason}.")
+    numbers[f"cv_error/{name}"] = fit.cv_error
     return lines
 
 
@@ -201,7 +242,11 @@ def _headline(metric: str, found: dict[str, float], fraction: float) -> str:
     )
 
 
-def _time_answer(metric: str, group: pd.DataFrame, s: ReportSettings, numbers: dict) -> list[str]:
+def _time_answer(
+    metric: str, group: pd.DataFrame, s: ReportSettings, numbers: dict, rows: list[dict]
+) -> list[str]:
+    """Lines for the answer, and one row per n (ROI per second: peak, where it falls to the drop
+    fraction) into `rows` for the compact table."""
     name = metric_name(metric)
     gain, roi_s = f"gain/{name}", f"roi_s/{name}"
     lines = []
@@ -211,32 +256,30 @@ def _time_answer(metric: str, group: pd.DataFrame, s: ReportSettings, numbers: d
             f"{name}: one epoch count measured: no ROI-per-second curve; sweep "
             "trainer.max_epochs, e.g. -m trainer.max_epochs=1..10"
         ]
+    drop_col = f"ROI/s down to {100 * s.drop_fraction:.0f}% of peak"
     for n, g in group.groupby("n"):
         if len(g) < 2:
             continue
+        row = {"task · model · data": " · ".join(g[GROUP].iloc[0]), "metric": name, "data.n": n}
         try:
             drop = drop_point(g["seconds"], g[roi_s], s.drop_fraction)
         except ValueError as e:
-            lines.append(f"{name}, n={n}: ROI per second: {e}")
+            rows.append({**row, drop_col: str(e)})
             continue
         peak_epoch = int(g.loc[(g["seconds"] - drop.peak_x).abs().idxmin(), "epoch"])
-        text = (
-            f"{name}, n={n}: ROI per training second peaks after {drop.peak_x:.3g} s "
-            f"(epoch {peak_epoch}, {_num(drop.peak)} per s) and "
+        row["ROI/s peak"] = (
+            f"{_num(drop.peak)} per s after {drop.peak_x:.3g} s (epoch {peak_epoch})"
         )
         if drop.peak_x == drop.last_x:
-            text += "keeps rising up to the longest run: train longer to find where it falls."
+            row[drop_col] = "still rising at the longest run: train longer"
         elif drop.reached:
-            text += (
-                f"has fallen to {100 * s.drop_fraction:.0f}% of its peak after ≈ {drop.x:.3g} s."
-            )
+            row[drop_col] = f"after ≈ {drop.x:.3g} s"
             numbers[f"drop_s/{name}/n={n}"] = drop.x
         else:
-            text += (
-                f"is still at {100 * drop.last_fraction:.0f}% of it after {drop.last_x:.3g} s "
-                "(the longest measured)."
+            row[drop_col] = (
+                f"not yet: {100 * drop.last_fraction:.0f}% of peak after {drop.last_x:.3g} s"
             )
-        lines.append(text)
+        rows.append(row)
     best = best_epochs(group, gain, by)
     lines.append(
         f"{name}: best epoch count per n: "
@@ -283,7 +326,7 @@ def build_report(
     out = Path(s.out_dir or Path("reports") / experiment)
     out.mkdir(parents=True, exist_ok=True)
     df = roi_table(tracking_uri, experiment, s.metrics, parent_run_id=parent_run_id)
-    df, notes = _check(df, s.metrics, experiment)
+    df, notes = check_runs(df, s.metrics, experiment)
     metrics = [m for m in s.metrics if m in df.columns and not df[m].isna().all()]
     points = budget_points(df)
     summary = summarize(points, metrics)
@@ -319,28 +362,45 @@ def build_report(
         "points": float(len(summary)),
     }
     fits: dict[tuple[tuple, str], CurveFit] = {}
+    advices: dict[tuple[tuple, str], Advice] = {}
+    time_rows: list[dict] = []
     figures: list[tuple[str, list[Path]]] = []
+    base = df[df["epoch"] == 0].groupby(GROUP)[metrics].mean()
+    advice_settings = s.advice_settings()
     for key, group in summary.groupby(GROUP, sort=True):
         head = len(answer)
         answer.append(
             f"{' · '.join(map(str, key))}: {group['n'].nunique()} data sizes, "
             f"{group['epoch'].nunique()} epoch counts, up to {int(group['seeds'].max())} seeds."
         )
-        gpoints = points[(points[GROUP] == pd.Series(key, index=GROUP)).all(axis=1)]
         for metric in metrics:
+            m0 = float(base.loc[key, metric]) if key in base.index else math.nan
+            advice = advise(points, key, metric, m0, advice_settings)
+            advices[(key, metric)] = advice
+            gpoints = points[(points[GROUP] == pd.Series(key, index=GROUP)).all(axis=1)]
             curve = summarize(data_curve(gpoints, metric, s.data_epoch), metrics)
             found: dict[str, float] = {}
-            answer += _data_answer(key, metric, curve, gpoints, s, fits, found)
-            answer += _time_answer(metric, group, s, found)
+            answer += _data_answer(key, metric, curve, advice, s, fits, found)
+            answer += _time_answer(metric, group, s, found, time_rows)
             if metric == metrics[0]:
                 answer.insert(head + 1, _headline(metric, found, s.drop_fraction))
             prefix = "" if summary[GROUP].drop_duplicates().shape[0] == 1 else f"{'/'.join(key)}/"
             numbers.update({prefix + k: v for k, v in found.items()})
+    backtests = _backtests(advices)
+    covered = backtests["covered"].dropna() if not backtests.empty else pd.Series(dtype=bool)
+    if len(covered):
+        numbers["backtest_coverage"] = float(covered.astype(bool).mean())
+        numbers["backtests"] = float(len(covered))
     files: list[Path] = []
     for metric in metrics:
         curve = summarize(data_curve(points, metric, s.data_epoch), metrics)
         metric_fits = {k: f for (k, m), f in fits.items() if m == metric}
-        paths = data_figures(curve, metric, out, metric_fits) + time_figures(summary, metric, out)
+        metric_time = {k: a.time_fits for (k, m), a in advices.items() if m == metric}
+        paths = (
+            data_figures(curve, metric, out, metric_fits, s.predict_n)
+            + time_figures(summary, metric, out)
+            + cost_figures(points, metric, out, metric_time)
+        )
         figures.append((f"{metric_name(metric)}", paths))
         files += paths
 
@@ -349,6 +409,7 @@ def build_report(
     df[table_cols].to_csv(out / "roi_table_all_rows.csv", index=False)
     per_seed.to_csv(out / "roi_table.csv", index=False)
     summary.to_csv(out / "summary.csv", index=False)
+    backtests.to_csv(out / "backtests.csv", index=False)
     shown = with_intervals(summary, metrics)
     md_cols = [
         *POINT,
@@ -357,32 +418,32 @@ def build_report(
         "seconds",
         *[c for m in metrics for c in (m, *derived_columns([m]))],
     ]
-    fit_rows = pd.DataFrame(
+    cards = [a for (k, m), a in advices.items() if m == metrics[0]]
+    questions = answers_frame(cards)
+    epochs = pd.concat(
         [
-            {
-                "task": k[0],
-                "model": k[1],
-                "data": k[2],
-                "metric": m,
-                "formula": f.formula(),
-                "r2": f.r2,
-                "rmse": f.rmse,
-                "points": f.points,
-                **{
-                    f"gain at n={t:.0f}": f"{p:.4g} [{lo:.4g}, {hi:.4g}]"
-                    for t, p, lo, hi in zip(
-                        f.predict_n, f.predicted, f.lower, f.upper, strict=True
-                    )
-                },
-            }
-            for (k, m), f in fits.items()
-        ]
+            epochs_lines(a).assign(**{"task · model · data": " · ".join(map(str, k))})
+            for (k, m), a in advices.items()
+            if m == metrics[0]
+        ],
+        ignore_index=True,
     )
+    time_table = pd.DataFrame(time_rows)
+    fit_rows = _fit_rows(fits)
     title = f"Fine-tuning budget report: {experiment}" + (
         f" (sweep {parent_run_id[:8]})" if parent_run_id else ""
     )
-    md = [f"# {title}", "", "## The answer", "", *[f"- {line}" for line in answer], ""]
+    coverage = _coverage_line(backtests, s.level)
+    md = [f"# {title}", "", "## The decision", ""]
+    md += [f"- {line}" for a in cards for line in a.lines()[:3]]
+    md += ["", "## The questions, answered", "", to_markdown(questions), ""]
+    md += ["## The answer", "", *[f"- {line}" for line in answer], ""]
     md += [f"> {n}" for n in notes] + [""]
+    md += ["## Backtests", "", coverage, "", to_markdown(backtests), ""]
+    if not epochs.empty:
+        md += ["## Epochs worth it per data.n", "", to_markdown(epochs), ""]
+    if not time_table.empty:
+        md += ["## ROI per training second per data.n", "", to_markdown(time_table), ""]
     md += [
         "## Means over seeds (± half-width of the t-based 95% interval)",
         "",
@@ -401,28 +462,98 @@ def build_report(
     ]
     md += [f"![{p.stem}]({p.name})" for p in files]
     (out / "report.md").write_text("\n".join(md) + "\n")
-    tables = [("Means over seeds (± 95% interval)", shown[md_cols])]
+    tables = [("The questions, answered", questions)]
+    if not epochs.empty:
+        tables.append(("Epochs worth it per data.n", epochs))
+    tables.append((f"Backtests: {coverage}", backtests))
+    if not time_table.empty:
+        tables.append(("ROI per training second per data.n", time_table))
+    tables.append(("Means over seeds (± 95% interval)", shown[md_cols]))
     if not fit_rows.empty:
         tables.append(("Learning-curve fits", fit_rows))
     tables.append(("Per run and seed", per_seed))
-    (out / "report.html").write_text(html.render(title, answer, notes, tables, figures))
+    (out / "report.html").write_text(html.render(title, answer, notes, tables, figures, cards))
     files += [
         out / n
         for n in (
             "roi_table.csv",
             "roi_table_all_rows.csv",
             "summary.csv",
+            "backtests.csv",
             "report.md",
             "report.html",
         )
     ]
-    report = Report(out, answer, points, summary, fits, files, numbers)
+    report = Report(out, answer, points, summary, fits, files, numbers, advices, backtests)
     if s.log_to_mlflow:
         report.run_id = _log(tracking_uri, experiment, out, attach_to_run, parent_run_id)
-    for line in answer:
-        log.info("%s", line)
+    for a in cards:
+        for line in a.lines():
+            log.info("%s", line)
     log.info("report written to %s (open report.html)", out.resolve())
     return report
+
+
+def _backtests(advices: dict[tuple[tuple, str], Advice]) -> pd.DataFrame:
+    """One row per backtest in the report: the data curve of each (task, model, data, metric)
+    (with the reason where it could not be checked) and the items-seen curve of each n that
+    could be checked."""
+    rows = []
+    for (key, metric), a in advices.items():
+        curves = [("gain vs data.n", a.data_fit)]
+        curves += [(f"gain vs items seen, n={n}", f) for n, f in sorted(a.time_fits.items())]
+        for label, fit in curves:
+            bt = None if fit is None else fit.backtest
+            if bt is None or (bt.covered is None and label != "gain vs data.n"):
+                continue  # an items-seen curve with too few epochs to check: no row
+            rows.append(
+                {
+                    "task · model · data": " · ".join(map(str, key)),
+                    "metric": metric_name(metric),
+                    "curve": label,
+                    "held out": bt.x,
+                    "fitted up to": bt.x_fit_max,
+                    "family": bt.family,
+                    "predicted": bt.predicted,
+                    "lo": bt.lo,
+                    "hi": bt.hi,
+                    "measured": bt.measured,
+                    "seeds": bt.seeds,
+                    "covered": bt.covered,
+                    "trust": bt.trust,
+                    "note": "" if bt.covered is not None else bt.reason,
+                }
+            )
+    return pd.DataFrame(rows)
+
+
+def _coverage_line(backtests: pd.DataFrame, level: float) -> str:
+    if backtests.empty or backtests["covered"].dropna().empty:
+        return "no backtest had an interval (too few budgets)"
+    c = backtests["covered"].dropna().astype(bool)
+    return (
+        f"{int(c.sum())} of {len(c)} held-out budgets inside their {100 * level:.0f}% "
+        f"prediction interval (coverage {100 * c.mean():.0f}%)"
+    )
+
+
+def _fit_rows(fits: dict[tuple[tuple, str], CurveFit]) -> pd.DataFrame:
+    return pd.DataFrame(
+        [
+            {
+                "task · model · data": " · ".join(map(str, k)),
+                "metric": metric_name(m),
+                "family": f.family,
+                "formula": f.formula(),
+                "leave-one-budget-out error": f.cv_error,
+                **{f"cv {name}": v for name, v in f.cv.items()},
+                "points": f.n_points,
+                "sizes": f.n_budgets,
+                "trust": f.trust,
+            }
+            for (k, m), f in fits.items()
+        ]
+    )
 
 
 def _log(

@@ -1,7 +1,9 @@
 """The reference study's figures, per metric: relative improvement and ROI per labelled item
-against labelled items (log x), improvement against epochs and training seconds, ROI per second
-against seconds. One line per task and model (and n on the time axes), a band of the 95% interval
-over seeds where points were repeated."""
+against labelled items (log x), improvement against epochs, training seconds and items seen, ROI
+per second against seconds. One line per task and model (and n on the time axes), a band of the
+95% interval over seeds where points were repeated; the checked learning curves dashed with their
+interval band, their predictions, and each backtest (the held-out budget's predicted interval in
+red, its measured mean as a star)."""
 
 from __future__ import annotations
 
@@ -16,8 +18,8 @@ import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 import pandas as pd  # noqa: E402
 
-from finetune_budget.report.fit import CurveFit  # noqa: E402
-from finetune_budget.report.table import GROUP  # noqa: E402
+from finetune_budget.report.curves import CurveFit  # noqa: E402
+from finetune_budget.report.table import GROUP, items_seen  # noqa: E402
 from finetune_budget.roi import metric_name  # noqa: E402
 
 log = logging.getLogger(__name__)
@@ -43,8 +45,43 @@ def _save(fig, path: Path) -> Path:
     return path
 
 
+def _fitted(ax, fit: CurveFit, top: float, color: str, what: str) -> None:
+    """The fitted curve over its measured range and on to `top`, its interval band, and the
+    backtest: predicted interval (red) and measured mean (star) at the held-out budget."""
+    grid = np.geomspace(fit.x_min, max(top, fit.x_max), 120)
+    mean, lo, hi = fit.expected(grid)
+    ax.plot(grid, mean, ls="--", lw=1, color=color, label=f"{what}: {fit.family} ({fit.trust})")
+    if np.isfinite(lo).any():
+        ax.fill_between(grid, lo, hi, color=color, alpha=0.12, lw=0)
+    bt = fit.backtest
+    if bt is not None and math.isfinite(bt.predicted):
+        if math.isfinite(bt.lo):
+            ax.errorbar(
+                [bt.x],
+                [bt.predicted],
+                yerr=[[bt.predicted - bt.lo], [bt.hi - bt.predicted]],
+                fmt="s",
+                color="tab:red",
+                ms=4,
+                capsize=3,
+            )
+        ax.plot(
+            [bt.x],
+            [bt.measured],
+            marker="*",
+            ms=10,
+            color="tab:red",
+            ls="none",
+            label=f"backtest at {bt.x:.4g}: {'inside' if bt.covered else 'outside'}",
+        )
+
+
 def data_figures(
-    curve: pd.DataFrame, metric: str, out_dir: Path, fits: dict[tuple, CurveFit] | None = None
+    curve: pd.DataFrame,
+    metric: str,
+    out_dir: Path,
+    fits: dict[tuple, CurveFit] | None = None,
+    predict_n: list[float] | None = None,
 ) -> list[Path]:
     """`curve`: summary rows (mean + _ci95) of the data curve, one per (task, model, data, n)."""
     name = metric_name(metric)
@@ -59,29 +96,24 @@ def data_figures(
             _line(ax, g["n"], g[col], g[f"{col}_ci95"], _label(key))
             fit = (fits or {}).get(key)
             if fit is not None and prefix == "gain_vs_n":
-                top = max([g["n"].max(), *fit.predict_n])
-                grid = np.geomspace(g["n"].min(), top, 100)
-                ax.plot(
-                    grid,
-                    fit(grid),
-                    ls="--",
-                    lw=1,
-                    color="gray",
-                    label=f"fit {fit.formula()} (R²={fit.r2:.2f})",
-                )
-                for n_, p, lo, hi in zip(
-                    fit.predict_n, fit.predicted, fit.lower, fit.upper, strict=True
-                ):
-                    if math.isfinite(lo):
-                        ax.errorbar(
-                            [n_],
-                            [p],
-                            yerr=[[p - lo], [hi - p]],
-                            fmt="s",
-                            color="gray",
-                            ms=4,
-                            capsize=3,
-                        )
+                targets = predict_n or [2 * fit.x_max, 5 * fit.x_max]
+                color = ax.lines[-1].get_color()
+                if fit.extrapolation_ok:
+                    _fitted(ax, fit, max(targets), color, "fit")
+                    mean, lo, hi = fit.predict(targets)
+                    ok = np.isfinite(lo)
+                    ax.errorbar(
+                        np.asarray(targets)[ok],
+                        mean[ok],
+                        yerr=[(mean - lo)[ok], (hi - mean)[ok]],
+                        fmt="D",
+                        color=color,
+                        ms=4,
+                        capsize=3,
+                        mfc="white",
+                    )
+                else:
+                    _fitted(ax, fit, fit.x_max, color, "fit, not extrapolated")
         ax.set_xscale("log")
         ax.axhline(0, color="black", lw=0.5)
         ax.set_xlabel("labelled items (data.n)")
@@ -90,6 +122,36 @@ def data_figures(
         ax.legend(fontsize=7)
         paths.append(_save(fig, out_dir / f"{prefix}_{name}.png"))
     return paths
+
+
+def cost_figures(
+    points: pd.DataFrame,
+    metric: str,
+    out_dir: Path,
+    fits: dict[tuple, dict[int, CurveFit]] | None = None,
+) -> list[Path]:
+    """Gain against items seen (the machine-independent time axis), one line per n with its
+    seed band, and the fitted curve of each n that could be backtested, with its backtest."""
+    name = metric_name(metric)
+    gain = f"gain/{name}"
+    fig, ax = plt.subplots(figsize=(6.4, 4.2))
+    frame = points.assign(_cost=items_seen(points))
+    for key, g in frame.groupby([*GROUP, "n"], sort=True):
+        stats_ = g.groupby("epoch").agg(
+            x=("_cost", "mean"), y=(gain, "mean"), s=(gain, "std"), k=(gain, "count")
+        )
+        half = 1.96 * stats_["s"] / np.sqrt(stats_["k"])
+        _line(ax, stats_["x"], stats_["y"], half, f"{_label(key[:3])} · n={key[3]}")
+        fit = (fits or {}).get(tuple(key[:3]), {}).get(int(key[3]))
+        if fit is not None and fit.trust != "untested":  # only curves a backtest checked
+            _fitted(ax, fit, fit.x_max, ax.lines[-1].get_color(), f"n={key[3]}")
+    ax.set_xscale("log")
+    ax.axhline(0, color="black", lw=0.5)
+    ax.set_xlabel("items seen in training (data/samples_seen)")
+    ax.set_ylabel(f"relative improvement of {name}")
+    ax.set_title(f"relative improvement of {name} vs items seen")
+    ax.legend(fontsize=6)
+    return [_save(fig, out_dir / f"gain_vs_items_seen_{name}.png")]
 
 
 def time_figures(summary: pd.DataFrame, metric: str, out_dir: Path) -> list[Path]:

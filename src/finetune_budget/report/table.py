@@ -34,6 +34,13 @@ def budget_points(df: pd.DataFrame) -> pd.DataFrame:
     return points.sort_values(key, kind="stable").reset_index(drop=True)
 
 
+def items_seen(frame: pd.DataFrame) -> pd.Series:
+    """The machine-independent training cost of each row: items seen so far
+    (`data/samples_seen`; epoch x n for runs that did not log it)."""
+    seen = frame["samples_seen"] if "samples_seen" in frame else pd.Series(np.nan, frame.index)
+    return seen.where(seen.notna() & (seen > 0), frame["epoch"] * frame["n"]).astype(float)
+
+
 def ci95(values: pd.Series) -> float:
     """Half-width of the t-based 95% interval of the mean (NaN for fewer than 2 values)."""
     x = values.dropna().to_numpy(dtype=float)

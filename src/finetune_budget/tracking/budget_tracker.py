@@ -1,20 +1,40 @@
-"""The budget tracker: training time (evaluation excluded), samples seen, metrics, gains and ROI
-per epoch, written to MLflow with step = epoch (0 = the pretrained model)."""
+"""The budget tracker: training time (evaluation excluded), samples seen, training FLOPs, metrics,
+gains and ROI per epoch, written to MLflow with step = epoch (0 = the pretrained model).
+
+`cost/train_flops` is a machine-independent cost: torch's FlopCounterMode counts the first
+training step (forward and backward, matmuls and convolutions), per real token for text batches
+(attention mask) or per item otherwise, and every step adds that rate times its tokens or items.
+"""
 
 from __future__ import annotations
 
 import logging
+import math
 import time
 from typing import Any
 
 import lightning as L
 import torch
 from lightning.pytorch.callbacks import Callback
+from torch.utils.flop_counter import FlopCounterMode
 
 from finetune_budget.roi import gains
 from finetune_budget.tracking.mlflow_run import TrackedRun
 
 log = logging.getLogger(__name__)
+
+
+def cost_units(batch: Any) -> tuple[int, int]:
+    """(items, cost units) of a training batch: units are the real tokens of its tokenised texts
+    (attention masks) when it holds no images (tensors of 3+ dims), else items."""
+    parts = list(batch.values()) if isinstance(batch, dict) else [batch]
+    first = parts[0]
+    items = first["input_ids"].shape[0] if isinstance(first, dict) else len(first)
+    texts = [p for p in parts if isinstance(p, dict) and "attention_mask" in p]
+    images = [p for p in parts if isinstance(p, torch.Tensor) and p.dim() >= 3]
+    if texts and not images:
+        return items, int(sum(int(p["attention_mask"].sum()) for p in texts))
+    return items, items
 
 
 def _sync(module: L.LightningModule) -> None:
@@ -66,6 +86,9 @@ class BudgetTracker(Callback):
         self.baseline: dict[str, float] = {}
         self.train_s = 0.0
         self.samples_seen = 0
+        self.train_flops = 0.0
+        self.flops_per_unit: float | None = None  # measured on the first training step
+        self._counter: FlopCounterMode | None = None
         self.epoch_loss_sum = 0.0
         self.epoch_batches = 0
         self._train_t0: float | None = None
@@ -81,6 +104,8 @@ class BudgetTracker(Callback):
             "baseline": self.baseline,
             "train_s": self.train_s,
             "samples_seen": self.samples_seen,
+            "train_flops": self.train_flops,
+            "flops_per_unit": self.flops_per_unit,
         }
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
@@ -88,6 +113,8 @@ class BudgetTracker(Callback):
         self.baseline = dict(state["baseline"])
         self.train_s = float(state["train_s"])
         self.samples_seen = int(state["samples_seen"])
+        self.train_flops = float(state.get("train_flops", 0.0))
+        self.flops_per_unit = state.get("flops_per_unit")
 
     # -- recording -------------------------------------------------------------------------------
     def record(
@@ -106,6 +133,8 @@ class BudgetTracker(Callback):
         row["time/eval_s"] = eval_s
         row["data/samples_seen"] = self.samples_seen
         row["data/n"] = self.n_labels
+        if self.train_flops > 0:
+            row["cost/train_flops"] = self.train_flops
         row.update(extra)
         if epoch > 0:
             row.update(gains(metrics, self.baseline, self.n_labels, self.train_s, self.gain_floor))
@@ -126,9 +155,23 @@ class BudgetTracker(Callback):
         _sync(pl_module)
         self._train_t0 = time.perf_counter()
 
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx) -> None:
+        if self.flops_per_unit is None and self._counter is None:
+            self._counter = FlopCounterMode(display=False)
+            self._counter.__enter__()
+
+    def _stop_counter(self, units: int) -> None:
+        counter, self._counter = self._counter, None
+        counter.__exit__(None, None, None)
+        total = counter.get_total_flops()
+        self.flops_per_unit = total / units if units and total else math.nan
+
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
-        first = next(iter(batch.values()))
-        size = first["input_ids"].shape[0] if isinstance(first, dict) else len(first)
+        size, units = cost_units(batch)
+        if self._counter is not None:
+            self._stop_counter(units)
+        if self.flops_per_unit is not None and math.isfinite(self.flops_per_unit):
+            self.train_flops += self.flops_per_unit * units * trainer.world_size
         self.samples_seen += size * trainer.world_size
         loss = outputs["loss"] if isinstance(outputs, dict) else outputs
         if loss is not None:
@@ -166,6 +209,11 @@ class BudgetTracker(Callback):
         if fitting and self.epoch_batches:
             extra["train/loss_epoch"] = self.epoch_loss_sum / self.epoch_batches
         self.record(epoch, dict(pl_module.eval_metrics), eval_s, **extra)
+
+    def on_exception(self, trainer: L.Trainer, pl_module: L.LightningModule, exception) -> None:
+        if self._counter is not None:  # leave no FLOP counter active after a failed step
+            self._counter.__exit__(None, None, None)
+            self._counter = None
 
     def on_train_epoch_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         self._stop_train_clock(pl_module)  # when no validation ran this epoch

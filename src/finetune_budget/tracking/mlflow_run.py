@@ -52,7 +52,7 @@ def package_versions() -> dict[str, str]:
 
 @dataclass
 class TrackedRun:
-    client: MlflowClient
+    client: MlflowClient | None  # None in the extra processes of a multi-process run
     run_id: str | None  # None in the extra processes of a multi-process run (not launched by us)
     experiment_id: str
     tracking_uri: str
@@ -154,11 +154,11 @@ def tracked_run(
     launcher, torchrun and srun alike. Ranks that Lightning's launcher starts inherit rank 0's
     run id (RUN_ID_ENV); others get None.
     """
+    if not main_process:  # not even the store is opened (a new sqlite file: rank 0 creates it)
+        yield TrackedRun(None, os.environ.get(RUN_ID_ENV), "", tracking_uri, writer=False)
+        return
     mlflow.set_tracking_uri(tracking_uri)
     client = MlflowClient(tracking_uri)
-    if not main_process:
-        yield TrackedRun(client, os.environ.get(RUN_ID_ENV), "", tracking_uri, writer=False)
-        return
     exp_id = experiment_id(client, experiment)
     all_tags = {f"versions.{k}": v for k, v in package_versions().items()}
     all_tags["command"] = " ".join(sys.argv)[:5000]

@@ -4,9 +4,10 @@
     finetune-budget-roi --experiment finetune-budget
 
 One row per training run and evaluated epoch: run_id, task, model, data, n, seed, epochs
-(trainer.max_epochs), epoch, seconds (cumulative training seconds), each metric, and per metric the
-relative gain over the run's epoch 0 and both ROIs (gain per labelled item, gain per training
-second), recomputed here from the logged metrics with the run's `budget.gain_floor`.
+(trainer.max_epochs), epoch, seconds (cumulative training seconds), samples_seen and train_flops
+(cumulative machine-independent cost; NaN where a run did not log it), each metric, and per
+metric the relative gain over the run's epoch 0 and both ROIs (gain per labelled item, gain per
+training second), recomputed here from the logged metrics with the run's `budget.gain_floor`.
 """
 
 from __future__ import annotations
@@ -39,11 +40,15 @@ ID_COLUMNS = [
     "epochs",
     "epoch",
     "seconds",
+    "samples_seen",
+    "train_flops",
     "eval_s",
     "continued",
     "continued_from",
     "parent_run_id",
 ]
+
+COST_KEYS = {"data/samples_seen": "samples_seen", "cost/train_flops": "train_flops"}
 
 
 def default_uri() -> str:
@@ -100,7 +105,7 @@ def run_rows(client: MlflowClient, run: Run, metrics: Sequence[str] | None = Non
     keys = (
         [k for k in run.data.metrics if k.startswith("val/")] if metrics is None else list(metrics)
     )
-    wanted = [*keys, "time/train_s", "time/eval_s", "data/n"]
+    wanted = [*keys, "time/train_s", "time/eval_s", "data/n", *COST_KEYS]
     by_step: dict[int, dict[str, float]] = {}
     for key in wanted:
         if key not in run.data.metrics:
@@ -130,6 +135,8 @@ def run_rows(client: MlflowClient, run: Run, metrics: Sequence[str] | None = Non
         values = by_step[step]
         seconds = values.get("time/train_s", 0.0 if step == 0 else math.nan)
         row = {**common, "epoch": step, "seconds": seconds, "eval_s": values.get("time/eval_s")}
+        for key, column in COST_KEYS.items():  # machine-independent training cost so far
+            row[column] = values.get(key, 0.0 if step == 0 else math.nan)
         row.update({k: values.get(k, math.nan) for k in keys})
         row["has_baseline"] = bool(base)
         if step > 0 and base:

@@ -1,0 +1,75 @@
+"""How often the learning curves' 90% intervals hold, on synthetic sweeps with known noise.
+
+    .venv/bin/python bench/curve_calibration.py [--reps 200]
+
+Each repetition draws a sweep from gain(n) = 0.3 - 2 n^-0.5 + N(0, sigma) (sizes 100..1600, or
+50..2000 for the label questions) and checks: the prediction interval of a new measured mean at
+twice the largest size, the curve's own interval there, and the interval of "labels to reach a
+gain" (budget_for). Prints the share of repetitions whose interval held the truth.
+"""
+
+from __future__ import annotations
+
+import argparse
+import time
+
+import numpy as np
+
+from finetune_budget.report.curves import fit_learning_curve
+
+A, B, C = 0.30, 2.0, 0.5
+
+
+def curve(n):
+    return A - B * np.power(n, -C)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--reps", type=int, default=200)
+    parser.add_argument("--sigma", type=float, default=0.004)
+    args = parser.parse_args()
+    print(f"{args.reps} repetitions, sigma={args.sigma}, 90% intervals")
+    print(f"{'seeds':>5} {'families':>10} {'new mean':>9} {'curve':>7} {'s/fit':>7}")
+    budgets = np.array([100, 200, 400, 800, 1600], dtype=float)
+    for seeds in (1, 3):
+        for families in (("pow3",), None):
+            rng = np.random.default_rng(42)
+            x = np.repeat(budgets, seeds)
+            groups = np.tile(np.arange(seeds), len(budgets)) if seeds > 1 else None
+            new = true = 0
+            t0 = time.perf_counter()
+            for rep in range(args.reps):
+                y = curve(x) + rng.normal(0, args.sigma, x.size)
+                kw = {} if families is None else {"families": families}
+                fit = fit_learning_curve(x, y, groups, check=False, seed=rep, ceiling=1.0, **kw)
+                _, lo, hi = fit.predict([3200.0])
+                measured = curve(3200.0) + rng.normal(0, args.sigma, seeds).mean()
+                new += bool(lo[0] <= measured <= hi[0])
+                _, lo, hi = fit.expected([3200.0])
+                true += bool(lo[0] <= curve(3200.0) <= hi[0])
+            per_fit = (time.perf_counter() - t0) / args.reps
+            name = "pow3" if families else "all 4"
+            print(
+                f"{seeds:>5} {name:>10} {new / args.reps:>9.3f} {true / args.reps:>7.3f} "
+                f"{per_fit:>7.3f}"
+            )
+    sizes = np.repeat([50, 100, 200, 500, 1000, 2000], 3).astype(float)
+    groups = np.tile([0, 1, 2], 6)
+    hits = {0.25: 0, 0.26: 0, 0.27: 0}
+    reps = max(args.reps // 4, 10)
+    for rep in range(reps):
+        rng = np.random.default_rng(rep)
+        y = curve(sizes) + rng.normal(0, 0.002, sizes.size)
+        fit = fit_learning_curve(sizes, y, groups, ceiling=1.0, check=False, seed=rep)
+        for target in hits:
+            _, lo, hi = fit.budget_for(target)
+            hits[target] += bool(lo <= (B / (A - target)) ** (1 / C) <= hi)
+    print(f"labels to reach a gain ({reps} sweeps, 6 sizes x 3 seeds, sigma=0.002):")
+    for target, h in hits.items():
+        need = (B / (A - target)) ** (1 / C)
+        print(f"  gain {target:.2f} (needs {need:.0f} labels): interval held it {h / reps:.2f}")
+
+
+if __name__ == "__main__":
+    main()

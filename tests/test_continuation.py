@@ -9,7 +9,14 @@ from pathlib import Path
 import pytest
 from mlflow.tracking import MlflowClient
 
-from finetune_budget.continuation import EpochStore, continuation_key, why_not_continuable
+from finetune_budget import continuation
+from finetune_budget.continuation import (
+    MEMORY,
+    EpochStore,
+    SweepStates,
+    continuation_key,
+    why_not_continuable,
+)
 from finetune_budget.training import run_config, train
 
 METRICS = ("val/mrr_at_20", "val/recall_at_20", "val/map_at_20")
@@ -23,14 +30,29 @@ def _artifacts_in_tmp(tmp_path_factory):
         yield
 
 
+@pytest.fixture(autouse=True)
+def _empty_memory_store():
+    MEMORY.clear()  # each test starts like a fresh process
+    yield
+    MEMORY.clear()
+
+
 def _by_epoch(history: list[dict[str, float]]) -> dict[int, dict[str, float]]:
     return {int(r["epoch"]): r for r in history}
 
 
-@pytest.mark.parametrize("data", ["clinc150", "stsb"])
-def test_continued_run_equals_training_from_scratch(tiny_text_cfg, tmp_path, data):
+@pytest.mark.parametrize(
+    ("data", "store"), [("clinc150", "memory"), ("stsb", "memory"), ("clinc150", "disk")]
+)
+def test_continued_run_equals_training_from_scratch(tiny_text_cfg, tmp_path, data, store):
     # `stsb` pairs use a RandomSampler with its own generator; clinc150 a (seed, epoch) sampler.
-    common = (f"data={data}", "data.n=48", "trainer.limit_val_batches=1", "optim.warmup_steps=3")
+    common = (
+        f"data={data}",
+        "data.n=48",
+        "trainer.limit_val_batches=1",
+        "optim.warmup_steps=3",
+        f"budget.continuation_store={store}",
+    )
     short = train(tiny_text_cfg(*common, "trainer.max_epochs=1"))
     continued = train(tiny_text_cfg(*common, "trainer.max_epochs=3"))
     scratch = train(
@@ -53,6 +75,11 @@ def test_continued_run_equals_training_from_scratch(tiny_text_cfg, tmp_path, dat
     tags = client.get_run(continued.run_id).data.tags
     assert tags["continued_from"] == short.run_id
     assert tags["continued_from_epoch"] == "1"
+    assert tags["continuation_store"] == store
+    assert tags["continuation_exact"] == "true"
+    # memory: nothing on disk; disk: the state file and no temp files
+    files = sorted(p.name for p in (Path(tmp_path) / "cache").rglob("*.ckpt*"))
+    assert files == ([] if store == "memory" else ["epoch_3.ckpt"])
     assert "continued_from" not in client.get_run(scratch.run_id).data.tags
     steps = [m.step for m in client.get_metric_history(continued.run_id, "val/mrr_at_20")]
     assert sorted(steps) == [0, 1, 2, 3]
@@ -61,24 +88,100 @@ def test_continued_run_equals_training_from_scratch(tiny_text_cfg, tmp_path, dat
 
 
 def test_store_keeps_only_the_latest_epoch_and_shorter_runs_start_again(tiny_text_cfg):
-    cfg2 = tiny_text_cfg("trainer.max_epochs=2", "data.n=32", "trainer.limit_val_batches=1")
+    common = ("data.n=32", "trainer.limit_val_batches=1", "budget.continuation_store=disk")
+    cfg2 = tiny_text_cfg("trainer.max_epochs=2", *common)
     train(cfg2)
     store = EpochStore(cfg2.paths.cache_dir)
     key = continuation_key(run_config(cfg2))
     assert store.get(key).epoch == 2
-    one = train(tiny_text_cfg("trainer.max_epochs=1", "data.n=32", "trainer.limit_val_batches=1"))
+    one = train(tiny_text_cfg("trainer.max_epochs=1", *common))
     client = MlflowClient(cfg2.tracking.uri)
     assert "continued_from" not in client.get_run(one.run_id).data.tags  # no state with j < 1
     assert store.get(key).epoch == 2  # the shorter run does not replace the longer state
     assert [p.name for p in (store.root / key).glob("*.ckpt")] == ["epoch_2.ckpt"]
     # another seed or n is another key
     assert key != continuation_key(
-        run_config(
-            tiny_text_cfg(
-                "trainer.max_epochs=2", "data.n=32", "trainer.limit_val_batches=1", "seed=1"
-            )
-        )
+        run_config(tiny_text_cfg("trainer.max_epochs=2", *common, "seed=1"))
     )
+
+
+@pytest.mark.parametrize(
+    "change",
+    [
+        "trainer.limit_train_batches=3",
+        "trainer.limit_val_batches=3",
+        "trainer.precision=bf16-mixed",
+    ],
+)
+def test_key_changes_with_what_is_computed_but_not_with_bookkeeping(tiny_text_cfg, change):
+    base = continuation_key(run_config(tiny_text_cfg("trainer.max_epochs=2")))
+    assert continuation_key(run_config(tiny_text_cfg("trainer.max_epochs=2", change))) != base
+    for same in (
+        "trainer.max_epochs=7",
+        "tracking.experiment=other",
+        "budget.continuation_store=disk",
+    ):
+        assert continuation_key(run_config(tiny_text_cfg(same))) == base, same
+
+
+def test_key_changes_with_the_data_file_and_the_package_version(
+    tiny_text_cfg, tmp_path, monkeypatch
+):
+    data = tmp_path / "faq.csv"
+    data.write_text("text,label\na,x\nb,x\nc,y\nd,y\n")
+    cfg = tiny_text_cfg("data=custom_text", f"data.train_path={data}")
+    before = continuation_key(run_config(cfg))
+    data.write_text("text,label\na,x\nb,x\nc,y\nd,y\ne,y\n")  # edited in place: same path
+    assert continuation_key(run_config(cfg)) != before
+    after_edit = continuation_key(run_config(cfg))
+    monkeypatch.setattr(continuation, "_versions", lambda: {"torch": "0.0-other"})
+    assert continuation_key(run_config(cfg)) != after_edit
+
+
+def test_epochs_as_the_outer_axis_still_continue_and_the_sweep_end_cleans_up(tiny_text_cfg):
+    """4 configs in flight (more than continuation_max_configs=2): every one still continues."""
+    cfg = tiny_text_cfg("budget.continuation_max_configs=2")
+    sweep = SweepStates()
+    sweep.on_multirun_start(cfg)
+    seeds, runs = range(4), {}
+    for epochs in (1, 2):  # the outer axis
+        for seed in seeds:
+            common = ("data.n=16", "trainer.limit_val_batches=1", "trainer.limit_train_batches=1")
+            runs[epochs, seed] = train(
+                tiny_text_cfg(*common, f"seed={seed}", f"trainer.max_epochs={epochs}")
+            )
+    client = MlflowClient(cfg.tracking.uri)
+    for seed in seeds:
+        tags = client.get_run(runs[2, seed].run_id).data.tags
+        assert tags.get("continued_from") == runs[1, seed].run_id, seed
+    assert len(MEMORY.states) == 4
+    sweep.on_multirun_end(cfg)
+    assert len(MEMORY.states) == 0
+    assert not list(Path(cfg.paths.cache_dir).rglob("*.ckpt"))
+
+
+def test_memory_states_past_the_limit_move_to_disk_and_still_continue(tiny_text_cfg):
+    common = ("data.n=16", "trainer.limit_val_batches=1", "budget.continuation_memory_mb=0.001")
+    cfg = tiny_text_cfg(*common)
+    sweep = SweepStates()
+    sweep.on_multirun_start(cfg)
+    first = [train(tiny_text_cfg(*common, f"seed={s}", "trainer.max_epochs=1")) for s in (0, 1)]
+    assert len(MEMORY.states) == 1  # the older one moved to disk
+    assert len(list(Path(cfg.paths.cache_dir).rglob("epoch_1.ckpt"))) == 1
+    again = [train(tiny_text_cfg(*common, f"seed={s}", "trainer.max_epochs=2")) for s in (0, 1)]
+    client = MlflowClient(cfg.tracking.uri)
+    for a, b in zip(first, again, strict=True):
+        assert client.get_run(b.run_id).data.tags.get("continued_from") == a.run_id
+    sweep.on_multirun_end(cfg)
+    assert not list(Path(cfg.paths.cache_dir).rglob("*.ckpt"))
+
+
+def test_runs_with_loader_workers_and_augmentation_are_tagged_not_exact(make_cfg):
+    from finetune_budget.continuation import why_not_exact
+
+    assert why_not_exact(make_cfg("task=image_image", "data.num_workers=2")) is not None
+    assert why_not_exact(make_cfg("task=image_image", "data.num_workers=0")) is None
+    assert why_not_exact(make_cfg("data.num_workers=2")) is None  # text: nothing random in workers
 
 
 def test_schedules_that_depend_on_max_epochs_run_from_scratch(tiny_text_cfg):
@@ -100,7 +203,7 @@ class _FakeTrainer:
         Path(path).write_bytes(b"state")
 
 
-def test_store_keeps_the_states_of_the_most_recent_configs_only(tmp_path):
+def test_disk_store_keeps_the_states_of_the_most_recent_earlier_configs_only(tmp_path):
     store = EpochStore(tmp_path, max_keys=2)
     for i, key in enumerate(["a", "b", "c"]):
         store.put(key, 1, f"run-{key}", _FakeTrainer())
@@ -110,3 +213,36 @@ def test_store_keeps_the_states_of_the_most_recent_configs_only(tmp_path):
     assert store.get("b").epoch == 1
     assert (store.get("c").epoch, store.get("c").run_id) == (2, "run-c2")
     assert sorted(p.name for p in (store.root / "c").iterdir()) == ["epoch_2.ckpt", "state.json"]
+
+
+@pytest.mark.parametrize(
+    ("mode", "launcher", "expected"),
+    [
+        ("MULTIRUN", "hydra._internal.core_plugins.basic_launcher.BasicLauncher", "memory"),
+        ("MULTIRUN", "hydra_plugins.hydra_joblib_launcher.joblib_launcher.JoblibLauncher", "disk"),
+        ("RUN", "hydra._internal.core_plugins.basic_launcher.BasicLauncher", "memory"),
+    ],
+)
+def test_auto_store_is_memory_in_process_and_disk_for_launchers_of_other_processes(
+    tiny_text_cfg, mode, launcher, expected
+):
+    from hydra import compose, initialize_config_dir
+    from hydra.core.global_hydra import GlobalHydra
+    from hydra.core.hydra_config import HydraConfig
+    from omegaconf import open_dict
+
+    from finetune_budget.continuation import store_kind
+    from tests.conftest import CONF
+
+    GlobalHydra.instance().clear()
+    with initialize_config_dir(config_dir=str(CONF), version_base="1.3"):
+        cfg = compose(config_name="train", return_hydra_config=True)
+    with open_dict(cfg):
+        cfg.hydra.mode = mode
+        cfg.hydra.launcher = {"_target_": launcher}
+    HydraConfig.instance().set_config(cfg)
+    try:
+        assert store_kind(cfg) == expected
+        assert store_kind(tiny_text_cfg("budget.continuation_store=disk")) == "disk"
+    finally:
+        HydraConfig.instance().cfg = None

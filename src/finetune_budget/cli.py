@@ -1,26 +1,41 @@
 """What the entry points share: argv rewriting, error reporting, the run table, the exit code.
 
-A job that fails is logged as one line (BudgetError) or with its traceback (anything else), its
-MLflow run is marked FAILED, and a sweep's other jobs go on; the process exits 1 at the end.
+A job's config is checked first (config.check_config: types, ranges, files, the tracking store, the
+device), before the heavy imports, so a typo is reported in about a second. A job that fails is
+logged as one line (BudgetError: what is wrong and how to fix it; with its traceback when
+HYDRA_FULL_ERROR=1 or FINETUNE_BUDGET_DEBUG=1) or with its traceback (anything else), its MLflow
+run is marked FAILED, and a sweep's other jobs go on; the process exits 1 at the end.
+Imports nothing heavy (no torch, lightning or mlflow).
 """
 
 from __future__ import annotations
 
 import logging
 import math
+import os
 from collections.abc import Callable, Sequence
 from typing import Any
 
 from omegaconf import DictConfig
 
-from finetune_budget.config import expand_range_overrides
+from finetune_budget.config import check_config, expand_range_overrides
 from finetune_budget.distributed import is_main_process
-from finetune_budget.errors import BudgetError
+from finetune_budget.errors import BudgetError, one_line
 
 log = logging.getLogger("finetune_budget")
 
 FAILED_JOBS: list[str] = []
-__all__ = ["exit_code", "expand_argv", "format_table", "guarded_job", "is_main_process"]
+JOBS: list[int] = []  # one entry per job this process ran
+__all__ = [
+    "evaluate_job",
+    "exit_code",
+    "expand_argv",
+    "format_table",
+    "guarded_job",
+    "is_main_process",
+    "train_job",
+    "tune_job",
+]
 
 
 def expand_argv(argv: Sequence[str]) -> list[str]:
@@ -31,13 +46,22 @@ def expand_argv(argv: Sequence[str]) -> list[str]:
         raise SystemExit(f"error: {e}") from None
 
 
+def show_tracebacks() -> bool:
+    return any(os.environ.get(k, "") not in ("", "0") for k in ("HYDRA_FULL_ERROR", DEBUG_ENV))
+
+
+DEBUG_ENV = "FINETUNE_BUDGET_DEBUG"
+
+
 def guarded_job(job: Callable[[DictConfig], Any], cfg: DictConfig) -> Any:
-    """Run one Hydra job; report a failure instead of aborting the sweep."""
+    """Check the config, then run one Hydra job; report a failure instead of aborting the sweep."""
+    JOBS.append(1)
     try:
+        check_config(cfg)
         return job(cfg)
     except BudgetError as e:
-        FAILED_JOBS.append(str(e))
-        log.error("error: %s", e)
+        FAILED_JOBS.append(one_line(e))
+        log.error("error: %s", one_line(e), exc_info=show_tracebacks())
     except KeyboardInterrupt:
         raise
     except Exception as e:  # noqa: BLE001 - a sweep's other jobs go on
@@ -47,8 +71,12 @@ def guarded_job(job: Callable[[DictConfig], Any], cfg: DictConfig) -> Any:
 
 
 def exit_code() -> int:
-    if FAILED_JOBS:
-        log.error("%d job(s) failed; their MLflow runs are marked FAILED", len(FAILED_JOBS))
+    if FAILED_JOBS and len(JOBS) > 1:  # a single job's error line says it all
+        log.error(
+            "%d of %d jobs failed (those that had started an MLflow run have it marked FAILED)",
+            len(FAILED_JOBS),
+            len(JOBS),
+        )
     return 1 if FAILED_JOBS else 0
 
 
@@ -87,3 +115,49 @@ def format_table(
     lines = ["  ".join(c.rjust(w) for c, w in zip(columns, widths, strict=True))]
     lines += ["  ".join(v.rjust(w) for v, w in zip(r, widths, strict=True)) for r in rows]
     return "\n".join(lines)
+
+
+# ---- the entry points' jobs: the heavy imports happen here, after guarded_job checked the config
+
+
+def train_job(cfg: DictConfig) -> float:
+    """train.py: one run (or a reused finished run of the same point); prints its table."""
+    from finetune_budget.tracking.sweep_parent import current_parent
+    from finetune_budget.training import train
+    from finetune_budget.tuning.objectives import sweep_objective
+
+    result = train(cfg, parent_run_id=current_parent())
+    if is_main_process(cfg.trainer):  # ranks 1.. of a multi-process run print nothing
+        if result.reused:
+            print(
+                f"\nreused run {result.run_id}: this point (config, seed, version) finished "
+                "before; budget.rerun=true trains it again"
+            )
+        print(f"\nMLflow run {result.run_id} ({cfg.tracking.uri}, {cfg.tracking.experiment})")
+        print(format_table(result.history, budget_metric=cfg.budget.metric))
+    return sweep_objective(cfg, result)  # tune.objectives of hparams_search, else budget.metric
+
+
+def evaluate_job(cfg: DictConfig) -> Any:
+    """evaluate.py: the mode's result; an evaluation's metrics are printed."""
+    from finetune_budget.evaluation import run_mode
+
+    result = run_mode(cfg)
+    if isinstance(result, dict):
+        for key, value in result.items():
+            print(f"{key:28s} {value:.4f}")
+    return result
+
+
+def tune_job(cfg: DictConfig) -> float:
+    """tune.py: an Optuna search; prints its trials and the cheapest one near the best."""
+    from finetune_budget.tuning import run_search
+
+    result = run_search(cfg)
+    study = result.study.study_name
+    print(f"\nstudy {study}: {result.counts}; MLflow parent run {result.parent_run_id}")
+    print(result.table())
+    if result.cheapest is not None:
+        share = cfg.tune.target_share
+        print(f"cheapest trial reaching {share:.0%} of the best gain: {result.cheapest['trial']}")
+    return float(result.rows[0][result.objectives[0].metric]) if result.rows else float("nan")

@@ -6,31 +6,48 @@ of a finished job with the same config and seed instead of training from scratch
 Valid only when the learning-rate schedule does not depend on `trainer.max_epochs`
 (`optim.schedule=warmup_constant`): then a k-epoch run is exactly the first k epochs of any longer
 run. The state (model, optimizer, scheduler, loops, the BudgetTracker's history and training time,
-the RNG states and the train sampler's generator) is a Lightning checkpoint under
-`paths.cache_dir/continuation/<key>/`, keyed by a hash of the resolved config without
-`trainer.max_epochs`; only the latest epoch's state per key is kept.
-`budget.continue_shorter_runs=false` turns it off.
+the RNG states and the train sampler's generator) is a Lightning checkpoint keyed by a hash of
+everything that changes what is computed (the resolved config without `trainer.max_epochs` and
+bookkeeping keys, the resolved precision, package versions, data file fingerprints); only the
+latest epoch's state per key is kept.
+
+Where states live (`budget.continuation_store`):
+- `memory` (what `auto` picks when the jobs run in this process: Hydra's basic launcher, a single
+  run, `train()` called from Python): a process-wide dict, nothing written to disk. Past
+  `budget.continuation_memory_mb` the oldest states move to disk, never dropped.
+- `disk` (what `auto` picks for launchers that run jobs in other processes: submitit, joblib,
+  ...): `paths.cache_dir/continuation/<key>/`, written to a temp file and renamed.
+A sweep's states are removed when the sweep ends (`SweepStates`, a Hydra callback in
+conf/hydra/default.yaml). `budget.continue_shorter_runs=false` turns continuation off.
 """
 
 from __future__ import annotations
 
+import copy
 import hashlib
 import json
 import logging
 import os
 import shutil
+import time
+from collections import OrderedDict
 from dataclasses import dataclass
+from importlib.metadata import PackageNotFoundError, version
 from pathlib import Path
 from typing import Any
 
 import lightning as L
 import numpy as np
 import torch
+from hydra.experimental.callback import Callback as HydraCallback
 from lightning.fabric.utilities.seed import _collect_rng_states, _set_rng_states
 from lightning.pytorch.callbacks import Callback
+from lightning.pytorch.plugins.io import TorchCheckpointIO
 from omegaconf import DictConfig
 
-from finetune_budget.config import flatten
+from finetune_budget.config import flatten, resolve_precision
+from finetune_budget.errors import ConfigError
+from finetune_budget.tracking.baseline_cache import with_fingerprints
 from finetune_budget.tracking.budget_tracker import BudgetTracker
 from finetune_budget.tracking.mlflow_run import TrackedRun
 
@@ -43,22 +60,49 @@ IGNORED_PREFIXES = (
     "trainer.max_epochs",
     "trainer.enable_progress_bar",
     "trainer.enable_model_summary",
+    "trainer.enable_checkpointing",
     "trainer.default_root_dir",
     "trainer.log_every_n_steps",
     "paths.",
-    "tracking.run_name",
-    "tracking.save_checkpoint",
-    "tracking.log_model",
-    "tracking.registered_model",
+    "tracking.",
+    "logger.",
+    "eval.cache_baseline",
     "budget.continue_shorter_runs",
-    "budget.continuation_max_configs",
+    "budget.continuation_",
     "hydra.",
 )
+# Packages whose version changes what a run computes.
+KEY_PACKAGES = ("finetune-budget", "torch", "transformers", "lightning", "open_clip_torch", "timm")
+STORES = ("auto", "memory", "disk")
+SWEEP_ENV = "FINETUNE_BUDGET_SWEEP_STATES"  # the running sweep's id, set by SweepStates
+MEMORY_SCHEME = "memory://"
+
+
+def _versions() -> dict[str, str]:
+    out = {}
+    for name in KEY_PACKAGES:
+        try:
+            out[name] = version(name)
+        except PackageNotFoundError:
+            continue
+    return out
 
 
 def continuation_key(config: dict[str, Any]) -> str:
-    """A hash of the resolved run config without `trainer.max_epochs` (and bookkeeping keys)."""
+    """A hash of everything that changes what a run computes, except `trainer.max_epochs`:
+    the resolved run config (bookkeeping keys left out), the resolved precision (`auto` differs
+    by machine), package versions, and fingerprints (names, sizes, mtimes) of the data files and
+    folders and the weights packages the config names."""
     flat = {k: v for k, v in flatten(config).items() if not k.startswith(IGNORED_PREFIXES)}
+    trainer = config.get("trainer", {})
+    flat["resolved.precision"] = resolve_precision(
+        trainer.get("precision"), trainer.get("accelerator", "auto")
+    )
+    flat["resolved.versions"] = _versions()
+    # names, sizes and mtimes of the data files and folders and the weights packages named
+    flat["resolved.files"] = with_fingerprints(
+        {"data": config.get("data", {}), "model": config.get("model", {})}
+    )
     blob = json.dumps(flat, sort_keys=True, default=str)
     return hashlib.sha256(blob.encode()).hexdigest()[:20]
 
@@ -82,73 +126,240 @@ def why_not_continuable(cfg: DictConfig) -> str | None:
     return None
 
 
+def why_not_exact(cfg: DictConfig) -> str | None:
+    """None when a continued run equals training from scratch, else the reason it may not.
+
+    Loader worker processes start afresh in a continued run, so randomness drawn inside them
+    (image augmentation, MLM masking) is not restored; text tokenisation draws none.
+    """
+    workers = int(cfg.get("data", {}).get("num_workers", 0) or 0)
+    if workers > 0 and cfg.task.name != "text_text":
+        return (
+            f"data.num_workers={workers}: random augmentation or masking in loader worker "
+            "processes is not restored (data.num_workers=0 makes it exact)"
+        )
+    return None
+
+
+def hydra_launch() -> str:
+    """How this job was started: `python` (no Hydra: tests, tune.py), `single` (no -m),
+    `in_process` (-m with Hydra's basic launcher), `other_processes` (submitit, joblib, ...)."""
+    try:
+        from hydra.core.hydra_config import HydraConfig
+        from hydra.types import RunMode
+
+        if not HydraConfig.initialized():
+            return "python"
+        hydra_cfg = HydraConfig.get()
+        if hydra_cfg.mode != RunMode.MULTIRUN:
+            return "single"
+        target = str(hydra_cfg.launcher.get("_target_", ""))
+        return "in_process" if target.endswith("BasicLauncher") else "other_processes"
+    except Exception:  # noqa: BLE001 - no Hydra context: a plain Python call
+        return "python"
+
+
+def jobs_in_other_processes() -> bool:
+    """True when Hydra's launcher runs this sweep's jobs in other processes (submitit, joblib)."""
+    return hydra_launch() == "other_processes"
+
+
+def store_kind(cfg: DictConfig) -> str:
+    kind = str(cfg.budget.get("continuation_store", "auto"))
+    if kind not in STORES:
+        raise ConfigError(f"budget.continuation_store={kind} is unknown; use auto, memory or disk")
+    if kind == "auto":
+        return "disk" if jobs_in_other_processes() else "memory"
+    return kind
+
+
 @dataclass
 class SavedState:
     key: str
     epoch: int
     run_id: str
-    path: Path
+    path: str  # a file, or memory://<key>
+
+
+def _nbytes(tree: Any) -> int:
+    if isinstance(tree, torch.Tensor):
+        return tree.numel() * tree.element_size()
+    if isinstance(tree, dict):
+        return sum(_nbytes(v) for v in tree.values())
+    if isinstance(tree, list | tuple):
+        return sum(_nbytes(v) for v in tree)
+    return 0
 
 
 class EpochStore:
     """`<cache_dir>/continuation/<key>/state.json` + `epoch_<j>.ckpt`, the latest epoch only.
 
-    max_keys: keep the states of at most this many configs (the most recently saved); older ones
-    are deleted, so a long hyperparameter search does not fill the disk.
+    max_keys: keep at most this many states of earlier sweeps and runs (the most recently
+    saved); states of the running sweep are never removed before its end.
     """
 
     def __init__(self, cache_dir: str | Path, max_keys: int = 10) -> None:
         self.root = Path(cache_dir).expanduser() / "continuation"
         self.max_keys = max(1, int(max_keys))
 
-    def get(self, key: str) -> SavedState | None:
-        meta = self.root / key / "state.json"
+    def _meta(self, key: str) -> dict[str, Any] | None:
         try:
-            info = json.loads(meta.read_text())
+            return json.loads((self.root / key / "state.json").read_text())
         except (OSError, json.JSONDecodeError):
+            return None
+
+    def get(self, key: str) -> SavedState | None:
+        info = self._meta(key)
+        if info is None:
             return None
         path = self.root / key / info["file"]
         if not path.is_file():
             return None
-        return SavedState(key, int(info["epoch"]), str(info["run_id"]), path)
+        return SavedState(key, int(info["epoch"]), str(info["run_id"]), str(path))
 
-    def put(self, key: str, epoch: int, run_id: str, trainer: L.Trainer) -> SavedState | None:
-        """Save the trainer's state at `epoch` unless a later epoch of this key is stored."""
-        old = self.get(key)
-        if old is not None and old.epoch >= epoch:
-            return old
+    def write(self, key: str, epoch: int, run_id: str, save: Any) -> SavedState:
+        """`save(path)` writes the checkpoint; temp file + rename, so a crash leaves no half."""
         folder = self.root / key
         folder.mkdir(parents=True, exist_ok=True)
         name = f"epoch_{epoch}.ckpt"
         tmp = folder / f".{name}.{os.getpid()}.tmp"
-        trainer.save_checkpoint(tmp)
+        save(tmp)
         tmp.replace(folder / name)
+        meta = {"epoch": epoch, "run_id": run_id, "file": name, "sweep": os.environ.get(SWEEP_ENV)}
         meta_tmp = folder / f".state.json.{os.getpid()}.tmp"
-        meta_tmp.write_text(json.dumps({"epoch": epoch, "run_id": run_id, "file": name}))
+        meta_tmp.write_text(json.dumps(meta))
         meta_tmp.replace(folder / "state.json")
         for stale in folder.glob("epoch_*.ckpt"):  # bounded disk use: the latest epoch only
             if stale.name != name:
                 stale.unlink(missing_ok=True)
         log.info("saved the epoch-%d state for longer runs of this config (%s)", epoch, folder)
         self._evict(keep=key)
-        return SavedState(key, epoch, run_id, folder / name)
+        return SavedState(key, epoch, run_id, str(folder / name))
+
+    def put(self, key: str, epoch: int, run_id: str, trainer: L.Trainer) -> SavedState | None:
+        """Save the trainer's state at `epoch` unless a later epoch of this key is stored."""
+        old = self.get(key)
+        if old is not None and old.epoch >= epoch:
+            return old
+        return self.write(key, epoch, run_id, trainer.save_checkpoint)
 
     def _evict(self, keep: str) -> None:
+        sweep = os.environ.get(SWEEP_ENV)
+
         def saved_at(folder: Path) -> float:
             try:
                 return (folder / "state.json").stat().st_mtime
             except OSError:
                 return 0.0
 
-        folders = sorted(
-            (f for f in self.root.iterdir() if f.is_dir() and f.name != keep),
-            key=saved_at,
-            reverse=True,
-        )
-        for old in folders[self.max_keys - 1 :]:
+        others = [
+            f
+            for f in self.root.iterdir()
+            if f.is_dir()
+            and f.name != keep
+            and (sweep is None or (self._meta(f.name) or {}).get("sweep") != sweep)
+        ]
+        for old in sorted(others, key=saved_at, reverse=True)[self.max_keys - 1 :]:
             shutil.rmtree(old, ignore_errors=True)
+            log.warning(
+                "removed the saved epoch state %s of an earlier run "
+                "(budget.continuation_max_configs=%d)",
+                old.name,
+                self.max_keys,
+            )
+
+    def remove_sweep(self, sweep: str) -> int:
+        """Delete the states the sweep `sweep` saved; returns how many."""
+        if not self.root.is_dir():
+            return 0
+        gone = 0
+        for folder in self.root.iterdir():
+            if folder.is_dir() and (self._meta(folder.name) or {}).get("sweep") == sweep:
+                shutil.rmtree(folder, ignore_errors=True)
+                gone += 1
+        return gone
+
+
+class MemoryStore:
+    """The epoch states of this process's runs, as checkpoint dicts (copies: never a live
+    module's tensors). Past `limit_mb` the oldest move to `spill` (an EpochStore)."""
+
+    def __init__(self) -> None:
+        self.states: OrderedDict[str, tuple[SavedState, dict[str, Any], int]] = OrderedDict()
+
+    def get(self, key: str) -> SavedState | None:
+        entry = self.states.get(key)
+        return entry[0] if entry is not None else None
+
+    def checkpoint(self, key: str) -> dict[str, Any]:
+        return copy.deepcopy(self.states[key][1])
+
+    def put(
+        self,
+        key: str,
+        epoch: int,
+        run_id: str,
+        checkpoint: dict[str, Any],
+        limit_mb: float,
+        spill: EpochStore,
+    ) -> SavedState:
+        state = SavedState(key, epoch, run_id, MEMORY_SCHEME + key)
+        self.states.pop(key, None)
+        self.states[key] = (state, copy.deepcopy(checkpoint), _nbytes(checkpoint))
+        while len(self.states) > 1 and self.nbytes() > limit_mb * 2**20:
+            old_key, (old, ckpt, _) = self.states.popitem(last=False)
+            spill.write(old_key, old.epoch, old.run_id, lambda p, c=ckpt: torch.save(c, p))
             log.info(
-                "removed the saved epoch state %s (budget.continuation_max_configs)", old.name
+                "epoch states past budget.continuation_memory_mb=%s: moved %s to disk",
+                limit_mb,
+                old_key,
+            )
+        return state
+
+    def nbytes(self) -> int:
+        return sum(n for _, _, n in self.states.values())
+
+    def clear(self) -> int:
+        n = len(self.states)
+        self.states.clear()
+        return n
+
+
+MEMORY = MemoryStore()  # process-wide: the jobs of an in-process sweep share it
+
+
+class StateIO(TorchCheckpointIO):
+    """Lightning's torch checkpoint I/O, plus `memory://<key>` paths served from MEMORY."""
+
+    def __init__(self, on_save: Any = None) -> None:
+        self.on_save = on_save
+
+    def save_checkpoint(self, checkpoint, path, storage_options=None) -> None:
+        if str(path).startswith(MEMORY_SCHEME):
+            self.on_save(checkpoint)
+            return
+        super().save_checkpoint(checkpoint, path, storage_options)
+
+    def load_checkpoint(self, path, map_location=None, weights_only=None) -> dict[str, Any]:
+        if str(path).startswith(MEMORY_SCHEME):
+            return MEMORY.checkpoint(str(path).removeprefix(MEMORY_SCHEME))
+        return super().load_checkpoint(path, weights_only=weights_only)
+
+
+class SweepStates(HydraCallback):
+    """Hydra callback: gives the sweep an id (so states know their sweep) and removes the
+    sweep's epoch states when it ends, from memory and from disk."""
+
+    def on_multirun_start(self, config: DictConfig, **kwargs: Any) -> None:
+        os.environ[SWEEP_ENV] = f"{os.getpid()}-{time.time_ns()}"
+
+    def on_multirun_end(self, config: DictConfig, **kwargs: Any) -> None:
+        sweep = os.environ.pop(SWEEP_ENV, None)
+        in_memory = MEMORY.clear()
+        on_disk = EpochStore(config.paths.cache_dir).remove_sweep(sweep) if sweep else 0
+        if in_memory or on_disk:
+            log.info(
+                "removed the sweep's epoch states (%d in memory, %d on disk)", in_memory, on_disk
             )
 
 
@@ -212,10 +423,11 @@ class ContinuationState(Callback):
 
 
 class Continuation:
-    """What train() asks: the checkpoint to continue from (or None), the callback, and saving.
+    """What train() asks: the checkpoint to continue from (or None), the callback, the checkpoint
+    I/O plugin, and saving.
 
     cont = Continuation(cfg, config, tracker, run)
-    trainer = build_trainer(..., [*cont.callbacks])
+    trainer = build_trainer(..., [*cont.callbacks], plugins=cont.plugins)
     trainer.fit(module, datamodule=dm, ckpt_path=cont.ckpt_path)
     cont.save(trainer)
     """
@@ -227,16 +439,26 @@ class Continuation:
         self.max_epochs = int(cfg.trainer.max_epochs)
         self.run = run
         self.key = continuation_key(config)
-        self.store = EpochStore(
-            cfg.paths.cache_dir, cfg.budget.get("continuation_max_configs", 10)
-        )
+        self.kind = store_kind(cfg)
+        self.memory_mb = float(cfg.budget.get("continuation_memory_mb", 4096))
+        self.disk = EpochStore(cfg.paths.cache_dir, cfg.budget.get("continuation_max_configs", 10))
         self.source: SavedState | None = None
         self.callbacks: list[Callback] = []
+        self.plugins: list[Any] = []
         if self.reason is not None:
             log.debug("epoch continuation off: %s", self.reason)
             return
         self.callbacks = [ContinuationState(tracker, run)]
-        saved = self.store.get(self.key)
+        self.plugins = [StateIO(self._keep_in_memory)]
+        saved = MEMORY.get(self.key) or self.disk.get(self.key)
+        inexact = why_not_exact(cfg)
+        tags: dict[str, Any] = {
+            "continuation_key": self.key,
+            "continuation_store": self.kind,
+            "continuation_exact": "false" if inexact else "true",
+        }
+        if inexact:
+            tags["continuation_inexact_reason"] = inexact
         if saved is not None and 0 < saved.epoch < self.max_epochs:
             self.source = saved
             log.info(
@@ -245,19 +467,17 @@ class Continuation:
                 saved.run_id,
                 self.max_epochs,
             )
-            run.set_tags(
-                {
-                    "continued_from": saved.run_id,
-                    "continued_from_epoch": saved.epoch,
-                    "continuation_key": self.key,
-                }
-            )
-        else:
-            run.set_tags({"continuation_key": self.key})
+            tags.update({"continued_from": saved.run_id, "continued_from_epoch": saved.epoch})
+        run.set_tags(tags)
 
     @property
     def ckpt_path(self) -> str | None:
-        return str(self.source.path) if self.source is not None else None
+        return self.source.path if self.source is not None else None
+
+    def _keep_in_memory(self, checkpoint: dict[str, Any]) -> None:
+        MEMORY.put(
+            self.key, self.max_epochs, self.run.run_id, checkpoint, self.memory_mb, self.disk
+        )
 
     def save(self, trainer: L.Trainer) -> None:
         """Keep this run's final state for longer runs of the same config (a finished run only)."""
@@ -265,16 +485,25 @@ class Continuation:
             return
         if trainer.current_epoch != self.max_epochs:  # stopped early: not an epoch budget's end
             return
-        if trainer.is_global_zero:
-            try:
-                self.store.put(self.key, self.max_epochs, self.run.run_id, trainer)
-            except Exception as e:  # noqa: BLE001 - the run itself succeeded; only reuse is lost
-                log.warning(
-                    "could not save the epoch state for longer runs (%s: %s); they will "
-                    "train from scratch",
-                    type(e).__name__,
-                    e,
-                )
+        if not trainer.is_global_zero:
+            return
+        old = MEMORY.get(self.key) or self.disk.get(self.key)
+        if old is not None and old.epoch >= self.max_epochs:
+            return  # a shorter run never replaces a longer state
+        if self.kind == "memory" and hydra_launch() == "single":
+            return  # `python train.py` without -m: no later job in this process
+        try:
+            if self.kind == "memory":
+                trainer.save_checkpoint(MEMORY_SCHEME + self.key)  # -> StateIO -> MEMORY
+            else:
+                self.disk.put(self.key, self.max_epochs, self.run.run_id, trainer)
+        except Exception as e:  # noqa: BLE001 - the run itself succeeded; only reuse is lost
+            log.warning(
+                "could not save the epoch state for longer runs (%s: %s); they will "
+                "train from scratch",
+                type(e).__name__,
+                e,
+            )
 
 
 def describe(cfg: DictConfig) -> str:

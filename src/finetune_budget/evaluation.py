@@ -29,18 +29,31 @@ log = logging.getLogger(__name__)
 
 
 def load_weights(module: L.LightningModule, path: str) -> None:
+    """Load a checkpoint's weights into `module`; one-line ModelErrors for a file that is not a
+    checkpoint, or a checkpoint of another task or model."""
+    fix = "give checkpoint=<a .ckpt file train.py saved> or run_id=<its MLflow run>"
     try:
         state = torch.load(path, map_location="cpu", weights_only=False)
     except FileNotFoundError as e:
+        raise ModelError(f"checkpoint {path} not found; {fix}") from e
+    except Exception as e:  # noqa: BLE001 - pickle, zip and torch raise many kinds
+        raise ModelError(f"checkpoint {path} is not a PyTorch checkpoint; {fix}") from e
+    if not isinstance(state, dict):
+        raise ModelError(f"checkpoint {path} holds a {type(state).__name__}, not weights; {fix}")
+    want = module.hparams.get("model", {}).get("name")
+    saved = (state.get("hyper_parameters") or {}).get("model", {})
+    saved_name = saved.get("name") if isinstance(saved, dict) else None
+    if saved_name is not None and want is not None and saved_name != want:
         raise ModelError(
-            f"checkpoint {path} not found; give checkpoint=<path to a .ckpt file>"
-        ) from e
+            f"checkpoint {path} is of model {saved_name!r}, not {want!r}; pass the run's "
+            "model= (and task=) options"
+        )
     missing, unexpected = module.load_state_dict(state.get("state_dict", state), strict=False)
     if unexpected or missing:
         raise ModelError(
-            f"checkpoint {path} does not fit model={module.hparams.get('model', {}).get('name')} "
+            f"checkpoint {path} does not fit task={type(module).__name__} model={want} "
             f"({len(missing)} missing, {len(unexpected)} unexpected weights); "
-            "pass the run's model="
+            "pass the run's task= and model="
         )
 
 

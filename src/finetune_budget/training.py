@@ -29,7 +29,13 @@ from finetune_budget.export import (
 from finetune_budget.tasks import build_task
 from finetune_budget.tracking.baseline_cache import BaselineCache, baseline_key, weights_digest
 from finetune_budget.tracking.budget_tracker import BudgetTracker
-from finetune_budget.tracking.mlflow_run import TrackedRun, tracked_run
+from finetune_budget.tracking.mlflow_run import STALE_AFTER_S, TrackedRun, tracked_run
+from finetune_budget.tracking.resume import (
+    POINT_TAG,
+    point_key,
+    reusable_run,
+    save_checkpoint_atomically,
+)
 
 log = logging.getLogger(__name__)
 
@@ -40,6 +46,7 @@ class RunResult:
     history: list[dict[str, float]]
     checkpoint: str | None = None
     objects: dict[str, Any] = field(default_factory=dict)
+    reused: bool = False  # a finished run of the same point, not trained again (resume.py)
 
     def best(self, metric: str) -> float:
         values = [row[metric] for row in self.history if metric in row]
@@ -69,7 +76,11 @@ def _instantiate_group(group: DictConfig | None) -> list[Any]:
 
 
 def build_trainer(
-    cfg: DictConfig, tracker: BudgetTracker, run: TrackedRun, extra: list[L.Callback]
+    cfg: DictConfig,
+    tracker: BudgetTracker,
+    run: TrackedRun,
+    extra: list[L.Callback],
+    plugins: list[Any] | None = None,
 ) -> L.Trainer:
     loggers = []
     # ranks 1.. of a multi-process run get no logger: MLFlowLogger opens the store when created
@@ -85,6 +96,7 @@ def build_trainer(
         callbacks=[tracker, *callbacks, *extra],
         logger=loggers or False,
         precision=precision,
+        plugins=plugins or None,
     )
 
 
@@ -98,12 +110,21 @@ def train(
 
     callbacks: extra Lightning callbacks (an Optuna pruner, say) added to the configured ones.
     tags: extra MLflow tags set when the run is created (a search's study and trial number).
+    A point (config, seed, package version) with a FINISHED run is reused, not trained again,
+    unless budget.rerun=true or extra callbacks (a pruner) must see the epochs.
     """
     config = run_config(cfg)
     main_process = is_main_process(cfg.trainer)
     if not main_process:  # ranks 1.. of a multi-process run: rank 0 reports and records
         logging.getLogger("finetune_budget").setLevel(logging.WARNING)
     tags = {**run_tags(cfg), **(tags or {})}
+    tags[POINT_TAG] = point_key(config)
+    if not (callbacks or cfg.budget.get("rerun", False) or tags["run_type"] != "train"):
+        found = reusable_run(
+            cfg.tracking.uri, cfg.tracking.experiment, tags[POINT_TAG], parent_run_id
+        )
+        if found is not None:
+            return RunResult(*found, reused=True)
     if parent_run_id:
         tags["mlflow.parentRunId"] = parent_run_id
     with tracked_run(
@@ -114,6 +135,7 @@ def train(
         run_name=cfg.tracking.get("run_name"),
         config_yaml=OmegaConf.to_yaml(config),
         main_process=main_process,
+        stale_after_s=cfg.tracking.get("stale_after_s", STALE_AFTER_S),
     ) as run:
         L.seed_everything(cfg.seed, workers=True, verbose=False)
         parts = build_task(cfg)
@@ -124,7 +146,9 @@ def train(
             max_train_s=cfg.budget.get("max_train_s"),
         )
         cont = Continuation(cfg, config, tracker, run)
-        trainer = build_trainer(cfg, tracker, run, [*(callbacks or []), *cont.callbacks])
+        trainer = build_trainer(
+            cfg, tracker, run, [*(callbacks or []), *cont.callbacks], plugins=cont.plugins
+        )
         evaluate_baseline(cfg, trainer, parts, tracker, run)
         # rank r draws its own dropout, augmentation and masking (nanoGPT's seed_offset); the
         # epoch's item order is shared and split across ranks by the DataModule
@@ -137,7 +161,7 @@ def train(
         checkpoint = None
         if keep_weights(cfg.tracking, "save_checkpoint", in_sweep):
             path = Path(cfg.paths.output_dir) / "checkpoints" / "last.ckpt"
-            trainer.save_checkpoint(path, weights_only=True)
+            save_checkpoint_atomically(trainer, path, weights_only=True)
             checkpoint = str(path.resolve())
             run.set_tags({"checkpoint": checkpoint})
         summarise(cfg, run, tracker.history)

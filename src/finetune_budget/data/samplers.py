@@ -141,3 +141,79 @@ class ClassChunkBatchSampler(Sampler[list[int]]):
 
     def __len__(self) -> int:
         return len(self._batches())
+
+
+class LengthBucketBatchSampler(Sampler[list[int]]):
+    """Length-aware batches on top of any batch sampler: fewer padding tokens, same guarantees.
+
+    Takes the base sampler's batches of an epoch in pools of `pool` consecutive batches; within a
+    pool, cuts each batch into runs of consecutive same-label items (the base's class chunks;
+    single items for pairs), sorts the runs by length and refills the pool's batches with the
+    same sizes, then shuffles the pool's batch order. So every item the base yields appears
+    exactly once per epoch, batch sizes (and, under DDP, equal shapes per rank) are the base's,
+    same-label chunks stay together, and the order depends only on (seed, epoch).
+
+    lengths: (N,) token count of each dataset index; labels: (N,) class of each index or None.
+    """
+
+    def __init__(
+        self,
+        base: Sampler[list[int]],
+        lengths: Sequence[int],
+        labels: Sequence[int] | None = None,
+        pool: int = 8,
+        seed: int = 0,
+    ) -> None:
+        self.base = base
+        self.lengths = np.asarray(lengths)
+        self.labels = None if labels is None else np.asarray(labels)
+        self.pool = max(1, int(pool))
+        self.seed = int(seed)
+        self._epoch = 0
+
+    @property
+    def sampler(self) -> object | None:
+        """The base's epoch holder: Lightning calls `batch_sampler.sampler.set_epoch`."""
+        return getattr(self.base, "sampler", None)
+
+    @property
+    def epoch(self) -> int:
+        return int(getattr(self.base, "epoch", self._epoch))
+
+    @property
+    def generator(self):
+        """The base's random generator, if it has one (continuation saves and restores it)."""
+        return getattr(self.sampler, "generator", None)
+
+    def set_epoch(self, epoch: int) -> None:
+        self._epoch = int(epoch)
+        if hasattr(self.base, "set_epoch"):
+            self.base.set_epoch(epoch)
+
+    def _runs(self, batch: list[int]) -> list[list[int]]:
+        if self.labels is None:
+            return [[i] for i in batch]
+        runs: list[list[int]] = []
+        for i in batch:
+            if runs and self.labels[runs[-1][-1]] == self.labels[i]:
+                runs[-1].append(i)
+            else:
+                runs.append([i])
+        return runs
+
+    def __iter__(self) -> Iterator[list[int]]:
+        rng = np.random.default_rng([self.seed, self.epoch, 7919])
+        batches = [list(b) for b in self.base]
+        for start in range(0, len(batches), self.pool):
+            group = batches[start : start + self.pool]
+            runs = [r for b in group for r in self._runs(b)]
+            runs.sort(key=lambda r: int(self.lengths[r].max()))
+            flat = [i for r in runs for i in r]
+            out, pos = [], 0
+            for b in group:
+                out.append(flat[pos : pos + len(b)])
+                pos += len(b)
+            yield from (out[j] for j in rng.permutation(len(out)))
+
+    def __len__(self) -> int:
+        return len(self.base)

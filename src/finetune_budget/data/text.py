@@ -6,6 +6,7 @@ pair or image) are relevant.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
 from collections.abc import Mapping
@@ -17,6 +18,7 @@ import numpy as np
 import pandas as pd
 
 from finetune_budget.errors import DataError
+from finetune_budget.reuse import cached
 
 log = logging.getLogger(__name__)
 
@@ -193,7 +195,31 @@ def _columns(frame: pd.DataFrame, path: Any, **columns: str | None) -> pd.DataFr
                 f"(columns: {', '.join(map(str, frame.columns))}); "
                 f"set data.{option}"
             )
-    return frame.dropna(subset=list(columns.values()))
+    for column in columns.values():
+        values = frame[column]
+        empty = values.isna() | (values.astype(str).str.strip() == "")
+        if empty.any():
+            first = int(np.flatnonzero(empty.to_numpy())[0])
+            raise DataError(
+                f"{path}: {int(empty.sum())} row(s) have an empty {column!r} (the first is data "
+                f"row {first + 1}); fill them in or delete those rows"
+            )
+    return frame
+
+
+def warn_overlap(train: list[str], held: list[str], path: Any) -> int:
+    """Warn (with the count) when held-out items also appear in the training file."""
+    seen = set(train)
+    shared = sum(text in seen for text in held)
+    if shared:
+        log.warning(
+            "%d of the %d held-out items in %s also appear in the training file: their scores "
+            "measure memorisation; remove them from one of the files",
+            shared,
+            len(held),
+            path,
+        )
+    return shared
 
 
 def load_table(
@@ -228,6 +254,12 @@ def load_table(
             ),
         )
         train = frame
+        key = (query_column, positive_column) if pairs else (text_column,)
+        warn_overlap(
+            [str(t) for c in key for t in train[c]],
+            [str(t) for c in key for t in held[c]],
+            eval_path,
+        )
     else:
         if not 0 < eval_fraction < 1:
             raise DataError(
@@ -268,6 +300,9 @@ def load_table(
     )
 
 
+# Data config keys that choose the training subset and batches, not what is read from disk.
+TRAINING_KEYS = ("n", "subset_seed", "batch_size", "samples_per_class", "num_workers")
+
 TEXT_LOADERS = {
     "clinc150": load_clinc150,
     "stsb": load_stsb,
@@ -283,4 +318,21 @@ def load_text_data(data_cfg: Mapping[str, Any]) -> TextRetrievalData:
         raise DataError(
             f"data.format={fmt!r} is not a text format; use one of {sorted(TEXT_LOADERS)}"
         )
-    return TEXT_LOADERS[fmt](**{k: v for k, v in data_cfg.items() if k != "format"})
+    kwargs = {k: v for k, v in data_cfg.items() if k != "format"}
+    what = {k: v for k, v in kwargs.items() if k not in TRAINING_KEYS}
+    files = {k: _stat(v) for k, v in kwargs.items() if "path" in k}
+    # Read once per process for the jobs of a sweep; each job gets its own (shallow) copy.
+    return cached(
+        "text_data",
+        (fmt, what, files),
+        lambda: TEXT_LOADERS[fmt](**kwargs),
+        copy=dataclasses.replace,
+    )
+
+
+def _stat(path: Any) -> Any:
+    try:
+        st = Path(str(path)).expanduser().stat()
+        return [st.st_size, st.st_mtime_ns]
+    except (OSError, TypeError):
+        return None

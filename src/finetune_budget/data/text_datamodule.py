@@ -5,9 +5,10 @@ from __future__ import annotations
 from typing import Any
 
 import torch
-from torch.utils.data import DataLoader
+from torch.utils.data import DataLoader, Sampler
 
 from finetune_budget.data.base import BudgetDataModule
+from finetune_budget.data.samplers import LengthBucketBatchSampler
 from finetune_budget.data.text import TextRetrievalData
 
 
@@ -15,7 +16,9 @@ class TextRetrievalDataModule(BudgetDataModule):
     """Training batches of the first `n` items of a seeded permutation (labels: class-aware,
     {"input": tokenised (B, T), "labels": (B,), "index": (B,)}; pairs: shuffled, {"query",
     "positive": tokenised (B, T), "index"}); eval batches {"input", "index"} of all held-out items,
-    sorted by length so padding stays small."""
+    sorted by token count so padding stays small. `length_bucket_pool` > 1: training batches of
+    similar token length (LengthBucketBatchSampler over the base's class-aware or shuffled
+    batches; same items, batch sizes and class chunks)."""
 
     def __init__(
         self,
@@ -29,6 +32,7 @@ class TextRetrievalDataModule(BudgetDataModule):
         max_length: int = 128,
         num_workers: int = 0,
         seed: int = 0,
+        length_bucket_pool: int = 0,
     ) -> None:
         super().__init__(
             len(data), n, subset_seed, name=f"{data.name} train", batch_size=batch_size,
@@ -38,9 +42,33 @@ class TextRetrievalDataModule(BudgetDataModule):
         self.data = data
         self.tokenizer = tokenizer
         self.max_length = max_length
+        self.length_bucket_pool = int(length_bucket_pool)
         self.eval_groups = torch.as_tensor(data.eval_groups)
-        self._eval_order = sorted(
-            range(len(data.eval_texts)), key=lambda i: len(data.eval_texts[i])
+        # by token count (not characters): each eval batch pads to nearly its own length
+        eval_lengths = self._token_counts(data.eval_texts)
+        self._eval_order = sorted(range(len(data.eval_texts)), key=eval_lengths.__getitem__)
+
+    def _token_counts(self, texts: list[str]) -> list[int]:
+        """Tokens of each text, capped at max_length."""
+        ids = self.tokenizer(texts, truncation=True, max_length=self.max_length)["input_ids"]
+        return [len(x) for x in ids]
+
+    def _train_lengths(self) -> list[int]:
+        """Token count of each training item, in subset order (query + positive for pairs)."""
+        d, items = self.data, self.subset.tolist()
+        lengths = self._token_counts([d.train_texts[i] for i in items])
+        if d.kind == "pairs":
+            positives = self._token_counts([d.train_positives[i] for i in items])
+            lengths = [a + b for a, b in zip(lengths, positives, strict=True)]
+        return lengths
+
+    def train_sampler(self, n_items: int, labels=None, drop_last: bool = False) -> Sampler:
+        """The base's batches of this rank, length-bucketed when `length_bucket_pool` > 1."""
+        sampler = super().train_sampler(n_items, labels, drop_last)
+        if self.length_bucket_pool <= 1:
+            return sampler
+        return LengthBucketBatchSampler(
+            sampler, self._train_lengths(), labels, self.length_bucket_pool, self.seed
         )
 
     def _tokenize(self, texts: list[str]) -> dict[str, torch.Tensor]:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 from typing import Any
 
 import torch
@@ -11,6 +12,7 @@ from transformers import AutoModel, AutoTokenizer, BertConfig, PreTrainedTokeniz
 
 from finetune_budget.errors import ModelError
 from finetune_budget.models.pretrained import hub_unreachable_hint, resolve_pretrained
+from finetune_budget.reuse import cached
 
 
 def mean_pool(hidden: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
@@ -55,11 +57,15 @@ class SentenceEncoder(nn.Module):
 
 
 def load_tokenizer(spec: str) -> PreTrainedTokenizerBase:
-    source = resolve_pretrained(spec)
-    try:
-        return AutoTokenizer.from_pretrained(source)
-    except (OSError, ValueError) as e:
-        raise ModelError(hub_unreachable_hint(spec)) from e
+    """Loaded once per process (the jobs of a sweep share it; tokenising does not change it)."""
+
+    def load() -> PreTrainedTokenizerBase:
+        try:
+            return AutoTokenizer.from_pretrained(resolve_pretrained(spec))
+        except (OSError, ValueError) as e:
+            raise ModelError(hub_unreachable_hint(spec)) from e
+
+    return cached("tokenizer", spec, load)
 
 
 def load_transformer(
@@ -71,10 +77,15 @@ def load_transformer(
         if not config:
             raise ModelError("model.pretrained is null and model.config is empty; set one of them")
         return auto_class.from_config(BertConfig(**dict(config)))
-    try:
-        return auto_class.from_pretrained(resolve_pretrained(pretrained))
-    except (OSError, ValueError) as e:
-        raise ModelError(hub_unreachable_hint(pretrained)) from e
+
+    def load() -> nn.Module:
+        try:
+            return auto_class.from_pretrained(resolve_pretrained(pretrained))
+        except (OSError, ValueError) as e:
+            raise ModelError(hub_unreachable_hint(pretrained)) from e
+
+    # Pretrained weights load once per process; every run trains its own copy.
+    return cached("transformer", (pretrained, auto_class.__name__), load, copy=copy.deepcopy)
 
 
 def build_sentence_encoder(

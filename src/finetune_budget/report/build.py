@@ -327,6 +327,7 @@ def build_report(
     out.mkdir(parents=True, exist_ok=True)
     df = roi_table(tracking_uri, experiment, s.metrics, parent_run_id=parent_run_id)
     df, notes = check_runs(df, s.metrics, experiment)
+    notes += df.attrs.get("notes", [])  # duplicate runs skipped by roi_table (one per config)
     metrics = [m for m in s.metrics if m in df.columns and not df[m].isna().all()]
     points = budget_points(df)
     summary = summarize(points, metrics)

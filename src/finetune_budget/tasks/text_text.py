@@ -75,6 +75,7 @@ def build(cfg: DictConfig) -> TaskParts:
         max_length=model_cfg["max_length"],
         num_workers=data_cfg.get("num_workers", 0),
         seed=cfg.seed,
+        length_bucket_pool=data_cfg.get("length_bucket_pool", 0),
     )
     module = EmbeddingFineTuner(
         model=model_cfg,

@@ -158,6 +158,10 @@ class BaselineCache:
 
     def put(self, key: str, metrics: Mapping[str, float], eval_s: float) -> None:
         self.dir.mkdir(parents=True, exist_ok=True)
-        tmp = self.dir / f"{key}.{os.getpid()}.tmp"  # parallel workers may write the same key
-        tmp.write_text(json.dumps({"metrics": dict(metrics), "eval_s": eval_s}, indent=1))
-        tmp.replace(self.dir / f"{key}.json")
+        tmp = self.dir / f".{key}.json.{os.getpid()}.tmp"  # one per process: parallel sweeps
+        try:
+            tmp.write_text(json.dumps({"metrics": dict(metrics), "eval_s": eval_s}, indent=1))
+            tmp.replace(self.dir / f"{key}.json")
+        except OSError as e:  # a full disk: the runs go on, only the reuse is lost
+            tmp.unlink(missing_ok=True)
+            log.warning("could not save the baseline cache file %s (%s)", tmp, e)

@@ -1,6 +1,9 @@
 """One MLflow run per training job: params = the flattened resolved config, tags, versions, status.
 
 A run that raises is marked FAILED with its error as the tag `error`; Ctrl-C marks it KILLED.
+Each run records the host and process that write it (tags `host`, `pid`, `pid_started`); a run
+left RUNNING by a process that is gone (`kill -9`, a crash, a lost node) is marked KILLED with an
+`error` tag the next time the project opens its experiment (mark_stale_runs).
 """
 
 from __future__ import annotations
@@ -8,7 +11,9 @@ from __future__ import annotations
 import logging
 import os
 import platform
+import socket
 import sys
+import time
 from collections.abc import Iterator, Mapping
 from contextlib import contextmanager
 from dataclasses import dataclass, field
@@ -21,6 +26,7 @@ from mlflow.entities import Metric, Param, RunTag
 from mlflow.tracking import MlflowClient
 
 from finetune_budget.config import flatten
+from finetune_budget.errors import one_line
 
 log = logging.getLogger(__name__)
 
@@ -93,9 +99,43 @@ EXPERIMENT_KIND_TAG = "mlflow.experimentKind"
 EXPERIMENT_KIND = "custom_model_development"
 
 
-def experiment_id(client: MlflowClient, name: str) -> str:
-    """The id of experiment `name`, created as a model-training experiment when missing; an
-    existing experiment without a kind gets it (a kind set in the UI is kept)."""
+_READY_STORES: set[str] = set()
+
+
+def mlflow_client(tracking_uri: str) -> MlflowClient:
+    """An MlflowClient whose store is ready. A sqlite store is opened the first time (in this
+    process) under a lock file beside it (`<db>.lock`), so parallel sweeps on a new store do not
+    race creating or upgrading its tables; later clients reuse MLflow's cached store."""
+    if not tracking_uri.startswith("sqlite:///") or tracking_uri in _READY_STORES:
+        return MlflowClient(tracking_uri)
+    db = Path(tracking_uri.removeprefix("sqlite:///")).expanduser()
+    try:
+        import fcntl
+    except ImportError:  # not POSIX: no lock
+        fcntl = None
+    with open(f"{db}.lock", "a") as lock:
+        if fcntl is not None:
+            fcntl.flock(lock, fcntl.LOCK_EX)
+        try:
+            client = MlflowClient(tracking_uri)  # creates (or upgrades) the tables
+        finally:
+            if fcntl is not None:
+                fcntl.flock(lock, fcntl.LOCK_UN)
+    _READY_STORES.add(tracking_uri)
+    return client
+
+
+STALE_AFTER_S = (
+    3 * 24 * 3600.0
+)  # tracking.stale_after_s: other hosts' RUNNING runs older than this
+
+
+def experiment_id(
+    client: MlflowClient, name: str, stale_after_s: float | None = STALE_AFTER_S
+) -> str:
+    """The experiment's id, created as a model-training experiment when new (an existing one
+    without a kind gets it; a kind set in the UI is kept); its runs left RUNNING by dead processes
+    are marked."""
     experiment = client.get_experiment_by_name(name)
     if experiment is not None:
         if experiment.lifecycle_stage == "deleted":
@@ -104,6 +144,7 @@ def experiment_id(client: MlflowClient, name: str) -> str:
             client.set_experiment_tag(
                 experiment.experiment_id, EXPERIMENT_KIND_TAG, EXPERIMENT_KIND
             )
+        mark_stale_runs(client, experiment.experiment_id, stale_after_s)
         return experiment.experiment_id
     try:
         return client.create_experiment(
@@ -129,12 +170,96 @@ def ui_addresses(tracking_uri: str, base: str = "http://127.0.0.1:5000") -> list
     ]
 
 
+def _process_started(pid: int) -> str | None:
+    """`<boot id>:<start time in clock ticks>` of a process (Linux), to tell a reused pid apart."""
+    try:
+        with open("/proc/sys/kernel/random/boot_id") as f:
+            boot = f.read().strip()
+        with open(f"/proc/{pid}/stat") as f:
+            fields = f.read().rsplit(")", 1)[1].split()
+        return f"{boot}:{fields[19]}"  # field 22 of stat; fields[0] is field 3 (the state)
+    except (OSError, IndexError):
+        return None
+
+
+def process_tags() -> dict[str, str]:
+    """host, pid and pid_started of the process writing a run."""
+    tags = {"host": socket.gethostname(), "pid": str(os.getpid())}
+    started = _process_started(os.getpid())
+    if started is not None:
+        tags["pid_started"] = started
+    return tags
+
+
+def process_alive(pid: int, started: str | None = None) -> bool:
+    """Whether process `pid` of this host runs (and is the one that started at `started`)."""
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # someone else's process: it exists
+        pass
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            if f.read().rsplit(")", 1)[1].split()[0] in ("Z", "X"):  # a zombie: it has exited
+                return False
+    except (OSError, IndexError):
+        pass
+    if started is not None:
+        now = _process_started(pid)
+        return now is None or now == started
+    return True
+
+
+def why_stale(run: Any, stale_after_s: float | None, now_s: float | None = None) -> str | None:
+    """Why a RUNNING run is dead (None: it may still be running)."""
+    tags = run.data.tags
+    host, pid = tags.get("host"), tags.get("pid")
+    if host == socket.gethostname() and pid and pid.isdigit():
+        if not process_alive(int(pid), tags.get("pid_started")):
+            return f"its process {pid} on {host} is gone (killed or crashed)"
+        return None
+    age_s = (now_s or time.time()) - run.info.start_time / 1000
+    if stale_after_s is not None and age_s > stale_after_s:
+        where = f"on {host}" if host else "on an unknown host"
+        return (
+            f"it started {age_s / 3600:.1f} h ago {where}, more than tracking.stale_after_s="
+            f"{stale_after_s:g}"
+        )
+    return None
+
+
+def mark_stale_runs(
+    client: MlflowClient, exp_id: str, stale_after_s: float | None = STALE_AFTER_S
+) -> list[str]:
+    """Mark the experiment's RUNNING runs whose process is gone KILLED, with an `error` tag.
+
+    A run of this host is stale when its process (pid, and its start time) no longer runs; a run
+    of another host only when it started more than `stale_after_s` ago. Returns their ids.
+    """
+    try:
+        running = client.search_runs([exp_id], "attributes.status = 'RUNNING'", max_results=1000)
+    except mlflow.exceptions.MlflowException as e:
+        log.debug("could not look for stale runs: %s", e)
+        return []
+    marked = []
+    for run in running:
+        reason = why_stale(run, stale_after_s)
+        if reason is None:
+            continue
+        run_id = run.info.run_id
+        client.set_tag(run_id, "error", f"marked KILLED: {reason}")
+        client.set_terminated(run_id, "KILLED")
+        log.warning("run %s was left RUNNING; marked KILLED: %s", run_id, reason)
+        marked.append(run_id)
+    return marked
+
+
 RUN_ID_ENV = "FINETUNE_BUDGET_RUN_ID"
 
 
 def _one_line(error: BaseException) -> str:
-    text = str(error).strip().splitlines()
-    return f"{type(error).__name__}: {text[0] if text else ''}"[:5000]
+    return f"{type(error).__name__}: {one_line(error)}"[:5000]
 
 
 @contextmanager
@@ -146,6 +271,7 @@ def tracked_run(
     run_name: str | None = None,
     config_yaml: str | None = None,
     main_process: bool = True,
+    stale_after_s: float | None = STALE_AFTER_S,
 ) -> Iterator[TrackedRun]:
     """Create a run, log params/tags/config/versions, and set its final status on exit.
 
@@ -158,10 +284,11 @@ def tracked_run(
         yield TrackedRun(None, os.environ.get(RUN_ID_ENV), "", tracking_uri, writer=False)
         return
     mlflow.set_tracking_uri(tracking_uri)
-    client = MlflowClient(tracking_uri)
-    exp_id = experiment_id(client, experiment)
+    client = mlflow_client(tracking_uri)
+    exp_id = experiment_id(client, experiment, stale_after_s)
     all_tags = {f"versions.{k}": v for k, v in package_versions().items()}
     all_tags["command"] = " ".join(sys.argv)[:5000]
+    all_tags.update(process_tags())
     all_tags.update(tags or {})
     run = client.create_run(
         exp_id, run_name=run_name, tags={k: str(v) for k, v in all_tags.items()}

@@ -8,6 +8,10 @@ One row per training run and evaluated epoch: run_id, task, model, data, n, seed
 (cumulative machine-independent cost; NaN where a run did not log it), each metric, and per
 metric the relative gain over the run's epoch 0 and both ROIs (gain per labelled item, gain per
 training second), recomputed here from the logged metrics with the run's `budget.gain_floor`.
+
+Each (config, seed) counts once: of runs with the same config (resume.config_key of their params:
+the config without bookkeeping keys) only the latest finished one is read; the table says how many
+it skipped (`df.attrs["duplicates_skipped"]`, and a line in `df.attrs["notes"]`).
 """
 
 from __future__ import annotations
@@ -26,6 +30,8 @@ from mlflow.tracking import MlflowClient
 
 from finetune_budget.errors import BudgetError, ConfigError, DataError
 from finetune_budget.roi import gains, metric_name
+from finetune_budget.tracking.mlflow_run import mark_stale_runs, mlflow_client
+from finetune_budget.tracking.resume import REUSED_TAG_PREFIX, config_key
 
 log = logging.getLogger(__name__)
 
@@ -68,16 +74,11 @@ def _experiment_id(client: MlflowClient, tracking_uri: str, experiment: str) -> 
             f"experiment {experiment!r} not found in {tracking_uri}; existing: "
             f"{', '.join(names) or 'none'} (set tracking.experiment=<name> or tracking.uri=...)"
         )
+    mark_stale_runs(client, found.experiment_id)
     return found.experiment_id
 
 
-def train_runs(tracking_uri: str, experiment: str, parent_run_id: str | None = None) -> list[Run]:
-    """Finished training runs of `experiment` (only the children of `parent_run_id` if given)."""
-    client = MlflowClient(tracking_uri)
-    exp_id = _experiment_id(client, tracking_uri, experiment)
-    query = "tags.run_type = 'train' and attributes.status = 'FINISHED'"
-    if parent_run_id:
-        query += f" and tags.`mlflow.parentRunId` = '{parent_run_id}'"
+def _search(client: MlflowClient, exp_id: str, query: str) -> list[Run]:
     runs: list[Run] = []
     token = None
     while True:
@@ -88,6 +89,45 @@ def train_runs(tracking_uri: str, experiment: str, parent_run_id: str | None = N
         token = page.token
         if not token:
             return runs
+
+
+def latest_per_config(runs: Sequence[Run]) -> tuple[list[Run], int]:
+    """One run per (config, seed): the latest finished (by end time); and how many were skipped."""
+    latest: dict[str, Run] = {}
+    for run in runs:
+        key = config_key(run.data.params)
+        old = latest.get(key)
+        if old is None or (run.info.end_time or 0) > (old.info.end_time or 0):
+            latest[key] = run
+    kept = sorted(latest.values(), key=lambda r: r.info.start_time or 0)
+    return kept, len(runs) - len(kept)
+
+
+def train_runs(
+    tracking_uri: str,
+    experiment: str,
+    parent_run_id: str | None = None,
+    with_skipped: bool = False,
+) -> list[Run] | tuple[list[Run], int]:
+    """Finished training runs of `experiment`, one per (config, seed) (latest_per_config).
+
+    parent_run_id: only a sweep's jobs (its children, and the earlier runs it reused).
+    with_skipped: also return how many duplicate runs were left out.
+    """
+    client = mlflow_client(tracking_uri)
+    exp_id = _experiment_id(client, tracking_uri, experiment)
+    query = "tags.run_type = 'train' and attributes.status = 'FINISHED'"
+    if parent_run_id:
+        runs = _search(
+            client, exp_id, f"{query} and tags.`mlflow.parentRunId` = '{parent_run_id}'"
+        )
+        runs += _search(
+            client, exp_id, f"{query} and tags.`{REUSED_TAG_PREFIX}{parent_run_id}` = 'true'"
+        )
+    else:
+        runs = _search(client, exp_id, query)
+    runs, skipped = latest_per_config(runs)
+    return (runs, skipped) if with_skipped else runs
 
 
 def _param(run: Run, key: str, cast=int, default=None):
@@ -158,8 +198,8 @@ def roi_table(
     Columns: ID_COLUMNS, each metric, `gain/<m>`, `gain_abs/<m>`, `roi_label/<m>`, `roi_s/<m>`
     (m = the metric's name without `val/`), `has_baseline`.
     """
-    client = MlflowClient(tracking_uri)
-    runs = train_runs(tracking_uri, experiment, parent_run_id)
+    client = mlflow_client(tracking_uri)
+    runs, skipped = train_runs(tracking_uri, experiment, parent_run_id, with_skipped=True)
     if not runs:
         where = f"sweep {parent_run_id}" if parent_run_id else f"experiment {experiment!r}"
         raise DataError(
@@ -182,12 +222,25 @@ def roi_table(
         if col not in df.columns:
             df[col] = math.nan
     ordered = [c for c in ID_COLUMNS if c in df.columns] + keys + derived + ["has_baseline"]
-    df = df[ordered].sort_values(
-        ["task", "model", "data", "n", "seed", "epochs", "epoch"],
-        na_position="last",
-        kind="stable",
+    df = (
+        df[ordered]
+        .sort_values(
+            ["task", "model", "data", "n", "seed", "epochs", "epoch"],
+            na_position="last",
+            kind="stable",
+        )
+        .reset_index(drop=True)
     )
-    return df.reset_index(drop=True)
+    df.attrs["duplicates_skipped"] = skipped
+    df.attrs["notes"] = (
+        [
+            f"{skipped} duplicate run(s) skipped: each (config, seed) counts once, its latest "
+            "finished run"
+        ]
+        if skipped
+        else []
+    )
+    return df
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -209,6 +262,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     except BudgetError as e:
         sys.stderr.write(f"error: {e}\n")
         return 2
+    for note in df.attrs.get("notes", []):
+        sys.stderr.write(f"{note}\n")
     if args.csv:
         df.to_csv(args.csv, index=False)
         sys.stderr.write(f"wrote {len(df)} rows to {args.csv}\n")

@@ -16,10 +16,10 @@ from pathlib import Path
 from typing import Any
 
 from hydra.experimental.callback import Callback
-from mlflow.tracking import MlflowClient
 from omegaconf import DictConfig, OmegaConf
 
-from finetune_budget.tracking.mlflow_run import experiment_id
+# mlflow is imported where it is used: Hydra builds this callback before every job, and a job's
+# config check must not wait for mlflow's import.
 
 log = logging.getLogger(__name__)
 
@@ -41,8 +41,15 @@ class SweepParentRun(Callback):
         self.sweep_dir: str | None = None
 
     def on_multirun_start(self, config: DictConfig, **kwargs: Any) -> None:
+        from finetune_budget.tracking.mlflow_run import (
+            STALE_AFTER_S,
+            experiment_id,
+            mlflow_client,
+            process_tags,
+        )
+
         uri, experiment = config.tracking.uri, config.tracking.experiment
-        client = MlflowClient(uri)
+        client = mlflow_client(uri)
         overrides = " ".join(OmegaConf.to_container(config.hydra.overrides.task))
         self.sweep_dir = str(config.hydra.sweep.dir)
         tags = {
@@ -50,9 +57,13 @@ class SweepParentRun(Callback):
             "sweep.overrides": overrides[:5000],
             "sweep.dir": self.sweep_dir,
             "command": " ".join(sys.argv)[:5000],
+            **process_tags(),
         }
+        stale_after_s = config.tracking.get("stale_after_s", STALE_AFTER_S)
         run = client.create_run(
-            experiment_id(client, experiment), run_name=f"sweep {overrides}"[:250], tags=tags
+            experiment_id(client, experiment, stale_after_s),
+            run_name=f"sweep {overrides}"[:250],
+            tags=tags,
         )
         self.run_id = run.info.run_id
         os.environ[PARENT_ENV] = self.run_id
@@ -63,6 +74,10 @@ class SweepParentRun(Callback):
         os.environ.pop(PARENT_ENV, None)
         if run_id is None:
             return
+        from mlflow.tracking import MlflowClient
+
+        from finetune_budget.tracking.resume import REUSED_TAG_PREFIX
+
         uri, experiment = config.tracking.uri, config.tracking.experiment
         client = MlflowClient(uri)
         children = client.search_runs(
@@ -70,18 +85,30 @@ class SweepParentRun(Callback):
             f"tags.`mlflow.parentRunId` = '{run_id}'",
             max_results=5000,
         )
+        reused = client.search_runs(
+            [client.get_run(run_id).info.experiment_id],
+            f"tags.`{REUSED_TAG_PREFIX}{run_id}` = 'true'",
+            max_results=5000,
+        )
         failed = sum(r.info.status != "FINISHED" for r in children)
-        client.set_tag(run_id, "sweep.jobs", str(len(children)))
+        jobs = len(children) + len(reused)
+        client.set_tag(run_id, "sweep.jobs", str(jobs))
         client.set_tag(run_id, "sweep.failed_jobs", str(failed))
+        client.set_tag(run_id, "sweep.reused_jobs", str(len(reused)))
+        log.info(
+            "%d of %d points reused (finished before; budget.rerun=true trains them again)",
+            len(reused),
+            jobs,
+        )
         if self.report:
             self._attach_report(uri, experiment, run_id, client)
         from finetune_budget.export import log_sweep_choice
 
         log_sweep_choice(config, run_id, children)  # tracking.log_model=auto: the best run's model
         client.set_terminated(run_id, "FINISHED")
-        log.info("sweep parent run %s finished: %d jobs, %d failed", run_id, len(children), failed)
+        log.info("sweep parent run %s finished: %d jobs, %d failed", run_id, jobs, failed)
 
-    def _attach_report(self, uri: str, experiment: str, run_id: str, client: MlflowClient) -> None:
+    def _attach_report(self, uri: str, experiment: str, run_id: str, client: Any) -> None:
         from finetune_budget.errors import BudgetError
         from finetune_budget.report import ReportSettings, build_report
 

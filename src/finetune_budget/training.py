@@ -58,6 +58,12 @@ def run_config(cfg: DictConfig) -> dict[str, Any]:
     return {k: v for k, v in OmegaConf.to_container(cfg, resolve=True).items() if k != "hydra"}
 
 
+def default_run_name(cfg: DictConfig) -> str:
+    """`minilm-l6 n=500 e=3 s=0`: a sweep's runs told apart in the MLflow UI at a glance (MLflow's
+    random names repeat across a sweep's jobs, which all seed Python's RNG the same)."""
+    return f"{cfg.model.name} n={cfg.data.n} e={cfg.trainer.max_epochs} s={cfg.seed}"
+
+
 def run_tags(cfg: DictConfig) -> dict[str, str]:
     return {
         "task": cfg.task.name,
@@ -132,7 +138,7 @@ def train(
         cfg.tracking.experiment,
         config,
         tags=tags,
-        run_name=cfg.tracking.get("run_name"),
+        run_name=cfg.tracking.get("run_name") or default_run_name(cfg),
         config_yaml=OmegaConf.to_yaml(config),
         main_process=main_process,
         stale_after_s=cfg.tracking.get("stale_after_s", STALE_AFTER_S),

@@ -35,6 +35,7 @@ bench:
 	$(PY) bench/bench_text.py
 
 ui:
+	@$(PY) -c "import sys; from finetune_budget.tracking.mlflow_run import ui_addresses; print(*ui_addresses(sys.argv[1]), sep='\n')" $${MLFLOW_TRACKING_URI:-sqlite:///mlflow.db}
 	$(VENV)/bin/mlflow ui --backend-store-uri $${MLFLOW_TRACKING_URI:-sqlite:///mlflow.db} --host 127.0.0.1 --port 5000
 
 # Optuna's dashboard on the study's storage (hydra.sweeper.storage): make dashboard

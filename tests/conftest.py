@@ -32,6 +32,8 @@ def compose_config(
         cfg.paths.output_dir = str(tmp_path / "output")
         cfg.paths.cache_dir = str(tmp_path / "cache")
         cfg.tracking.uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+        if not any(o.startswith("tracking.log_model=") for o in overrides):
+            cfg.tracking.log_model = False  # logging a model costs seconds; tests opt in
         if "trainer" in cfg:
             cfg.trainer.enable_progress_bar = False
     return cfg

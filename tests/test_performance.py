@@ -92,7 +92,8 @@ def test_a_sweeps_later_job_reusing_loaded_weights_and_data_equals_the_first(tin
     common = ("data.n=48", "trainer.max_epochs=1", "budget.continue_shorter_runs=false")
     first = train(tiny_text_cfg(*common))
     hits = reuse.STATS["hits"]
-    second = train(tiny_text_cfg(*common))
+    second = train(tiny_text_cfg(*common, "budget.rerun=true"))  # not resumed: trained again
+    assert not second.reused
     assert reuse.STATS["hits"] >= hits + 2  # data and tokenizer came from the cache
     for a, b in zip(first.history, second.history, strict=True):
         for key in ("val/mrr_at_20", "val/recall_at_20", "train/loss_epoch"):

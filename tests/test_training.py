@@ -192,8 +192,8 @@ def test_ctrl_c_marks_the_run_killed(tiny_text_cfg):
 
     original = training.build_trainer
 
-    def with_interrupt(cfg, tracker, run, extra):
-        return original(cfg, tracker, run, [*extra, _Interrupt()])
+    def with_interrupt(cfg, tracker, run, extra, **kwargs):
+        return original(cfg, tracker, run, [*extra, _Interrupt()], **kwargs)
 
     training.build_trainer = with_interrupt
     try:

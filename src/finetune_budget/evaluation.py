@@ -14,11 +14,11 @@ from typing import Any
 import lightning as L
 import torch
 from hydra.utils import instantiate
-from mlflow.tracking import MlflowClient
-from omegaconf import DictConfig
+from omegaconf import DictConfig, open_dict
 
 from finetune_budget.config import resolve_precision
 from finetune_budget.errors import ConfigError, ModelError
+from finetune_budget.export import apply_weights, config_of_run, export_mode, weights_of_run
 from finetune_budget.external_baseline import evaluate_external
 from finetune_budget.report import advise_mode, report_mode
 from finetune_budget.tasks import build_task
@@ -26,20 +26,6 @@ from finetune_budget.tracking.mlflow_run import tracked_run
 from finetune_budget.training import run_config
 
 log = logging.getLogger(__name__)
-
-
-def checkpoint_of_run(tracking_uri: str, run_id: str) -> str:
-    client = MlflowClient(tracking_uri)
-    try:
-        run = client.get_run(run_id)
-    except Exception as e:  # noqa: BLE001 - MLflow raises several kinds for a bad id
-        raise ConfigError(
-            f"run_id={run_id} is not a run of {tracking_uri}; copy the id from the MLflow UI"
-        ) from e
-    path = run.data.tags.get("checkpoint")
-    if not path:
-        raise ConfigError(f"run {run_id} saved no checkpoint (tracking.save_checkpoint was false)")
-    return path
 
 
 def load_weights(module: L.LightningModule, path: str) -> None:
@@ -72,10 +58,14 @@ def load_weights(module: L.LightningModule, path: str) -> None:
 
 
 def evaluate(cfg: DictConfig) -> dict[str, float]:
-    """Evaluate `cfg.model` (or `cfg.checkpoint` / `cfg.run_id`) on `cfg.data`'s held-out split."""
+    """Evaluate `cfg.model` (or `cfg.checkpoint`) on `cfg.data`'s held-out split; with `run_id`,
+    the model that training run logged (or its checkpoint) on the run's own task, model and data.
+    """
     checkpoint = cfg.get("checkpoint")
+    weights = None
     if cfg.get("run_id"):
-        checkpoint = checkpoint_of_run(cfg.tracking.uri, cfg.run_id)
+        cfg, weights = run_to_evaluate(cfg)
+        checkpoint = weights[1]
     tags = {
         "task": cfg.task.name,
         "model": cfg.model.name,
@@ -94,7 +84,9 @@ def evaluate(cfg: DictConfig) -> dict[str, float]:
     ) as run:
         L.seed_everything(cfg.seed, verbose=False)
         parts = build_task(cfg)
-        if checkpoint:
+        if weights is not None:
+            apply_weights(parts.module, weights)  # a logged model or a checkpoint
+        elif checkpoint:
             load_weights(parts.module, checkpoint)
         trainer = instantiate(
             cfg.trainer,
@@ -113,7 +105,26 @@ def evaluate(cfg: DictConfig) -> dict[str, float]:
         return metrics
 
 
+def run_to_evaluate(cfg: DictConfig) -> tuple[DictConfig, tuple[str, str]]:
+    """`cfg` with the training run's task, model, data, loss, optim, eval and seed, and where the
+    run's weights are (its logged model, else its checkpoint)."""
+    run_cfg, run = config_of_run(cfg.tracking.uri, cfg.run_id)
+    weights = weights_of_run(run)
+    if weights is None:
+        raise ConfigError(
+            f"run {cfg.run_id} kept no weights (a sweep job, or tracking.save_checkpoint=false); "
+            f"`python evaluate.py mode=export run_id={cfg.run_id}` rebuilds and logs them"
+        )
+    cfg = cfg.copy()
+    with open_dict(cfg):
+        for key in ("task", "model", "data", "loss", "optim", "eval", "seed"):
+            if key in run_cfg:
+                cfg[key] = run_cfg[key]
+    return cfg, weights
+
+
 MODES: dict[str, Callable[[DictConfig], Any]] = {"eval": evaluate, "report": report_mode}
+MODES["export"] = export_mode
 MODES["external_baseline"] = evaluate_external
 MODES["advise"] = advise_mode
 

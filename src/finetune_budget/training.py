@@ -14,11 +14,18 @@ from typing import Any
 import lightning as L
 from hydra.utils import instantiate
 from lightning.pytorch.callbacks import LearningRateMonitor
+from mlflow.tracking import MlflowClient
 from omegaconf import DictConfig, OmegaConf
 
 from finetune_budget.config import resolve_precision
 from finetune_budget.continuation import Continuation
 from finetune_budget.distributed import is_main_process
+from finetune_budget.export import (
+    budget_summary,
+    check_log_model_option,
+    log_model,
+    model_params,
+)
 from finetune_budget.tasks import build_task
 from finetune_budget.tracking.baseline_cache import BaselineCache, baseline_key, weights_digest
 from finetune_budget.tracking.budget_tracker import BudgetTracker
@@ -49,6 +56,12 @@ class RunResult:
 def run_config(cfg: DictConfig) -> dict[str, Any]:
     """The resolved config as logged: everything except Hydra's own node."""
     return {k: v for k, v in OmegaConf.to_container(cfg, resolve=True).items() if k != "hydra"}
+
+
+def default_run_name(cfg: DictConfig) -> str:
+    """`minilm-l6 n=500 e=3 s=0`: a sweep's runs told apart in the MLflow UI at a glance (MLflow's
+    random names repeat across a sweep's jobs, which all seed Python's RNG the same)."""
+    return f"{cfg.model.name} n={cfg.data.n} e={cfg.trainer.max_epochs} s={cfg.seed}"
 
 
 def run_tags(cfg: DictConfig) -> dict[str, str]:
@@ -125,7 +138,7 @@ def train(
         cfg.tracking.experiment,
         config,
         tags=tags,
-        run_name=cfg.tracking.get("run_name"),
+        run_name=cfg.tracking.get("run_name") or default_run_name(cfg),
         config_yaml=OmegaConf.to_yaml(config),
         main_process=main_process,
         stale_after_s=cfg.tracking.get("stale_after_s", STALE_AFTER_S),
@@ -150,19 +163,48 @@ def train(
         if trainer.interrupted:
             raise KeyboardInterrupt("training interrupted")
         cont.save(trainer)
+        in_sweep = parent_run_id is not None
         checkpoint = None
-        if cfg.tracking.get("save_checkpoint", False):
+        if keep_weights(cfg.tracking, "save_checkpoint", in_sweep):
             path = Path(cfg.paths.output_dir) / "checkpoints" / "last.ckpt"
             save_checkpoint_atomically(trainer, path, weights_only=True)
             checkpoint = str(path.resolve())
             run.set_tags({"checkpoint": checkpoint})
         summarise(cfg, run, tracker.history)
+        if run.writer and keep_weights(cfg.tracking, "log_model", in_sweep):
+            log_run_model(cfg, run.run_id, parts.module, tracker.history)
         return RunResult(
             run.run_id,
             tracker.history,
             checkpoint,
             {"trainer": trainer, "module": parts.module, "datamodule": parts.datamodule},
         )
+
+
+def keep_weights(tracking: DictConfig, key: str, in_sweep: bool) -> bool:
+    """tracking.save_checkpoint / tracking.log_model: `auto` = single runs only, not the jobs of
+    a sweep or search (their chosen run is logged at the sweep's end); true; false."""
+    option = check_log_model_option(tracking.get(key, "auto"), f"tracking.{key}")
+    return option == "true" or (option == "auto" and not in_sweep)
+
+
+def log_run_model(
+    cfg: DictConfig, run_id: str, module: L.LightningModule, history: list[dict[str, float]]
+) -> str | None:
+    """Log the run's model to MLflow with its budget metrics and the budget it was trained on."""
+    try:
+        return log_model(
+            cfg.tracking.uri,
+            run_id,
+            module,
+            budget_summary(history, cfg.budget.metric),
+            model_params(cfg, run_id),
+            registered_name=cfg.tracking.get("registered_model"),
+        )
+    except Exception as e:  # noqa: BLE001 - the run itself is done; keep it FINISHED
+        log.warning("the run's model was not logged to MLflow: %s: %s", type(e).__name__, e)
+        MlflowClient(cfg.tracking.uri).set_tag(run_id, "log_model.error", f"{e}"[:5000])
+        return None
 
 
 def evaluate_baseline(

@@ -100,6 +100,7 @@ class ClipParts:
 
     image_size, mean, std: the image preprocessing its image tower expects (pixels in [0, 1]).
     random_heads: True when parts of the epoch-0 model are randomly initialised.
+    arch: the open_clip model config name it was built from (`open_clip.get_model_config`).
     """
 
     model: nn.Module
@@ -108,6 +109,7 @@ class ClipParts:
     mean: tuple[float, ...]
     std: tuple[float, ...]
     random_heads: bool
+    arch: str = ""
 
 
 _CONFIG_DIR: Path | None = None
@@ -255,6 +257,7 @@ def _build_assembled(cfg: dict[str, Any]) -> ClipParts:
         tuple(mean),
         tuple(std),
         random_heads=True,
+        arch=name,
     )
 
 
@@ -292,6 +295,7 @@ def _build_open_clip(cfg: dict[str, Any]) -> ClipParts:
         tuple(pp.get("mean", open_clip.OPENAI_DATASET_MEAN)),
         tuple(pp.get("std", open_clip.OPENAI_DATASET_STD)),
         random_heads=not pretrained,
+        arch=arch,
     )
 
 
@@ -310,6 +314,7 @@ def _build_tiny(cfg: dict[str, Any]) -> ClipParts:
         open_clip.OPENAI_DATASET_MEAN,
         open_clip.OPENAI_DATASET_STD,
         random_heads=True,
+        arch=name,
     )
 
 

@@ -93,6 +93,12 @@ def artifact_location(tracking_uri: str) -> str | None:
     return (db.parent / "mlartifacts").as_uri()
 
 
+# MLflow 3's experiment type: "custom_model_development" is the UI's "Machine learning" kind, which
+# opens on the runs table (untagged experiments may open on the GenAI traces page).
+EXPERIMENT_KIND_TAG = "mlflow.experimentKind"
+EXPERIMENT_KIND = "custom_model_development"
+
+
 _READY_STORES: set[str] = set()
 
 
@@ -127,19 +133,41 @@ STALE_AFTER_S = (
 def experiment_id(
     client: MlflowClient, name: str, stale_after_s: float | None = STALE_AFTER_S
 ) -> str:
-    """The experiment's id (created if new); its runs left RUNNING by dead processes are marked."""
+    """The experiment's id, created as a model-training experiment when new (an existing one
+    without a kind gets it; a kind set in the UI is kept); its runs left RUNNING by dead processes
+    are marked."""
     experiment = client.get_experiment_by_name(name)
     if experiment is not None:
         if experiment.lifecycle_stage == "deleted":
             client.restore_experiment(experiment.experiment_id)
+        if EXPERIMENT_KIND_TAG not in experiment.tags:
+            client.set_experiment_tag(
+                experiment.experiment_id, EXPERIMENT_KIND_TAG, EXPERIMENT_KIND
+            )
         mark_stale_runs(client, experiment.experiment_id, stale_after_s)
         return experiment.experiment_id
     try:
         return client.create_experiment(
-            name, artifact_location=artifact_location(client.tracking_uri)
+            name,
+            artifact_location=artifact_location(client.tracking_uri),
+            tags={EXPERIMENT_KIND_TAG: EXPERIMENT_KIND},
         )
     except mlflow.exceptions.MlflowException:  # created meanwhile by a parallel job
         return client.get_experiment_by_name(name).experiment_id
+
+
+def ui_addresses(tracking_uri: str, base: str = "http://127.0.0.1:5000") -> list[str]:
+    """`<name>: <runs-table address>` for each experiment of the store (for `make ui`): MLflow
+    3.17's UI opens a new browser on its GenAI pages unless the address asks for model training."""
+    try:
+        experiments = MlflowClient(tracking_uri).search_experiments()
+    except Exception:  # noqa: BLE001 - no store yet: nothing to list
+        return []
+    return [
+        f"{e.name}: {base}/#/experiments/{e.experiment_id}/runs?workflowType=machine_learning"
+        for e in experiments
+        if e.name != "Default"
+    ]
 
 
 def _process_started(pid: int) -> str | None:

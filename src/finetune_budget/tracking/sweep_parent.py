@@ -102,6 +102,9 @@ class SweepParentRun(Callback):
         )
         if self.report:
             self._attach_report(uri, experiment, run_id, client)
+        from finetune_budget.export import log_sweep_choice
+
+        log_sweep_choice(config, run_id, children)  # tracking.log_model=auto: the best run's model
         client.set_terminated(run_id, "FINISHED")
         log.info("sweep parent run %s finished: %d jobs, %d failed", run_id, jobs, failed)
 

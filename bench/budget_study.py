@@ -1,0 +1,132 @@
+"""The learning-curve study behind docs/results.md, from a full grid's MLflow runs.
+
+    python bench/budget_study.py --tracking-uri sqlite:////tmp/w10b/clinc-grid.db \
+        --experiment clinc-grid --epochs 2 --pilot-max 1000 --min-roi-per-label 1e-5
+
+Prints, for the runs of one experiment (every data.n x seed at one epoch count):
+1. the measured curve: mean gain over seeds per data.n with its `level` interval, and the cost;
+2. predictions: the learning curve fitted on data.n <= pilot-max (report.curves, seeds as
+   groups) at every larger measured n, the interval, the measured values and whether each was
+   covered; the coverage over all of them; and report.curves.backtest (hold out the largest n);
+3. the advice of the full grid (budget_search.grid_advice) and its cost;
+4. the adaptive search replayed on the same runs (budget_search.replay: its jobs are looked up
+   instead of trained, sizes restricted to the grid's): its decisions, advice and cost.
+"""
+
+from __future__ import annotations
+
+import argparse
+import math
+
+import numpy as np
+from scipy import stats
+
+from finetune_budget import budget_search as bs
+from finetune_budget.report.curves import backtest, fit_learning_curve
+
+
+def interval(values: list[float], level: float) -> tuple[float, float, float]:
+    mean = float(np.mean(values))
+    if len(values) < 2:
+        return mean, math.nan, math.nan
+    half = stats.t.ppf(0.5 + level / 2, len(values) - 1) * np.std(values, ddof=1)
+    half /= math.sqrt(len(values))
+    return mean, mean - half, mean + half
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("--tracking-uri", required=True, nargs="+", help="one or more stores")
+    p.add_argument("--experiment", required=True)
+    p.add_argument("--metric", default="val/mrr_at_20")
+    p.add_argument("--epochs", type=int, required=True, help="trainer.max_epochs of the grid")
+    p.add_argument("--pilot-max", type=int, default=1000, help="fit on data.n <= this")
+    p.add_argument("--search-pilot", type=int, nargs="*", default=None, help="default: <= 400")
+    p.add_argument("--min-roi-per-label", type=float, default=1e-5)
+    p.add_argument("--growth", type=float, default=4.0)
+    p.add_argument("--level", type=float, default=0.9)
+    p.add_argument("--epoch-rule", default="best")
+    args = p.parse_args()
+
+    found = {}
+    for uri in args.tracking_uri:
+        found.update(bs.from_mlflow(uri, args.experiment, args.metric))
+    obs = [o for o in found.values() if o.epochs == args.epochs]
+    points = bs.curve_points(obs, args.epochs, args.epoch_rule)
+    seeds = sorted({s for by_seed in points.values() for s in by_seed})
+    print(f"## {args.experiment}: {args.metric}, {args.epochs} epochs, seeds {seeds}")
+    print(f"\n| data.n | seeds | mean gain | {args.level:.0%} interval | cost s (train+eval) |")
+    print("|---|---|---|---|---|")
+    for n, by_seed in points.items():
+        mean, lo, hi = interval(list(by_seed.values()), args.level)
+        cost = sum(o.cost_s for o in obs if o.n == n)
+        print(f"| {n} | {len(by_seed)} | {mean:.4g} | [{lo:.4g}, {hi:.4g}] | {cost:.0f} |")
+
+    pilot = {n: g for n, g in points.items() if n <= args.pilot_max}
+    x = np.array([n for n, g in pilot.items() for _ in g], float)
+    y = np.array([v for g in pilot.values() for v in g.values()], float)
+    groups = [s for g in pilot.values() for s in g]
+    fit = fit_learning_curve(x, y, groups=groups, level=args.level)
+    print(
+        f"\nfit on data.n <= {args.pilot_max} ({fit.n_points} points): {fit.family} "
+        f"{ {k: round(v, 5) for k, v in fit.params.items()} }, cv_error {fit.cv_error:.3g}, "
+        f"extrapolation_ok={fit.extrapolation_ok} {fit.reason}"
+    )
+    beyond = [n for n in points if n > args.pilot_max]
+    covered_seeds = covered_means = total_seeds = 0
+    if beyond:
+        xs = np.array(beyond, float)
+        mean, lo, hi = fit.predict(xs, args.level)  # interval of a mean over the seeds measured
+        _, lo1, hi1 = fit.predict(xs, args.level, seeds=1)  # ... of one seed's value
+        print("\n| data.n | x pilot max | predicted mean | interval | measured mean | covered |")
+        print("|---|---|---|---|---|---|")
+        for i, n in enumerate(beyond):
+            values = list(points[n].values())
+            m = float(np.mean(values))
+            inside = lo[i] <= m <= hi[i]
+            covered_means += inside
+            covered_seeds += sum(lo1[i] <= v <= hi1[i] for v in values)
+            total_seeds += len(values)
+            print(
+                f"| {n} | {n / args.pilot_max:.1f} | {mean[i]:.4g} | [{lo[i]:.4g}, {hi[i]:.4g}] "
+                f"| {m:.4g} | {'yes' if inside else 'no'} |"
+            )
+        print(
+            f"\ncoverage: {covered_means}/{len(beyond)} means; {covered_seeds}/{total_seeds} "
+            "single-seed values inside their one-seed intervals"
+        )
+    xa = np.array([n for n, g in points.items() for _ in g], float)
+    ya = np.array([v for g in points.values() for v in g.values()], float)
+    ga = [s for g in points.values() for s in g]
+    print(f"\nreport.curves.backtest (hold out the largest n): {backtest(xa, ya, ga, args.level)}")
+
+    settings = bs.SearchSettings(
+        pilot_n=tuple(args.search_pilot or [n for n in points if n <= 400]),
+        seeds=tuple(seeds),
+        epochs=args.epochs,
+        epoch_rule=args.epoch_rule,
+        min_roi_per_label=args.min_roi_per_label,
+        level=args.level,
+        growth=args.growth,
+        sizes=tuple(points),
+        min_epoch_gain=None,
+        compare_grid=tuple(points),
+    )
+    n_grid, why = bs.grid_advice(obs, args.epochs, settings)
+    grid_cost = sum(o.cost_s for o in obs)
+    grid_items = sum(o.n * o.epochs for o in obs)
+    print(
+        f"\nfull grid ({len(obs)} runs, {grid_items} item-epochs, {grid_cost:.0f} s): "
+        f"advice data.n={n_grid} ({why})"
+    )
+    result = bs.run_search(bs.replay(obs), settings)
+    print(f"\nadaptive search replayed on these runs:\n\n{bs.decisions_table(result)}\n")
+    print(result.summary())
+    print(
+        f"search/grid: {result.spent_s / grid_cost:.0%} of the seconds, "
+        f"{result.item_epochs / grid_items:.0%} of the item-epochs"
+    )
+
+
+if __name__ == "__main__":
+    main()

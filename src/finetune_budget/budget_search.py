@@ -1,0 +1,738 @@
+"""An adaptive budget search: measure a small pilot, fit the learning curve, choose the next
+`data.n` (or more epochs) where the answer is decided, stop when more labels stop paying.
+
+    python train.py -m hydra/sweeper=budget                      # MiniLM on CLINC150
+    python train.py -m hydra/sweeper=budget data=stsb hydra.sweeper.target_gain=0.05
+
+The Hydra sweeper (`hydra_plugins/budget_sweeper`) only launches jobs and reads their MLflow runs;
+everything that decides is here, as plain functions over `Observation`s, so a stub objective can
+drive it (tests/test_budget_sweeper.py). The learning curve is `report.curves.fit_learning_curve`
+(gain against labelled items, seeds as groups); its `predict` interval is the stated confidence.
+
+One step of the search (`decide`):
+1. Stop when the target is reached: the mean gain (or metric value) over seeds at a measured n.
+2. Stop when ROI per label has fallen below the threshold with confidence `level`: the marginal
+   ROI of the last labels added, (gain(n2) - gain(n1)) / (n2 - n1) between the two largest
+   measured n, paired by seed (the subsets are nested), has a one-sided t upper bound below the
+   threshold, after an earlier segment paid at least the threshold (ROI has *fallen*: a curve
+   still flat at the pilot's sizes does not stop). The threshold is `min_roi_per_label`, or
+   `roi_share_of_peak` times the largest marginal ROI measured so far (0.3: "ROI has fallen
+   by 70% from its peak").
+3. Stop when the compute budget is spent, `max_steps` steps were run, or all data is used.
+4. More epochs first, when the last epoch at the largest n still added more than
+   `min_epoch_gain` (mean over seeds): every measured n is rerun with `epoch_step` more epochs,
+   which continues each saved run and costs only the added epochs.
+5. Otherwise measure the next n (at most `growth` times the largest measured, or among
+   `sizes`): with a target, the smallest n where the fitted curve reaches it; else, while the
+   fitted curve's knee (where its marginal ROI falls below the threshold) lies above the largest
+   measured n, the candidate nearest below the knee; once past it, the smallest n where test 2
+   is expected to pass (the fitted ROI per label from the largest measured n plus the paired
+   test's half-width from the measured seed-to-seed spread is below the threshold). With no
+   such n, or a fit that cannot be trusted to extrapolate, the farthest step allowed (where the
+   prediction is least certain). A step whose estimated cost (seconds per item-epoch so far)
+   does not fit in the remaining budget is not run.
+
+The advice: the smallest measured n reaching the target; after the ROI test, the largest
+measured n at or below the fitted knee (else the smaller of the last two sizes); otherwise the
+largest n measured. Its epochs: the epoch with the best mean gain there.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import asdict, dataclass, field, fields
+from typing import Any
+
+import numpy as np
+from scipy import stats
+
+from finetune_budget.errors import BudgetError, ConfigError
+from finetune_budget.roi import gains, metric_name
+
+log = logging.getLogger(__name__)
+
+EPOCH_RULES = ("best", "last")
+
+
+@dataclass(frozen=True)
+class SearchSettings:
+    """What `conf/hydra/sweeper/budget.yaml` sets (docs/results.md explains each choice)."""
+
+    pilot_n: tuple[int, ...] = (100, 200, 400)
+    seeds: tuple[int, ...] = (0, 1, 2)
+    epochs: int = 3
+    epoch_rule: str = "best"  # the gain of a run: at its best epoch, or at its last
+    min_roi_per_label: float | None = None  # absolute threshold on the marginal gain per label
+    roi_share_of_peak: float = 0.3  # used when min_roi_per_label is null
+    target_gain: float | None = None  # relative gain over the pretrained model, e.g. 0.05
+    target_value: float | None = None  # or a value of the metric, e.g. 0.97
+    compute_budget_s: float | None = None  # wall-clock seconds of the search's jobs
+    level: float = 0.9  # confidence of the stopping test and of the intervals
+    max_steps: int = 6  # steps after the pilot
+    growth: float = 2.5  # the next n is at most growth x the largest measured n
+    n_max: int | None = None  # the largest data.n allowed (null: no cap)
+    sizes: tuple[int, ...] | None = None  # choose data.n only among these (null: any)
+    min_epoch_gain: float | None = 0.003  # null: never add epochs
+    epoch_step: int = 2
+    max_epochs: int = 10
+    compare_grid: tuple[int, ...] = (100, 200, 500, 1000, 2000, 5000)
+
+    @classmethod
+    def from_config(cls, node: Mapping[str, Any]) -> SearchSettings:
+        known = {f.name for f in fields(cls)}
+        unknown = sorted(set(node) - known - {"_target_"})
+        if unknown:
+            raise ConfigError(
+                f"hydra.sweeper has unknown keys {unknown}; known: {', '.join(sorted(known))}"
+            )
+        values = {k: v for k, v in node.items() if k in known}
+        for key in ("pilot_n", "seeds", "compare_grid", "sizes"):
+            if key in values and values[key] is not None:
+                values[key] = tuple(int(v) for v in values[key])
+        settings = cls(**values)
+        settings.validate()
+        return settings
+
+    def validate(self) -> None:
+        if len(set(self.pilot_n)) < 2 or min(self.pilot_n) <= 0:
+            raise ConfigError(
+                f"hydra.sweeper.pilot_n={list(self.pilot_n)}: give at least 2 distinct positive "
+                "sizes, e.g. [100,200,400]"
+            )
+        if not self.seeds:
+            raise ConfigError("hydra.sweeper.seeds is empty; give e.g. [0,1,2]")
+        if self.epoch_rule not in EPOCH_RULES:
+            raise ConfigError(
+                f"hydra.sweeper.epoch_rule={self.epoch_rule!r}; use one of {EPOCH_RULES}"
+            )
+        if not 0.5 <= self.level < 1:
+            raise ConfigError(f"hydra.sweeper.level={self.level}; use a confidence like 0.9")
+        if self.growth <= 1:
+            raise ConfigError(f"hydra.sweeper.growth={self.growth}; use a factor > 1, e.g. 2.5")
+        if self.epochs < 1 or self.max_epochs < self.epochs:
+            raise ConfigError(
+                f"hydra.sweeper.epochs={self.epochs} must be >= 1 and <= "
+                f"hydra.sweeper.max_epochs={self.max_epochs}"
+            )
+        if self.n_max is not None and self.n_max < max(self.pilot_n):
+            raise ConfigError(
+                f"hydra.sweeper.n_max={self.n_max} is below the pilot's largest n "
+                f"{max(self.pilot_n)}; raise n_max or shrink pilot_n"
+            )
+        if self.target_gain is not None and self.target_value is not None:
+            raise ConfigError("set hydra.sweeper.target_gain or target_value, not both")
+
+
+@dataclass(frozen=True)
+class Job:
+    n: int
+    seed: int
+    epochs: int
+
+    def overrides(self) -> list[str]:
+        return [f"data.n={self.n}", f"seed={self.seed}", f"trainer.max_epochs={self.epochs}"]
+
+
+@dataclass(frozen=True)
+class Observation:
+    """One finished run: per epoch (1..epochs) the relative gain, metric value and seconds."""
+
+    n: int
+    seed: int
+    epochs: int
+    gain: Mapping[int, float]
+    value: Mapping[int, float] = field(default_factory=dict)
+    seconds: Mapping[int, float] = field(default_factory=dict)
+    baseline: float = math.nan  # the metric at epoch 0
+    run_id: str | None = None
+    cost_s: float = math.nan  # training plus evaluation seconds of the run
+
+    def at(self, rule: str) -> tuple[int, float]:
+        """(epoch, gain) by the epoch rule: the best trained epoch, or the last."""
+        finite = {e: g for e, g in self.gain.items() if e >= 1 and math.isfinite(g)}
+        if not finite:
+            return self.epochs, math.nan
+        if rule == "last":
+            epoch = max(finite)
+        else:
+            epoch = max(finite, key=lambda e: (finite[e], -e))
+        return epoch, finite[epoch]
+
+
+@dataclass
+class Batch:
+    """What measuring a list of jobs returned: observations, wall seconds, failed job lines."""
+
+    observations: list[Observation]
+    cost_s: float
+    failures: list[str] = field(default_factory=list)
+
+
+@dataclass
+class Decision:
+    step: int
+    action: str  # pilot, measure, more_epochs, stop
+    reason: str
+    n: list[int] = field(default_factory=list)
+    epochs: int = 0
+    jobs: list[Job] = field(default_factory=list)
+    family: str = ""
+    predicted: float = math.nan  # fitted gain at the chosen n, with its interval
+    predicted_lo: float = math.nan
+    predicted_hi: float = math.nan
+    roi_upper: float = math.nan  # upper bound of the last labels' marginal ROI
+    roi_threshold: float = math.nan
+    spent_s: float = 0.0
+    estimated_s: float = math.nan
+
+    def row(self) -> dict[str, Any]:
+        out = {k: v for k, v in asdict(self).items() if k != "jobs"}
+        out["n"] = " ".join(str(n) for n in self.n)
+        out["jobs"] = len(self.jobs)
+        return out
+
+
+@dataclass
+class Advice:
+    n: int
+    epochs: int
+    gain: float
+    gain_lo: float
+    gain_hi: float
+    basis: str
+
+    def line(self) -> str:
+        interval = (
+            f" [{self.gain_lo:.4g}, {self.gain_hi:.4g}]" if math.isfinite(self.gain_lo) else ""
+        )
+        return (
+            f"data.n={self.n} trainer.max_epochs={self.epochs}: gain {self.gain:.4g}{interval} "
+            f"({self.basis})"
+        )
+
+
+@dataclass
+class SearchResult:
+    decisions: list[Decision]
+    observations: list[Observation]
+    stop_reason: str
+    advice: Advice | None
+    spent_s: float
+    jobs: int
+    item_epochs: int
+    grid_item_epochs: int
+    grid_estimated_s: float
+
+    def summary(self) -> str:
+        lines = [f"budget search stopped: {self.stop_reason}"]
+        if self.advice is not None:
+            lines.append(f"advice: {self.advice.line()}")
+        share = self.item_epochs / self.grid_item_epochs if self.grid_item_epochs else math.nan
+        lines.append(
+            f"cost: {self.jobs} jobs, {self.item_epochs} item-epochs, {self.spent_s:.0f} s; "
+            f"the full grid it replaces: {self.grid_item_epochs} item-epochs "
+            f"(~{self.grid_estimated_s:.0f} s at the measured rate), {share:.0%} of it"
+        )
+        return "\n".join(lines)
+
+
+# --- the measured curve ---------------------------------------------------------------------
+
+
+def curve_points(
+    observations: Sequence[Observation], epochs: int, rule: str
+) -> dict[int, dict[int, float]]:
+    """{n: {seed: gain}} of the runs with `epochs` epochs (the latest run per n and seed)."""
+    out: dict[int, dict[int, float]] = {}
+    for obs in observations:
+        if obs.epochs != epochs:
+            continue
+        gain = obs.at(rule)[1]
+        if math.isfinite(gain):
+            out.setdefault(obs.n, {})[obs.seed] = gain
+    return dict(sorted(out.items()))
+
+
+def segment_rois(points: Mapping[int, Mapping[int, float]]) -> list[float]:
+    """Mean marginal ROI per label of each segment (0 -> n1, n1 -> n2, ...): d gain / d n."""
+    out, prev_n, prev_g = [], 0, 0.0
+    for n, by_seed in points.items():
+        mean = float(np.mean(list(by_seed.values())))
+        out.append((mean - prev_g) / (n - prev_n))
+        prev_n, prev_g = n, mean
+    return out
+
+
+def marginal_roi_bound(
+    points: Mapping[int, Mapping[int, float]], level: float
+) -> tuple[float, float, int]:
+    """(mean, one-sided upper bound at `level`, seeds) of the marginal ROI per label between the
+    two largest measured n, paired by seed. With one common seed the bound is the value itself."""
+    (n1, a), (n2, b) = list(points.items())[-2:]
+    common = sorted(set(a) & set(b))
+    if not common:
+        return math.nan, math.nan, 0
+    d = np.array([(b[s] - a[s]) / (n2 - n1) for s in common])
+    mean = float(d.mean())
+    if len(d) < 2:
+        return mean, mean, 1
+    sem = float(d.std(ddof=1)) / math.sqrt(len(d))
+    return mean, mean + float(stats.t.ppf(level, len(d) - 1)) * sem, len(d)
+
+
+def has_risen(points: Mapping[int, Mapping[int, float]], threshold: float) -> bool:
+    """Whether ROI per label was at or above the threshold before the last segment: it can only
+    have "fallen below" it then (a curve that is still flat at the pilot's sizes, as CLINC150
+    is below a few hundred labels, must not stop the search)."""
+    return any(r >= threshold for r in segment_rois(points)[:-1])
+
+
+def roi_threshold(points: Mapping[int, Mapping[int, float]], settings: SearchSettings) -> float:
+    if settings.min_roi_per_label is not None:
+        return float(settings.min_roi_per_label)
+    peak = max(segment_rois(points), default=math.nan)
+    return settings.roi_share_of_peak * peak if peak > 0 else math.inf
+
+
+def target_gain(observations: Sequence[Observation], settings: SearchSettings) -> float | None:
+    """The target as a relative gain (a target_value is converted with the runs' baseline)."""
+    if settings.target_gain is not None:
+        return float(settings.target_gain)
+    if settings.target_value is None:
+        return None
+    base = [o.baseline for o in observations if math.isfinite(o.baseline)]
+    if not base:
+        return None
+    m0 = float(np.mean(base))
+    return gains({"m": settings.target_value}, {"m": m0}, 1, 1.0)["gain/m"]
+
+
+def nice(n: float) -> int:
+    """n rounded to two significant digits (1234 -> 1200), at least 1."""
+    if n < 10:
+        return max(1, round(n))
+    digits = 10 ** (int(math.floor(math.log10(n))) - 1)
+    return int(round(n / digits) * digits)
+
+
+def candidates(n_top: int, settings: SearchSettings, count: int = 8) -> list[int]:
+    """Sizes above the largest measured n, up to growth x it (and n_max): geometric, or the
+    allowed `sizes` in that range (at least the next one)."""
+    hi = n_top * settings.growth
+    if settings.n_max is not None:
+        hi = min(hi, settings.n_max)
+    if settings.sizes:
+        above = sorted(n for n in set(settings.sizes) if n > n_top)
+        return [n for n in above if n <= hi] or above[:1]
+    grid = np.geomspace(n_top * 1.25, max(hi, n_top * 1.25), count)
+    out = sorted({min(nice(c), int(hi)) for c in grid} - {n_top})
+    return [c for c in out if c > n_top] or ([int(hi)] if hi > n_top else [])
+
+
+# --- one step -------------------------------------------------------------------------------
+
+
+FitFn = Callable[..., Any]
+
+
+def default_fit() -> FitFn:
+    from finetune_budget.report.curves import fit_learning_curve
+
+    return fit_learning_curve
+
+
+def _fit(points: Mapping[int, Mapping[int, float]], settings: SearchSettings, fit: FitFn):
+    x = [n for n, by_seed in points.items() for _ in by_seed]
+    y = [g for by_seed in points.values() for g in by_seed.values()]
+    groups = [s for by_seed in points.values() for s in by_seed]
+    try:
+        return fit(np.asarray(x, float), np.asarray(y, float), groups=groups, level=settings.level)
+    except (ValueError, RuntimeError) as e:  # too few points, a fit that did not converge
+        log.info("learning-curve fit failed: %s", e)
+        return None
+
+
+def _rate(observations: Sequence[Observation], spent_s: float, item_epochs: int) -> float:
+    """Seconds per item-epoch of the search so far (wall clock, all overheads)."""
+    return spent_s / item_epochs if item_epochs else math.nan
+
+
+def decide(
+    observations: Sequence[Observation],
+    epochs: int,
+    step: int,
+    spent_s: float,
+    item_epochs: int,
+    settings: SearchSettings,
+    fit: FitFn,
+) -> Decision:
+    """The next step of the search given everything measured so far (see the module docstring)."""
+    s = settings
+    points = curve_points(observations, epochs, s.epoch_rule)
+    d = Decision(step, "stop", "", epochs=epochs, spent_s=spent_s)
+    if len(points) < 2:
+        d.reason = f"fewer than 2 data.n finished at {epochs} epochs; nothing to fit"
+        return d
+    means = {n: float(np.mean(list(g.values()))) for n, g in points.items()}
+    goal = target_gain(observations, s)
+    if goal is not None:
+        reached = [n for n, m in means.items() if m >= goal]
+        if reached:
+            d.reason = f"target gain {goal:.4g} reached at data.n={min(reached)}"
+            return d
+    d.roi_threshold = roi_threshold(points, s)
+    mean_roi, d.roi_upper, k = marginal_roi_bound(points, s.level)
+    (n1, _), (n2, _) = list(points.items())[-2:]
+    if goal is None and d.roi_upper < d.roi_threshold and has_risen(points, d.roi_threshold):
+        d.reason = (
+            f"ROI per label from data.n={n1} to {n2} is {mean_roi:.3g}, below "
+            f"{d.roi_threshold:.3g} with {s.level:.0%} confidence (upper bound {d.roi_upper:.3g}, "
+            f"{k} seeds)"
+        )
+        return d
+    if s.compute_budget_s is not None and spent_s >= s.compute_budget_s:
+        d.reason = f"compute budget spent ({spent_s:.0f} s of {s.compute_budget_s:.0f} s)"
+        return d
+    if step > s.max_steps:
+        d.reason = f"max_steps={s.max_steps} steps run"
+        return d
+    n_top = max(points)
+    rate = _rate(observations, spent_s, item_epochs)
+
+    more_epochs = _epoch_gain(observations, n_top, epochs)
+    if (
+        s.min_epoch_gain is not None
+        and epochs < s.max_epochs
+        and math.isfinite(more_epochs)
+        and more_epochs > s.min_epoch_gain
+    ):
+        new_epochs = min(epochs + s.epoch_step, s.max_epochs)
+        d.action, d.epochs, d.n = "more_epochs", new_epochs, list(points)
+        d.jobs = [Job(n, seed, new_epochs) for n in points for seed in s.seeds]
+        d.reason = (
+            f"epoch {epochs} at data.n={n_top} still added {more_epochs:.3g} gain "
+            f"(> min_epoch_gain {s.min_epoch_gain}); every n to {new_epochs} epochs"
+        )
+        added = sum(n * (new_epochs - epochs) for n in points) * len(s.seeds)
+        return _within_budget(d, rate * added, spent_s, s)
+
+    if s.n_max is not None and n_top >= s.n_max:
+        d.reason = f"all labelled data used (data.n={n_top} = n_max)"
+        return d
+    cands = candidates(n_top, s)
+    if not cands:
+        d.reason = f"no data.n above {n_top} allowed (n_max={s.n_max})"
+        return d
+    curve = _fit(points, s, fit)
+    if curve is None or not getattr(curve, "extrapolation_ok", False):
+        why = getattr(curve, "reason", "the fit failed") if curve is not None else "fit failed"
+        n_next, d.reason = cands[-1], f"fit not trusted to extrapolate ({why}); the largest step"
+    else:
+        d.family = curve.family
+        mean, lo, hi = (np.asarray(a, float) for a in curve.predict(np.asarray(cands, float)))
+        knee = fitted_knee(curve, n_top, cands[-1], d.roi_threshold, s.level)
+        if goal is not None:
+            hit = [c for c, m in zip(cands, mean, strict=True) if m >= goal]
+            what = f"predicted to reach the target gain {goal:.4g}"
+        elif not has_risen(points, d.roi_threshold):  # still flat: look further out
+            hit = [cands[-1]]
+            what = f"ROI per label has not yet risen to {d.roi_threshold:.3g}: the farthest step"
+        elif knee is not None and knee > 1.25 * n_top:  # measure near the predicted knee
+            below = [c for c in cands if c <= knee]
+            hit = [below[-1] if below else cands[0]]
+            what = f"the candidate nearest below the predicted knee (data.n~{nice(knee)})"
+        else:  # past the knee: the smallest step where the stopping test is expected to
+            # pass: predicted ROI from n_top plus the paired test's expected half-width
+            c = np.asarray(cands, float)
+            k = len(s.seeds)
+            sd = _seed_sd(points)
+            t = float(stats.t.ppf(s.level, k - 1)) if k >= 2 else 0.0
+            expected = (mean - means[n_top]) / (c - n_top) + t * math.sqrt(2 / k) * sd / (
+                c - n_top
+            )
+            hit = [n for n, r in zip(cands, expected, strict=True) if r < d.roi_threshold]
+            what = (
+                f"the smallest n where the ROI test from data.n={n_top} is expected to fall "
+                f"below {d.roi_threshold:.3g}"
+            )
+        if hit:
+            n_next, d.reason = hit[0], f"{what} at data.n={hit[0]}"
+        else:
+            n_next = cands[-1]
+            d.reason = (
+                f"no knee or target predicted up to data.n={n_next}: the farthest step allowed, "
+                "where the prediction is least certain"
+            )
+        i = cands.index(n_next)
+        d.predicted, d.predicted_lo, d.predicted_hi = float(mean[i]), float(lo[i]), float(hi[i])
+    d.action, d.n = "measure", [n_next]
+    d.jobs = [Job(n_next, seed, epochs) for seed in s.seeds]
+    return _within_budget(d, rate * n_next * epochs * len(s.seeds), spent_s, s)
+
+
+def _seed_sd(points: Mapping[int, Mapping[int, float]]) -> float:
+    """The pooled seed-to-seed standard deviation of the gain over the measured sizes."""
+    sq = [np.var(list(g.values()), ddof=1) for g in points.values() if len(g) >= 2]
+    return math.sqrt(float(np.mean(sq))) if sq else 0.0
+
+
+def fitted_knee(curve, lo_n: float, hi_n: float, threshold: float, level: float) -> float | None:
+    """The smallest n in [lo_n, hi_n] where the fitted curve's marginal ROI per label
+    (d gain / d n, by a 5% finite difference) is below `threshold`; None if nowhere."""
+    if curve is None or hi_n <= lo_n:
+        return None
+    n = np.geomspace(lo_n, hi_n, 64)
+    m0 = np.asarray(curve.predict(n, level)[0], float)
+    m1 = np.asarray(curve.predict(n * 1.05, level)[0], float)
+    below = np.flatnonzero((m1 - m0) / (0.05 * n) < threshold)
+    return float(n[below[0]]) if below.size else None
+
+
+def _epoch_gain(observations: Sequence[Observation], n: int, epochs: int) -> float:
+    """Mean over seeds of what the last epoch added at data.n=n (NaN with one epoch)."""
+    if epochs < 2:
+        return math.nan
+    diffs = [
+        o.gain[epochs] - o.gain[epochs - 1]
+        for o in observations
+        if o.n == n and o.epochs == epochs and epochs in o.gain and epochs - 1 in o.gain
+    ]
+    return float(np.mean(diffs)) if diffs else math.nan
+
+
+def _within_budget(d: Decision, estimate: float, spent: float, s: SearchSettings) -> Decision:
+    d.estimated_s = estimate
+    if s.compute_budget_s is not None and spent + estimate > s.compute_budget_s:
+        d.reason = (
+            f"compute budget: the next step ({d.action} data.n={' '.join(map(str, d.n))}) "
+            f"would need ~{estimate:.0f} s, {s.compute_budget_s - spent:.0f} s are left"
+        )
+        d.action, d.jobs = "stop", []
+    return d
+
+
+# --- the advice and the whole search -----------------------------------------------------------
+
+
+def advise(
+    observations: Sequence[Observation], epochs: int, stop: Decision, settings: SearchSettings, fit
+) -> Advice | None:
+    """Recommended data.n and epochs when the search stops, from the measured points."""
+    points = curve_points(observations, epochs, settings.epoch_rule)
+    if not points:
+        return None
+    means = {n: float(np.mean(list(g.values()))) for n, g in points.items()}
+    goal = target_gain(observations, settings)
+    ns = list(points)
+    if goal is not None and any(m >= goal for m in means.values()):
+        n, basis = min(n for n, m in means.items() if m >= goal), "the smallest n reaching target"
+    elif (
+        len(ns) >= 2
+        and stop.roi_upper < stop.roi_threshold
+        and has_risen(points, stop.roi_threshold)
+    ):
+        n, basis = ns[-2], "the last n whose added labels paid more than the threshold"
+        curve = _fit(points, settings, fit)
+        knee = None
+        if curve is not None and getattr(curve, "extrapolation_ok", False):
+            knee = fitted_knee(curve, ns[0], ns[-1], stop.roi_threshold, settings.level)
+        if knee is not None:
+            n = max([m for m in ns if m <= knee] or ns[:1])
+            basis = f"the largest n measured below the fitted knee (data.n~{nice(knee)})"
+    else:
+        n, basis = ns[-1], "the largest n measured; ROI had not fallen below the threshold"
+    gains_n = list(points[n].values())
+    lo = hi = math.nan
+    if len(gains_n) >= 2:
+        half = stats.t.ppf(0.5 + settings.level / 2, len(gains_n) - 1) * np.std(gains_n, ddof=1)
+        half /= math.sqrt(len(gains_n))
+        lo, hi = means[n] - half, means[n] + half
+    best_epoch = _best_epoch(observations, n, epochs)
+    basis += f", {len(gains_n)} seeds, epoch rule {settings.epoch_rule}"
+    return Advice(n, best_epoch, means[n], float(lo), float(hi), basis)
+
+
+def _best_epoch(observations: Sequence[Observation], n: int, epochs: int) -> int:
+    by_epoch: dict[int, list[float]] = {}
+    for o in observations:
+        if o.n == n and o.epochs == epochs:
+            for e, g in o.gain.items():
+                if e >= 1 and math.isfinite(g):
+                    by_epoch.setdefault(e, []).append(g)
+    if not by_epoch:
+        return epochs
+    return max(by_epoch, key=lambda e: (float(np.mean(by_epoch[e])), -e))
+
+
+def grid_advice(
+    observations: Sequence[Observation], epochs: int, settings: SearchSettings
+) -> tuple[int | None, str]:
+    """What a full grid advises by the same rules: walking up its sizes, the smallest n reaching
+    the target, or the left end of the first segment whose ROI per label is below the
+    threshold with `level` confidence (thresholds as the search would see them); else the
+    largest n."""
+    points = curve_points(observations, epochs, settings.epoch_rule)
+    ns = list(points)
+    if not ns:
+        return None, "no finished runs"
+    goal = target_gain(observations, settings)
+    if goal is not None:
+        for n in ns:
+            if float(np.mean(list(points[n].values()))) >= goal:
+                return n, f"the smallest n reaching the target gain {goal:.4g}"
+        return ns[-1], "the target was not reached; the largest n"
+    for k in range(2, len(ns) + 1):
+        sub = {n: points[n] for n in ns[:k]}
+        thr = roi_threshold(sub, settings)
+        if marginal_roi_bound(sub, settings.level)[1] < thr and has_risen(sub, thr):
+            return ns[k - 2], f"ROI per label from {ns[k - 2]} to {ns[k - 1]} below the threshold"
+    return ns[-1], "ROI per label never fell below the threshold; the largest n"
+
+
+def replay(observations: Sequence[Observation]) -> Callable[[list[Job]], Batch]:
+    """A `measure` that looks jobs up in finished runs (a full grid's) instead of training: the
+    search's decisions and cost (the runs' own seconds) on the same measurements as the grid.
+    A job the runs do not hold fails the step."""
+    found = {(o.n, o.seed, o.epochs): o for o in observations}
+
+    def measure(jobs: list[Job]) -> Batch:
+        hits = [found[(j.n, j.seed, j.epochs)] for j in jobs if (j.n, j.seed, j.epochs) in found]
+        cost = sum(o.cost_s for o in hits if math.isfinite(o.cost_s))
+        lost = [
+            f"{' '.join(j.overrides())}: not in the runs"
+            for j in jobs
+            if (j.n, j.seed, j.epochs) not in found
+        ]
+        return Batch(hits, cost, lost)
+
+    return measure
+
+
+def run_search(
+    measure: Callable[[list[Job]], Batch],
+    settings: SearchSettings,
+    fit: FitFn | None = None,
+) -> SearchResult:
+    """Pilot, then `decide` until it stops. `measure` runs jobs (training, or a stub)."""
+    fit = fit or default_fit()
+    s = settings
+    epochs = s.epochs
+    jobs = [Job(n, seed, epochs) for n in sorted(set(s.pilot_n)) for seed in s.seeds]
+    pilot = Decision(0, "pilot", "pilot", n=sorted(set(s.pilot_n)), epochs=epochs, jobs=jobs)
+    decisions, observations = [pilot], {}
+    spent, item_epochs, n_jobs = 0.0, 0, 0
+    step = 1
+    while True:
+        batch = measure(jobs)
+        spent += batch.cost_s
+        n_jobs += len(jobs)
+        item_epochs += sum(j.n * j.epochs for j in jobs)
+        for obs in batch.observations:
+            observations[(obs.n, obs.seed, obs.epochs)] = obs
+        obs_list = list(observations.values())
+        if batch.failures:
+            d = Decision(step, "stop", f"{len(batch.failures)} job(s) failed: {batch.failures[0]}")
+            d.epochs, d.spent_s = epochs, spent
+        else:
+            d = decide(obs_list, epochs, step, spent, item_epochs, s, fit)
+        decisions.append(d)
+        log.info("budget search step %d: %s (%s)", step, d.action, d.reason)
+        if d.action == "stop":
+            break
+        jobs, epochs, step = d.jobs, d.epochs, step + 1
+    grid = sum(s.compare_grid) * len(s.seeds) * epochs
+    return SearchResult(
+        decisions,
+        obs_list,
+        d.reason,
+        advise(obs_list, epochs, d, s, fit),
+        spent,
+        n_jobs,
+        item_epochs,
+        grid,
+        _rate(obs_list, spent, item_epochs) * grid,
+    )
+
+
+def from_mlflow(
+    uri: str, experiment: str, metric: str, parent: str | None = None
+) -> dict[tuple[int, int, int], Observation]:
+    """Finished training runs (the children of `parent` if given) as observations keyed
+    (n, seed, epochs); cost_s is a run's training plus evaluation seconds."""
+    import pandas as pd
+
+    from finetune_budget.tracking.query import roi_table
+
+    try:
+        table = roi_table(uri, experiment, [metric], parent_run_id=parent)
+    except BudgetError:
+        return {}
+    gain_col = f"gain/{metric_name(metric)}"
+    out = {}
+    for run_id, rows in table.groupby("run_id", sort=False):
+        rows = rows.sort_values("epoch")
+        first = rows.iloc[0]
+        if any(pd.isna(first[k]) for k in ("n", "seed", "epochs")):
+            continue
+        base = rows.loc[rows["epoch"] == 0, metric]
+        trained = rows[rows["epoch"] >= 1]
+        epochs = trained["epoch"].astype(int).tolist()
+
+        def per_epoch(col: str, epochs=epochs, trained=trained) -> dict[int, float]:
+            return dict(zip(epochs, trained[col].astype(float).tolist(), strict=True))
+
+        obs = Observation(
+            n=int(first["n"]),
+            seed=int(first["seed"]),
+            epochs=int(first["epochs"]),
+            gain=per_epoch(gain_col),
+            value=per_epoch(metric),
+            seconds=per_epoch("seconds"),
+            baseline=float(base.iloc[0]) if len(base) else math.nan,
+            run_id=str(run_id),
+            cost_s=float(trained["seconds"].max()) + float(rows["eval_s"].fillna(0).sum()),
+        )
+        out[(obs.n, obs.seed, obs.epochs)] = obs
+    return out
+
+
+# --- recorded on the sweep's parent run ------------------------------------------------------
+
+
+def decisions_table(result: SearchResult) -> str:
+    """The decisions as a Markdown table."""
+    cols = ["step", "action", "n", "epochs", "jobs", "predicted", "predicted_lo", "predicted_hi"]
+    cols += ["roi_upper", "roi_threshold", "spent_s", "estimated_s", "reason"]
+    rows = [d.row() for d in result.decisions]
+
+    def fmt(v: Any) -> str:
+        if isinstance(v, float):
+            return "" if math.isnan(v) else f"{v:.4g}"
+        return str(v)
+
+    lines = ["| " + " | ".join(cols) + " |", "|" + "---|" * len(cols)]
+    lines += ["| " + " | ".join(fmt(r[c]) for c in cols) + " |" for r in rows]
+    return "\n".join(lines)
+
+
+def record(client, run_id: str, result: SearchResult) -> None:
+    """Decisions table (`budget_search/decisions.{md,json}`), summary and tags on the parent."""
+    client.log_text(run_id, decisions_table(result) + "\n", "budget_search/decisions.md")
+    client.log_dict(run_id, [d.row() for d in result.decisions], "budget_search/decisions.json")
+    client.log_text(run_id, result.summary() + "\n", "budget_search/summary.txt")
+    tags = {
+        "budget_search.stop_reason": result.stop_reason[:5000],
+        "budget_search.steps": str(len(result.decisions) - 1),
+        "budget_search.jobs": str(result.jobs),
+        "budget_search.cost_s": f"{result.spent_s:.1f}",
+        "budget_search.item_epochs": str(result.item_epochs),
+        "budget_search.grid_item_epochs": str(result.grid_item_epochs),
+    }
+    if result.advice is not None:
+        tags["budget_search.advice"] = result.advice.line()[:5000]
+        tags["budget_search.advice_n"] = str(result.advice.n)
+        tags["budget_search.advice_epochs"] = str(result.advice.epochs)
+    for key, value in tags.items():
+        client.set_tag(run_id, key, value)

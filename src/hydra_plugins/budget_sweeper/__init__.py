@@ -1,0 +1,1 @@
+"""Hydra's adaptive budget sweeper: `python train.py -m hydra/sweeper=budget` (docs/results.md)."""

@@ -1,0 +1,107 @@
+"""The adaptive budget search as a Hydra sweeper (config: conf/hydra/sweeper/budget.yaml).
+
+    python train.py -m hydra/sweeper=budget data=stsb hydra.sweeper.seeds=[0,1,2]
+
+Hydra finds it in the `hydra_plugins` namespace package. The sweeper launches each step's jobs
+(`data.n`, `seed`, `trainer.max_epochs` plus the command line's overrides) through the configured
+launcher, reads their runs from MLflow (children of the sweep's parent run, which
+`tracking.sweep_parent` creates), and leaves every decision to `finetune_budget.budget_search`.
+The parent gets the decisions table, the advice and the cost as artifacts and tags.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Sequence
+from typing import Any
+
+from hydra.core.override_parser.overrides_parser import OverridesParser
+from hydra.core.plugins import Plugins
+from hydra.core.utils import JobStatus
+from hydra.plugins.sweeper import Sweeper
+from hydra.types import HydraContext, TaskFunction
+from mlflow.tracking import MlflowClient
+from omegaconf import DictConfig
+
+from finetune_budget import budget_search
+from finetune_budget.errors import ConfigError
+from finetune_budget.tracking.sweep_parent import current_parent
+
+log = logging.getLogger(__name__)
+
+CHOSEN = ("data.n", "seed", "trainer.max_epochs")
+
+
+class BudgetSweeper(Sweeper):
+    def __init__(self, **settings: Any) -> None:
+        self.settings = budget_search.SearchSettings.from_config(settings)
+        self.config: DictConfig | None = None
+        self.launcher = None
+        self.job_idx = 0
+
+    def setup(
+        self, *, hydra_context: HydraContext, task_function: TaskFunction, config: DictConfig
+    ) -> None:
+        self.config = config
+        self.launcher = Plugins.instance().instantiate_launcher(
+            hydra_context=hydra_context, task_function=task_function, config=config
+        )
+
+    def sweep(self, arguments: list[str]) -> budget_search.SearchResult:
+        assert self.config is not None and self.launcher is not None
+        fixed = fixed_overrides(arguments)
+        parent = current_parent()
+        if parent is None:
+            raise ConfigError(
+                "hydra/sweeper=budget records its decisions on the sweep's parent run; "
+                "keep hydra.callbacks.sweep_parent on"
+            )
+        uri, experiment = self.config.tracking.uri, self.config.tracking.experiment
+        metric = str(self.config.budget.metric)
+
+        def measure(jobs: list[budget_search.Job]) -> budget_search.Batch:
+            start = time.perf_counter()
+            returns = self.launcher.launch(
+                [[*fixed, *job.overrides()] for job in jobs], initial_job_idx=self.job_idx
+            )
+            cost = time.perf_counter() - start
+            self.job_idx += len(returns)
+            failures = [
+                f"{' '.join(job.overrides())}: {ret._return_value!r}"
+                for job, ret in zip(jobs, returns, strict=True)
+                if ret.status != JobStatus.COMPLETED
+            ]
+            found = budget_search.from_mlflow(uri, experiment, metric, parent)
+            keys = [(j.n, j.seed, j.epochs) for j in jobs]
+            obs = [found[k] for k in keys if k in found]
+            failures += [
+                f"{' '.join(j.overrides())}: no finished MLflow run (see its log)"
+                for j in jobs
+                if (j.n, j.seed, j.epochs) not in found
+            ]
+            return budget_search.Batch(obs, cost, failures)
+
+        result = budget_search.run_search(measure, self.settings)
+        budget_search.record(MlflowClient(uri), parent, result)
+        log.info("%s", result.summary())
+        return result
+
+
+def fixed_overrides(arguments: Sequence[str]) -> list[str]:
+    """The command line's overrides, each a single value; the sweeper chooses CHOSEN itself."""
+    out = []
+    for override in OverridesParser.create().parse_overrides(list(arguments)):
+        key = override.get_key_element()
+        if override.is_sweep_override():
+            raise ConfigError(
+                f"hydra/sweeper=budget chooses the budgets itself; {key} is a sweep here: give "
+                "one value (several models or data sets: run one budget search each)"
+            )
+        if key.lstrip("+~") in CHOSEN:
+            raise ConfigError(
+                f"hydra/sweeper=budget sets {key} itself; drop it and set "
+                "hydra.sweeper.pilot_n, hydra.sweeper.seeds or hydra.sweeper.epochs instead"
+            )
+        out.append(f"{key}={override.get_value_element_as_str()}")
+    return out

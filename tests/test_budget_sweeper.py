@@ -180,8 +180,9 @@ def test_budget_sweeper_through_train_py_writes_nested_runs_and_decisions(tmp_pa
     client = MlflowClient(f"sqlite:///{db}")
     exp = client.get_experiment_by_name("finetune-budget")
     (parent,) = client.search_runs([exp.experiment_id], "tags.run_type = 'sweep'")
-    children = client.search_runs(
-        [exp.experiment_id], f"tags.`mlflow.parentRunId` = '{parent.info.run_id}'"
+    children = client.search_runs(  # the training jobs (the best one's model rebuild is extra)
+        [exp.experiment_id],
+        f"tags.`mlflow.parentRunId` = '{parent.info.run_id}' and tags.run_type = 'train'",
     )
     jobs = int(parent.data.tags["budget_search.jobs"])
     assert jobs >= 6  # the pilot: 3 sizes x 2 seeds, then one step at most

@@ -486,6 +486,7 @@ def test_runs_logged_before_map_hits_existed_show_their_map_as_map_hits(tmp_path
     for name, values in logged.items():
         rid = client.create_run(exp_id, tags={"run_type": "train", "task": name}).info.run_id
         client.log_param(rid, "data.n", "100")
+        client.log_param(rid, "task.name", name)  # two configs, not one run and its duplicate
         metrics = [Metric("time/train_s", float(e), 0, e) for e in (0, 1)]
         for key, (m0, m1) in values.items():
             metrics += [Metric(key, m0, 0, 0), Metric(key, m1, 0, 1)]

@@ -62,8 +62,12 @@ def config_key(params: Mapping[str, Any]) -> str:
 
 
 def point_key(config: Mapping[str, Any], version: str = __version__) -> str:
-    """config_key of the resolved run config, with the package version: what resume looks up."""
-    blob = json.dumps([config_key(flatten(config)), version])
+    """config_key of the resolved run config, with the package version and the fingerprints of
+    the data and model files it names (an edited CSV is a new point): what resume looks up."""
+    from finetune_budget.tracking.baseline_cache import with_fingerprints
+
+    files = with_fingerprints({k: config.get(k) for k in ("data", "model")})
+    blob = json.dumps([config_key(flatten(config)), version, files], default=str)
     return hashlib.sha256(blob.encode()).hexdigest()[:20]
 
 

@@ -8,6 +8,9 @@ Prints, for the runs of one experiment (every data.n x seed at one epoch count):
 2. predictions: the learning curve fitted on data.n <= pilot-max (report.curves, seeds as
    groups) at every larger measured n, the interval, the measured values and whether each was
    covered; the coverage over all of them; and report.curves.backtest (hold out the largest n);
+2b. rolling backtests for every metric of --backtest-metrics: for each measured size from the
+   fourth on, fit the sizes below it (report.curves.backtest), predict it, and count how often the
+   interval covered the measured mean (the coverage the report's trust labels rest on);
 3. the advice of the full grid (budget_search.grid_advice) and its cost;
 4. the adaptive search replayed on the same runs (budget_search.replay: its jobs are looked up
    instead of trained, sizes restricted to the grid's): its decisions, advice and cost.
@@ -22,6 +25,7 @@ import numpy as np
 from scipy import stats
 
 from finetune_budget import budget_search as bs
+from finetune_budget.report.advice import gain_ceiling
 from finetune_budget.report.curves import backtest, fit_learning_curve
 
 
@@ -32,6 +36,51 @@ def interval(values: list[float], level: float) -> tuple[float, float, float]:
     half = stats.t.ppf(0.5 + level / 2, len(values) - 1) * np.std(values, ddof=1)
     half /= math.sqrt(len(values))
     return mean, mean - half, mean + half
+
+
+def ceiling_of(obs, metric: str) -> float | None:
+    """The largest relative gain `metric` allows over the runs' mean epoch-0 value (the report's
+    bound: a score <= 1 cannot gain more than (1 - m0) / m0)."""
+    base = [o.baseline for o in obs if math.isfinite(o.baseline)]
+    return gain_ceiling(metric, float(np.mean(base))) if base else None
+
+
+def rolling_backtests(found, metric_of, epochs: int, rule: str, level: float, first: int = 3):
+    """One report.curves.backtest per held-out size from the (first+1)-th on, per metric:
+    the sizes below it fitted, it predicted. Returns rows (metric, Backtest)."""
+    rows = []
+    for metric in metric_of:
+        obs = [o for o in found[metric].values() if o.epochs == epochs]
+        points = bs.curve_points(obs, epochs, rule)
+        sizes = list(points)
+        for k in range(first, len(sizes)):
+            kept = {n: g for n, g in points.items() if n <= sizes[k]}
+            x = np.array([n for n, g in kept.items() for _ in g], float)
+            y = np.array([v for g in kept.values() for v in g.values()], float)
+            groups = [s for g in kept.values() for s in g]
+            rows.append((metric, backtest(x, y, groups, level, ceiling=ceiling_of(obs, metric))))
+    return rows
+
+
+def print_backtests(rows, level: float) -> None:
+    print(
+        f"\n| metric | held out | fitted up to | family | predicted | {level:.0%} interval "
+        "| measured | covered | trust |"
+    )
+    print("|---|---|---|---|---|---|---|---|---|")
+    for metric, b in rows:
+        covered = "-" if b.covered is None else ("yes" if b.covered else "no")
+        print(
+            f"| {metric.removeprefix('val/')} | {b.x:g} | {b.x_fit_max:g} | {b.family or '-'} "
+            f"| {b.predicted:.4g} | [{b.lo:.4g}, {b.hi:.4g}] | {b.measured:.4g} | {covered} "
+            f"| {b.trust} |"
+        )
+    tested = [b for _, b in rows if b.covered is not None]
+    inside = sum(bool(b.covered) for b in tested)
+    print(
+        f"\nrolling backtests: {inside} of {len(tested)} covered by their {level:.0%} interval"
+        f" ({len(rows) - len(tested)} untested: too few sizes below, or no interval)"
+    )
 
 
 def main() -> None:
@@ -46,11 +95,20 @@ def main() -> None:
     p.add_argument("--growth", type=float, default=4.0)
     p.add_argument("--level", type=float, default=0.9)
     p.add_argument("--epoch-rule", default="best")
+    p.add_argument(
+        "--backtest-metrics",
+        nargs="*",
+        default=["val/mrr_at_20", "val/recall_at_20", "val/map_at_20"],
+        help="metrics of the rolling backtests",
+    )
     args = p.parse_args()
 
-    found = {}
-    for uri in args.tracking_uri:
-        found.update(bs.from_mlflow(uri, args.experiment, args.metric))
+    by_metric = {}
+    for metric in dict.fromkeys([args.metric, *args.backtest_metrics]):
+        by_metric[metric] = {}
+        for uri in args.tracking_uri:
+            by_metric[metric].update(bs.from_mlflow(uri, args.experiment, metric))
+    found = by_metric[args.metric]
     obs = [o for o in found.values() if o.epochs == args.epochs]
     points = bs.curve_points(obs, args.epochs, args.epoch_rule)
     seeds = sorted({s for by_seed in points.values() for s in by_seed})
@@ -66,7 +124,8 @@ def main() -> None:
     x = np.array([n for n, g in pilot.items() for _ in g], float)
     y = np.array([v for g in pilot.values() for v in g.values()], float)
     groups = [s for g in pilot.values() for s in g]
-    fit = fit_learning_curve(x, y, groups=groups, level=args.level)
+    ceiling = ceiling_of(obs, args.metric)
+    fit = fit_learning_curve(x, y, groups=groups, level=args.level, ceiling=ceiling)
     print(
         f"\nfit on data.n <= {args.pilot_max} ({fit.n_points} points): {fit.family} "
         f"{ {k: round(v, 5) for k, v in fit.params.items()} }, cv_error {fit.cv_error:.3g}, "
@@ -98,7 +157,12 @@ def main() -> None:
     xa = np.array([n for n, g in points.items() for _ in g], float)
     ya = np.array([v for g in points.values() for v in g.values()], float)
     ga = [s for g in points.values() for s in g]
-    print(f"\nreport.curves.backtest (hold out the largest n): {backtest(xa, ya, ga, args.level)}")
+    held_out = backtest(xa, ya, ga, args.level, ceiling=ceiling)
+    print(f"\nreport.curves.backtest (hold out the largest n): {held_out}")
+    rows = rolling_backtests(
+        by_metric, args.backtest_metrics, args.epochs, args.epoch_rule, args.level
+    )
+    print_backtests(rows, args.level)
 
     settings = bs.SearchSettings(
         pilot_n=tuple(args.search_pilot or [n for n in points if n <= 400]),
@@ -111,6 +175,7 @@ def main() -> None:
         sizes=tuple(points),
         min_epoch_gain=None,
         compare_grid=tuple(points),
+        metric=args.metric,
     )
     n_grid, why = bs.grid_advice(obs, args.epochs, settings)
     grid_cost = sum(o.cost_s for o in obs)

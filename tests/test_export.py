@@ -1,8 +1,11 @@
 """Fine-tuned models leave in their ecosystem's format: each export loads in its own library
 (sentence-transformers, open_clip, timm) and gives the module's embeddings; MLflow gets the model
-of a single run, of a sweep's best run, and of any run through `evaluate.py mode=export`."""
+of a single run, of the run a sweep's report recommends, and of any run through
+`evaluate.py mode=export`."""
 
 from __future__ import annotations
+
+import re
 
 import mlflow
 import pytest
@@ -215,7 +218,7 @@ def test_logged_pytorch_models_load_back_with_the_same_embeddings(tmp_path, kind
     assert client.get_run(run.info.run_id).data.tags[LOGGED_MODEL_TAG] == model_uri
 
 
-# -- MLflow: a single run, a sweep's best run, evaluate.py mode=export ---------------------------
+# -- MLflow: a single run, a sweep's recommended run, evaluate.py mode=export --------------------
 def _text_cfg(tmp_path, *overrides):
     return compose_config(
         [
@@ -257,35 +260,38 @@ def test_a_single_run_logs_its_model_and_evaluate_loads_it(tmp_path):
     assert scores["val/mrr_at_20"] == pytest.approx(result.history[-1]["val/mrr_at_20"], abs=1e-5)
 
 
-def test_sweep_jobs_keep_no_weights_and_the_best_run_gets_its_model(tmp_path):
+def test_sweep_jobs_keep_no_weights_and_the_recommended_run_gets_its_model(tmp_path):
     cfg = _text_cfg(tmp_path, "tracking.log_model=auto", "tracking.experiment=sweep")
     with open_dict(cfg):
         cfg.hydra = {
             "overrides": {"task": ["data.n=32,48", "trainer.max_epochs=1,2"]},
             "sweep": {"dir": str(tmp_path / "multirun")},
         }
-    callback = SweepParentRun(report=False)
+    callback = SweepParentRun(report=True)
     callback.on_multirun_start(cfg)
     parent = current_parent()
     jobs = {}
-    for n, epochs in ((32, 1), (48, 1), (48, 2)):
+    for n, epochs in ((32, 1), (32, 2), (48, 1), (48, 2)):
         with open_dict(cfg):
             cfg.data.n, cfg.trainer.max_epochs = n, epochs
         result = train(cfg, parent_run_id=current_parent())
-        jobs[result.run_id] = result.history[-1]["val/mrr_at_20"]
+        jobs[result.run_id] = (n, epochs)
     callback.on_multirun_end(cfg)
     client = MlflowClient(cfg.tracking.uri)
-    best = max(jobs, key=jobs.get)
+    # the run the report's decision card names (data.n and epochs, read from report.html)
+    html = (tmp_path / "multirun" / "report" / "report.html").read_text()
+    card = re.search(r"data\.n = (\d+), trainer\.max_epochs = (\d+)", html)
+    chosen = client.get_run(parent).data.tags["logged_model_run"]
+    assert jobs[chosen] == (int(card[1]), int(card[2]))
     for run_id in jobs:
         tags = client.get_run(run_id).data.tags
         assert "checkpoint" not in tags
-        assert (LOGGED_MODEL_TAG in tags) == (run_id == best)
-    assert client.get_run(parent).data.tags["logged_model_run"] == best
-    # the best job kept no weights: its logged config was retrained, and gave the same metric
+        assert (LOGGED_MODEL_TAG in tags) == (run_id == chosen)
+    # the chosen job kept no weights: its logged config was retrained, and gave the same metric
     (rebuild,) = client.search_runs(
-        [client.get_run(best).info.experiment_id], "tags.run_type = 'rebuild'"
+        [client.get_run(chosen).info.experiment_id], "tags.run_type = 'rebuild'"
     )
-    assert rebuild.data.tags["rebuilt_from"] == best
+    assert rebuild.data.tags["rebuilt_from"] == chosen
     assert rebuild.data.metrics["rebuild/max_abs_diff"] <= 1e-5
 
 

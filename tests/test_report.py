@@ -402,6 +402,13 @@ def test_report_fits_backtests_and_stops_on_runs_with_a_known_curve(tmp_path):
     assert advice.gain == pytest.approx(power_law(paying.max(), A, B, C), abs=0.005)
     assert advice.seconds == pytest.approx(paying.max() / 100 * 2)  # items seen / items per s
     assert "not worth it: the gain fell after epoch 2" in advice.more_time.text
+    # its model: every run trained 3 epochs, so the best seed at n by its epoch-3 value
+    client = MlflowClient(uri)
+    at_n = client.search_runs(
+        [client.get_experiment_by_name("known").experiment_id], f"params.`data.n` = '{advice.n}'"
+    )
+    best = max(at_n, key=lambda r: r.data.metrics["val/mrr_at_20"])
+    assert (advice.run_id, advice.run_epochs) == (best.info.run_id, 3)
     html = (tmp_path / "out" / "report.html").read_text()
     assert f"data.n = {advice.n}, trainer.max_epochs = 2" in html
     assert "Backtests: " in html and "prediction interval (coverage" in html

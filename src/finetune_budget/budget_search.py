@@ -78,6 +78,7 @@ class SearchSettings:
     epoch_step: int = 2
     max_epochs: int = 10
     compare_grid: tuple[int, ...] = (100, 200, 500, 1000, 2000, 5000)
+    metric: str | None = None  # budget.metric: bounds the fitted gain (report.advice.gain_ceiling)
 
     @classmethod
     def from_config(cls, node: Mapping[str, Any]) -> SearchSettings:
@@ -343,12 +344,36 @@ def default_fit() -> FitFn:
     return fit_learning_curve
 
 
-def _fit(points: Mapping[int, Mapping[int, float]], settings: SearchSettings, fit: FitFn):
+def gain_bound(observations: Sequence[Observation], settings: SearchSettings) -> float | None:
+    """The largest relative gain settings.metric allows over the runs' mean baseline (None:
+    no metric, no baseline, or a metric without a known bound)."""
+    from finetune_budget.report.advice import gain_ceiling
+
+    base = [o.baseline for o in observations if math.isfinite(o.baseline)]
+    if settings.metric is None or not base:
+        return None
+    return gain_ceiling(settings.metric, float(np.mean(base)))
+
+
+def _fit(
+    points: Mapping[int, Mapping[int, float]],
+    settings: SearchSettings,
+    fit: FitFn,
+    observations: Sequence[Observation] = (),
+):
     x = [n for n, by_seed in points.items() for _ in by_seed]
     y = [g for by_seed in points.values() for g in by_seed.values()]
     groups = [s for by_seed in points.values() for s in by_seed]
+    ceiling = gain_bound(observations, settings)
+    extra = {} if ceiling is None else {"ceiling": ceiling}
     try:
-        return fit(np.asarray(x, float), np.asarray(y, float), groups=groups, level=settings.level)
+        return fit(
+            np.asarray(x, float),
+            np.asarray(y, float),
+            groups=groups,
+            level=settings.level,
+            **extra,
+        )
     except (ValueError, RuntimeError) as e:  # too few points, a fit that did not converge
         log.info("learning-curve fit failed: %s", e)
         return None
@@ -425,7 +450,7 @@ def decide(
     if not cands:
         d.reason = f"no data.n above {n_top} allowed (n_max={s.n_max})"
         return d
-    curve = _fit(points, s, fit)
+    curve = _fit(points, s, fit, observations)
     if curve is None or not getattr(curve, "extrapolation_ok", False):
         why = getattr(curve, "reason", "the fit failed") if curve is not None else "fit failed"
         n_next, d.reason = cands[-1], f"fit not trusted to extrapolate ({why}); the largest step"
@@ -534,7 +559,7 @@ def advise(
         and has_risen(points, stop.roi_threshold)
     ):
         n, basis = ns[-2], "the last n whose added labels paid more than the threshold"
-        curve = _fit(points, settings, fit)
+        curve = _fit(points, settings, fit, observations)
         knee = None
         if curve is not None and getattr(curve, "extrapolation_ok", False):
             knee = fitted_knee(curve, ns[0], ns[-1], stop.roi_threshold, settings.level)

@@ -72,6 +72,14 @@ def model_kind(module: L.LightningModule) -> str:
 # -- text: sentence-transformers ----------------------------------------------------------------
 def sentence_transformer(module: L.LightningModule):
     """The module's encoder as a SentenceTransformer: Transformer, Pooling, Dense, Normalize."""
+    model_cfg = module.hparams.model
+    tokenizer = load_tokenizer(model_cfg["tokenizer"])
+    return encoder_as_sentence_transformer(module.encoder, tokenizer, int(model_cfg["max_length"]))
+
+
+def encoder_as_sentence_transformer(encoder: SentenceEncoder, tokenizer: Any, max_length: int):
+    """A SentenceEncoder and its tokenizer as a SentenceTransformer (Transformer, Pooling, Dense
+    for a projection head, Normalize): `.save(folder)` writes the folder its users load."""
     from sentence_transformers import SentenceTransformer
     from sentence_transformers.sentence_transformer.modules import (
         Dense,
@@ -80,15 +88,12 @@ def sentence_transformer(module: L.LightningModule):
         Transformer,
     )
 
-    encoder: SentenceEncoder = module.encoder
-    model_cfg = module.hparams.model
-    tokenizer = load_tokenizer(model_cfg["tokenizer"])
     hidden = int(encoder.transformer.config.hidden_size)
     with tempfile.TemporaryDirectory() as tmp:
         encoder.transformer.save_pretrained(tmp)
         tokenizer.save_pretrained(tmp)
         modules: list[nn.Module] = [
-            Transformer(tmp, max_seq_length=int(model_cfg["max_length"])),
+            Transformer(tmp, max_seq_length=int(max_length)),
             Pooling(hidden, pooling_mode=encoder.pooling),
         ]
     if encoder.projection is not None:
@@ -573,13 +578,10 @@ def _history_of_run(run) -> list[dict[str, float]]:
     return [row]
 
 
-def log_sweep_choice(config, parent_run_id: str, children: list) -> str | None:
-    """At a sweep's end (tracking.log_model=auto): log the model of the sweep's best finished
-    training run by its final `budget.metric`. Returns that run's id (None: nothing to log)."""
-    from mlflow.tracking import MlflowClient
-
-    if check_log_model_option(config.tracking.get("log_model", "auto")) != "auto":
-        return None  # true: every job logged its own; false: none
+def sweep_choices(config, children: list, report=None) -> list[tuple[str, str]]:
+    """The runs whose model a sweep logs, with why: the run each decision card of the report
+    recommends (its data.n, its epochs, the best seed there); where the report recommends none,
+    or names a budget no run ended at, the sweep's best finished run by `budget.metric`."""
     metric = config.budget.metric
     done = [
         r
@@ -588,25 +590,48 @@ def log_sweep_choice(config, parent_run_id: str, children: list) -> str | None:
         and r.data.tags.get("run_type") == "train"
         and metric in r.data.metrics
     ]
-    if not done:
-        return None
-    best = max(done, key=lambda r: r.data.metrics[metric])
-    run_id = best.info.run_id
+    chosen: list[tuple[str, str]] = []
+    cards = [a for (_, m), a in (report.advice if report else {}).items() if m == metric]
+    for advice in cards:
+        if advice.run_id and advice.run_id not in {c[0] for c in chosen}:
+            why = f"recommended: data.n={advice.n}, {advice.epochs} epochs"
+            if advice.run_epochs != advice.epochs:
+                why += (
+                    f"; no run ended there, this one trained {advice.run_epochs} "
+                    f"(retrain with trainer.max_epochs={advice.epochs} for that model)"
+                )
+            chosen.append((advice.run_id, why))
+    if not chosen and done:
+        best = max(done, key=lambda r: r.data.metrics[metric])
+        why = "no run at the recommended budget" if cards else "no recommendation"
+        chosen.append((best.info.run_id, f"best {metric} ({why})"))
+    return chosen
+
+
+def log_sweep_choice(config, parent_run_id: str, children: list, report=None) -> list[str]:
+    """At a sweep's end (tracking.log_model=auto): log the model of the run the sweep's report
+    recommends (`sweep_choices`). Returns the ids of the runs whose model was logged."""
+    from mlflow.tracking import MlflowClient
+
+    if check_log_model_option(config.tracking.get("log_model", "auto")) != "auto":
+        return []  # true: every job logged its own; false: none
     client = MlflowClient(config.tracking.uri)
-    try:
-        uri = log_model_of_run(
-            config.tracking.uri, run_id, config.tracking.get("registered_model")
-        )
-    except Exception as e:  # noqa: BLE001 - the sweep's runs are done; keep them
-        log.warning(
-            "the sweep's best run %s: model not logged: %s: %s", run_id, type(e).__name__, e
-        )
-        client.set_tag(parent_run_id, "log_model.error", f"{e}"[:5000])
-        return None
-    client.set_tag(parent_run_id, "logged_model_run", run_id)
-    client.set_tag(parent_run_id, LOGGED_MODEL_TAG, uri)
-    log.info("the sweep's best run by %s (%s) has its model logged: %s", metric, run_id, uri)
-    return run_id
+    logged = []
+    for run_id, why in sweep_choices(config, children, report):
+        try:
+            uri = log_model_of_run(
+                config.tracking.uri, run_id, config.tracking.get("registered_model")
+            )
+        except Exception as e:  # noqa: BLE001 - the sweep's runs are done; keep them
+            log.warning("run %s (%s): model not logged: %s: %s", run_id, why, type(e).__name__, e)
+            client.set_tag(parent_run_id, "log_model.error", f"{e}"[:5000])
+            continue
+        logged.append(run_id)
+        client.set_tag(parent_run_id, "logged_model_run", ",".join(logged))
+        client.set_tag(parent_run_id, "logged_model_why", why)
+        client.set_tag(parent_run_id, LOGGED_MODEL_TAG, uri)
+        log.info("the sweep's model: run %s (%s), logged as %s", run_id, why, uri)
+    return logged
 
 
 def export_mode(cfg) -> Exported:

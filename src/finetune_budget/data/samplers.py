@@ -52,7 +52,44 @@ def rank_batches(
     return batches
 
 
-class ShuffledBatchSampler(Sampler[list[int]]):
+class _EpochBatches(Sampler[list[int]]):
+    """A batch sampler whose epoch's batches depend only on (seed, epoch): subclasses give the
+    epoch's item order (`_order`); `rank_batches` cuts it into this rank's batches."""
+
+    def __init__(
+        self,
+        batch_size: int,
+        seed: int = 0,
+        drop_last: bool = False,
+        num_replicas: int = 1,
+        rank: int = 0,
+    ) -> None:
+        self.batch_size, self.seed = int(batch_size), int(seed)
+        self.drop_last, self.num_replicas, self.rank = drop_last, num_replicas, rank
+        self.sampler = EpochCounter()  # Lightning sets the epoch here
+
+    def set_epoch(self, epoch: int) -> None:
+        self.sampler.set_epoch(epoch)
+
+    @property
+    def epoch(self) -> int:
+        return self.sampler.epoch
+
+    def _order(self, rng: np.random.Generator) -> list[int]:
+        raise NotImplementedError
+
+    def _batches(self) -> list[list[int]]:
+        order = self._order(np.random.default_rng([self.seed, self.epoch]))
+        return rank_batches(order, self.batch_size, self.num_replicas, self.rank, self.drop_last)
+
+    def __iter__(self) -> Iterator[list[int]]:
+        yield from self._batches()
+
+    def __len__(self) -> int:
+        return len(self._batches())
+
+
+class ShuffledBatchSampler(_EpochBatches):
     """Batches of a random order of `n` items that depends only on (seed, epoch), split across
     `num_replicas` ranks by `rank_batches` (pairs, masked-LM chunks: any item may go with any)."""
 
@@ -65,29 +102,14 @@ class ShuffledBatchSampler(Sampler[list[int]]):
         num_replicas: int = 1,
         rank: int = 0,
     ) -> None:
-        self.n, self.batch_size, self.seed = int(n), int(batch_size), int(seed)
-        self.drop_last, self.num_replicas, self.rank = drop_last, num_replicas, rank
-        self.sampler = EpochCounter()
+        super().__init__(batch_size, seed, drop_last, num_replicas, rank)
+        self.n = int(n)
 
-    def set_epoch(self, epoch: int) -> None:
-        self.sampler.set_epoch(epoch)
-
-    @property
-    def epoch(self) -> int:
-        return self.sampler.epoch
-
-    def _batches(self) -> list[list[int]]:
-        order = np.random.default_rng([self.seed, self.epoch]).permutation(self.n).tolist()
-        return rank_batches(order, self.batch_size, self.num_replicas, self.rank, self.drop_last)
-
-    def __iter__(self) -> Iterator[list[int]]:
-        yield from self._batches()
-
-    def __len__(self) -> int:
-        return len(self._batches())
+    def _order(self, rng: np.random.Generator) -> list[int]:
+        return rng.permutation(self.n).tolist()
 
 
-class ClassChunkBatchSampler(Sampler[list[int]]):
+class ClassChunkBatchSampler(_EpochBatches):
     """Yields batches of `batch_size` indices built from chunks of `per_class` same-label items.
 
     Every item appears exactly once per epoch (an epoch sees n items), the order depends only on
@@ -106,24 +128,11 @@ class ClassChunkBatchSampler(Sampler[list[int]]):
         num_replicas: int = 1,
         rank: int = 0,
     ) -> None:
+        super().__init__(batch_size, seed, drop_last, num_replicas, rank)
         self.labels = np.asarray(labels)
-        self.batch_size = int(batch_size)
         self.per_class = max(1, int(per_class))
-        self.seed = int(seed)
-        self.drop_last = drop_last
-        self.num_replicas = num_replicas
-        self.rank = rank
-        self.sampler = EpochCounter()  # Lightning sets the epoch here
 
-    def set_epoch(self, epoch: int) -> None:
-        self.sampler.set_epoch(epoch)
-
-    @property
-    def epoch(self) -> int:
-        return self.sampler.epoch
-
-    def _batches(self) -> list[list[int]]:
-        rng = np.random.default_rng([self.seed, self.epoch])
+    def _order(self, rng: np.random.Generator) -> list[int]:
         chunks: list[list[int]] = []
         for label in np.unique(self.labels):
             members = np.flatnonzero(self.labels == label)
@@ -133,14 +142,7 @@ class ClassChunkBatchSampler(Sampler[list[int]]):
                 for i in range(0, len(members), self.per_class)
             ]
         order = rng.permutation(len(chunks))
-        flat = [i for c in order for i in chunks[c]]
-        return rank_batches(flat, self.batch_size, self.num_replicas, self.rank, self.drop_last)
-
-    def __iter__(self) -> Iterator[list[int]]:
-        yield from self._batches()
-
-    def __len__(self) -> int:
-        return len(self._batches())
+        return [i for c in order for i in chunks[c]]
 
 
 class LengthBucketBatchSampler(Sampler[list[int]]):

@@ -93,6 +93,8 @@ class Advice:
     data_fit: CurveFit | None = None
     time_fits: dict[int, CurveFit] = field(default_factory=dict)
     epochs_table: pd.DataFrame | None = None
+    run_id: str | None = None  # the measured run whose model the recommendation names
+    run_epochs: int | None = None  # the epochs that run trained (> epochs: none ended there)
 
     def lines(self) -> list[str]:
         """The answer in a few lines (what mode=advise prints)."""
@@ -110,6 +112,11 @@ class Advice:
                 out.append(f"  {extra.question}: {extra.text} (trust: {extra.trust})")
         for a in self.answers:
             out.append(f"  {a.question}: {a.text} (trust: {a.trust}; rests on {a.rests_on})")
+        if self.run_id:
+            out.append(
+                f"  its model: run {self.run_id} ({self.run_epochs} epochs); "
+                f"python evaluate.py mode=export run_id={self.run_id}"
+            )
         return out
 
 
@@ -519,7 +526,7 @@ def advise(
             answers.append(_roi_drop_seconds(at_n, roi_s, s))
     if data_fit is not None and trust == "measured":
         trust = f"measured; curve {data_fit.trust}"
-    return Advice(
+    advice = Advice(
         key,
         metric,
         int(n_rec),
@@ -537,6 +544,24 @@ def advise(
         time_fits,
         table,
     )
+    advice.run_id, advice.run_epochs = recommended_run(at_near, metric, epochs)
+    return advice
+
+
+def recommended_run(at_n: pd.DataFrame, metric: str, epochs: int) -> tuple[str | None, int | None]:
+    """The run whose model the advice names, and the epochs it was trained: among the runs at
+    the recommended data.n, those trained for exactly `epochs` epochs (else the fewest epochs
+    beyond: a model trained for `epochs` was never kept), the seed with the best `metric` at its
+    last epoch. (None, None) without run ids."""
+    if "run_id" not in at_n or metric not in at_n:
+        return None, None
+    final = at_n[(at_n["epoch"] == at_n["epochs"]) & at_n[metric].notna()]
+    longer = final[final["epochs"] >= epochs]
+    if longer.empty:
+        return None, None
+    ended = longer[longer["epochs"] == longer["epochs"].min()]
+    best = ended.loc[ended[metric].idxmax()]
+    return str(best["run_id"]), int(best["epochs"])
 
 
 def epochs_lines(advice: Advice) -> pd.DataFrame:

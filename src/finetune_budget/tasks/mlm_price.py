@@ -13,7 +13,6 @@ same embeddings as the trained one.
 
 from __future__ import annotations
 
-import json
 import logging
 import time
 from pathlib import Path
@@ -163,54 +162,18 @@ def build_masked_lm(
 def save_sentence_encoder(
     encoder: SentenceEncoder, tokenizer: Any, folder: str | Path, max_length: int
 ) -> Path:
-    """Save a (projection-free) encoder as a sentence-transformers folder: the transformer and
-    tokenizer at the top, `1_Pooling`, `2_Normalize`. Loads with `SentenceTransformer(folder)`
-    and `build_sentence_encoder(pretrained=folder)`."""
+    """Save a (projection-free) encoder as a sentence-transformers folder
+    (export.encoder_as_sentence_transformer). Loads with `SentenceTransformer(folder)` and
+    `build_sentence_encoder(pretrained=folder)`."""
+    from finetune_budget.export import encoder_as_sentence_transformer
+
     if encoder.projection is not None:
         raise ConfigError(
             "saving a sentence encoder with a projection head is not supported here; "
             "use model.output_dim=null"
         )
     folder = Path(folder)
-    folder.mkdir(parents=True, exist_ok=True)
-    encoder.transformer.save_pretrained(folder)
-    tokenizer.save_pretrained(folder)
-    modules = [
-        {"idx": 0, "name": "0", "path": "", "type": "sentence_transformers.models.Transformer"},
-        {
-            "idx": 1,
-            "name": "1",
-            "path": "1_Pooling",
-            "type": "sentence_transformers.models.Pooling",
-        },
-    ]
-    if encoder.normalize:
-        modules.append(
-            {
-                "idx": 2,
-                "name": "2",
-                "path": "2_Normalize",
-                "type": "sentence_transformers.models.Normalize",
-            }
-        )
-        (folder / "2_Normalize").mkdir(exist_ok=True)
-    (folder / "modules.json").write_text(json.dumps(modules, indent=2))
-    (folder / "sentence_bert_config.json").write_text(
-        json.dumps({"max_seq_length": int(max_length), "do_lower_case": False}, indent=2)
-    )
-    (folder / "1_Pooling").mkdir(exist_ok=True)
-    (folder / "1_Pooling" / "config.json").write_text(
-        json.dumps(
-            {
-                "word_embedding_dimension": int(encoder.transformer.config.hidden_size),
-                "pooling_mode_cls_token": encoder.pooling == "cls",
-                "pooling_mode_mean_tokens": encoder.pooling == "mean",
-                "pooling_mode_max_tokens": False,
-                "pooling_mode_mean_sqrt_len_tokens": False,
-            },
-            indent=2,
-        )
-    )
+    encoder_as_sentence_transformer(encoder, tokenizer, max_length).save(str(folder))
     return folder
 
 

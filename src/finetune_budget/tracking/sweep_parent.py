@@ -100,15 +100,15 @@ class SweepParentRun(Callback):
             len(reused),
             jobs,
         )
-        if self.report:
-            self._attach_report(uri, experiment, run_id, client)
+        report = self._attach_report(uri, experiment, run_id, client) if self.report else None
         from finetune_budget.export import log_sweep_choice
 
-        log_sweep_choice(config, run_id, children)  # tracking.log_model=auto: the best run's model
+        # tracking.log_model=auto: the model of the run the report recommends
+        log_sweep_choice(config, run_id, children, report)
         client.set_terminated(run_id, "FINISHED")
         log.info("sweep parent run %s finished: %d jobs, %d failed", run_id, jobs, failed)
 
-    def _attach_report(self, uri: str, experiment: str, run_id: str, client: Any) -> None:
+    def _attach_report(self, uri: str, experiment: str, run_id: str, client: Any) -> Any:
         from finetune_budget.errors import BudgetError
         from finetune_budget.report import ReportSettings, build_report
 
@@ -116,7 +116,9 @@ class SweepParentRun(Callback):
         if settings.out_dir is None:
             settings.out_dir = str(Path(self.sweep_dir or ".") / "report")
         try:
-            build_report(uri, experiment, settings, parent_run_id=run_id, attach_to_run=run_id)
+            return build_report(
+                uri, experiment, settings, parent_run_id=run_id, attach_to_run=run_id
+            )
         except BudgetError as e:
             log.warning("no report for this sweep: %s", e)
             client.set_tag(run_id, "report.error", str(e)[:5000])

@@ -11,6 +11,7 @@ The parent gets the decisions table, the advice and the cost as artifacts and ta
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import time
 from collections.abc import Sequence
@@ -82,7 +83,10 @@ class BudgetSweeper(Sweeper):
             ]
             return budget_search.Batch(obs, cost, failures)
 
-        result = budget_search.run_search(measure, self.settings)
+        settings = self.settings
+        if settings.metric is None:  # the fitted gain is bounded by budget.metric's ceiling
+            settings = dataclasses.replace(settings, metric=metric)
+        result = budget_search.run_search(measure, settings)
         budget_search.record(MlflowClient(uri), parent, result)
         log.info("%s", result.summary())
         return result

@@ -34,7 +34,7 @@ from finetune_budget.config import resolve_precision  # noqa: E402
 from finetune_budget.data.text import load_clinc150, load_stsb  # noqa: E402
 from finetune_budget.data.text_datamodule import TextRetrievalDataModule  # noqa: E402
 from finetune_budget.models.text import load_tokenizer  # noqa: E402
-from finetune_budget.optim import lr_lambda  # noqa: E402
+from finetune_budget.optim import lr_lambda, use_fused  # noqa: E402
 from finetune_budget.tasks.text_text import EmbeddingFineTuner  # noqa: E402
 
 MODEL = {
@@ -58,9 +58,11 @@ LOSS = {"name": "auto", "temperature": 0.05}
 
 
 def plain_train(module: EmbeddingFineTuner, batches: list, precision: str) -> float:
-    """The same training steps as Lightning's: autocast, backward, clip, AdamW, LR schedule."""
+    """The same training steps as Lightning's: autocast, backward, clip, AdamW (fused where our
+    path uses it: optim.fused=auto), LR schedule."""
     module.train()
-    optimizer = instantiate(OPTIM["optimizer"])(module.parameters())
+    make, groups = instantiate(OPTIM["optimizer"]), [{"params": list(module.parameters())}]
+    optimizer = make(groups, fused=use_fused(module, make, OPTIM, groups))
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda("warmup_constant", 10, 0))
     bf16 = precision == "bf16-mixed"
     start = time.perf_counter()

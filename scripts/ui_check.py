@@ -28,11 +28,24 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 METRIC, PARAM = "val/mrr_at_20", "data.n"
-# plotly draws each run of a scatter chart as one point; the budget chart is the page's first plot
-SCATTER_POINTS = (
-    "(document.querySelector('.js-plotly-plot') || document.body)"
-    ".querySelectorAll('.scatterlayer .point').length"
-)
+# the budget chart is the page's first plot; plotly keeps its traces on the plot element: count
+# the (x, y) pairs with both values set (one per run)
+SCATTER_POINTS = """(() => {
+  const plot = document.querySelector('.js-plotly-plot');
+  if (!plot || !plot.data) return 0;
+  let n = 0;
+  for (const t of plot.data) {
+    const xs = t.x || [], ys = t.y || [];
+    for (let i = 0; i < xs.length; i++) {
+      if (xs[i] !== null && xs[i] !== undefined && ys[i] !== null && ys[i] !== undefined) n++;
+    }
+  }
+  return n;
+})()"""
+PLOT_TRACES = """(() => {
+  const plot = document.querySelector('.js-plotly-plot');
+  return plot && plot.data ? JSON.stringify(plot.data.map(t => [t.name, t.x, t.y])) : '';
+})()"""
 CLOSE_ASSISTANT = """
 for (const b of document.querySelectorAll('button')) {
   const label = (b.getAttribute('aria-label') || '').toLowerCase();
@@ -228,8 +241,9 @@ def main(argv: list[str] | None = None) -> int:
         browser = Browser(args.cdp_port, work / "chromium")
         page = f"{base}/#/experiments/{exp_id}"
         browser.open(page, args.settle)  # what `make ui` shows a browser that has no settings yet
-        first = browser.text_when("Runs", 60)
-        opened_on = "runs table" if "matching runs" in first else "GenAI overview"
+        first = browser.text_when("matching runs", 60)
+        landed = browser.js("location.href") or ""
+        opened_on = "runs table" if "matching runs" in first else f"no runs table ({landed})"
         state_key = f'MLflowLocalStorage-1.1-ExperimentPage-["{exp_id}"]-ReactComponentState'
         layout = json.dumps(chart_layout(parents))
         expand_key = f"MLflowLocalStorage-1.1-ExperimentView-{exp_id}-expandRows"
@@ -246,7 +260,11 @@ def main(argv: list[str] | None = None) -> int:
         )
         browser.open(f"{page}/runs?{query}", args.settle)
         text = browser.text_when("matching runs", 120)
-        points = browser.wait_js(SCATTER_POINTS, len(runs), 180)
+        points = browser.wait_js(SCATTER_POINTS, len(runs), 120)
+        if points < len(runs):  # the app may still have been saving its own first-visit state
+            browser.open(f"{page}/runs?{query}", args.settle)
+            points = browser.wait_js(SCATTER_POINTS, len(runs), 120)
+        traces = browser.js(PLOT_TRACES)
         browser.js(CLOSE_ASSISTANT)
         time.sleep(2)
         browser.screenshot(Path(args.out))
@@ -268,6 +286,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"{page} opened on the {opened_on} (a browser's first visit)")
         print(f"runs page: {page}/runs?workflowType=machine_learning")
         print(f"chart {PARAM} vs. {METRIC}: {points} points")
+        print(f"  its traces (name, x, y): {traces}")
         print(f"screenshot: {args.out} ({Path(args.out).stat().st_size // 1024} KB)")
     finally:
         if browser is not None:

@@ -151,3 +151,26 @@ def test_length_buckets_on_minilm_clinc150_within_the_stated_tolerance(make_cfg)
     for epoch in (1, 2):
         a, b = plain.history[epoch], fast.history[epoch]
         assert abs(a["val/mrr_at_20"] - b["val/mrr_at_20"]) < 0.005, epoch
+
+
+@pytest.mark.parametrize("precision", ["32-true", "bf16-mixed"])
+def test_the_fused_optimizer_trains_like_the_loop_with_clipping_applied(tiny_text_cfg, precision):
+    """optim.fused=auto (one kernel) against false (torch's per-parameter loop): same weights
+    after training within float rounding, and the same gradient clipping: a clip of the gradient
+    norm to 1e-9 leaves AdamW's steps ~lr * 1e-4 (the gradients fall far below its eps of 1e-8),
+    so clipped weights stay ~1e-3 away from unclipped ones, in both paths."""
+    common = ("data.n=64", "trainer.max_epochs=2", f"trainer.precision={precision}",
+              "budget.continue_shorter_runs=false", "optim.optimizer.lr=1e-3")  # fmt: skip
+
+    def weights(*overrides):
+        result = train(tiny_text_cfg(*common, "budget.rerun=true", *overrides))
+        optimizer = result.objects["trainer"].optimizers[0]
+        flat = torch.cat([p.detach().flatten() for p in result.objects["module"].parameters()])
+        return flat, bool(optimizer.defaults.get("fused"))
+
+    loop, loop_fused = weights("optim.fused=false", "trainer.gradient_clip_val=1e-9")
+    fused, is_fused = weights("optim.fused=auto", "trainer.gradient_clip_val=1e-9")
+    unclipped, _ = weights("optim.fused=auto", "trainer.gradient_clip_val=null")
+    assert is_fused and not loop_fused
+    torch.testing.assert_close(fused, loop, atol=1e-5, rtol=1e-5)
+    assert (unclipped - fused).abs().max() > 1e-3

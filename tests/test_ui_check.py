@@ -14,11 +14,6 @@ sys.path.insert(0, str(ROOT / "scripts"))
 
 
 @pytest.mark.slow
-@pytest.mark.xfail(
-    reason="on a freshly made 3-job store the sweep's row stays folded, so the chart draws 0 runs "
-    "(the script passes on a 6-job store made by train.py -m); to be fixed",
-    strict=False,
-)
 @pytest.mark.skipif(shutil.which("chromium") is None, reason="needs Debian's chromium")
 def test_the_ui_opens_a_sweep_on_its_runs_and_charts_mrr_against_n(tmp_path, capsys):
     import ui_check
@@ -28,4 +23,5 @@ def test_the_ui_opens_a_sweep_on_its_runs_and_charts_mrr_against_n(tmp_path, cap
     out = capsys.readouterr().out
     assert "3 training runs, 3 listed" in out
     assert "chart data.n vs. val/mrr_at_20: 3 points" in out
+    assert '["32","64","128"]' in out  # one point per job, at its data.n
     assert png.stat().st_size > 20_000  # a drawn page, not a blank one

@@ -514,11 +514,18 @@ def rebuild_run(tracking_uri: str, run_id: str) -> tuple[L.LightningModule, floa
 
 
 def module_of_run(tracking_uri: str, run_id: str, rebuild: bool = True) -> L.LightningModule:
-    """A run's fine-tuned module: from its logged model, its checkpoint, or (rebuild=True)
-    retrained from its logged config."""
+    """A run's fine-tuned module: from the weights this process's sweep kept in memory
+    (reuse.keep_weights), its logged model, its checkpoint, or (rebuild=True) retrained from its
+    logged config."""
+    from finetune_budget import reuse
     from finetune_budget.tasks import build_task
 
     cfg, run = config_of_run(tracking_uri, run_id)
+    kept = reuse.kept_weights(run_id)
+    if kept is not None:  # a job of this process's sweep: its final weights, still in memory
+        module = build_task(cfg).module
+        module.load_state_dict(kept, strict=True)
+        return module
     where = weights_of_run(run)
     if where is None:
         if not rebuild:

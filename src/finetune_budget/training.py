@@ -17,6 +17,7 @@ from lightning.pytorch.callbacks import LearningRateMonitor
 from mlflow.tracking import MlflowClient
 from omegaconf import DictConfig, OmegaConf
 
+from finetune_budget import reuse
 from finetune_budget.config import resolve_precision
 from finetune_budget.continuation import Continuation
 from finetune_budget.distributed import is_main_process
@@ -171,6 +172,8 @@ def train(
             checkpoint = str(path.resolve())
             run.set_tags({"checkpoint": checkpoint})
         summarise(cfg, run, tracker.history)
+        if in_sweep and run.writer and checkpoint is None:  # the sweep may log it at its end
+            reuse.keep_weights(run.run_id, parts.module, cfg.tracking.get("sweep_weights_mb", 0))
         if run.writer and keep_weights(cfg.tracking, "log_model", in_sweep):
             log_run_model(cfg, run.run_id, parts.module, tracker.history)
         return RunResult(

@@ -17,6 +17,9 @@ vectorised least-squares solve over a grid of that parameter, refined, with no s
     exp_sat  gain = a - b exp(-x / s)                    exponential saturation, b >= 0
     loglin   gain = a + b log x                          log-linear (no saturation)
 
+With the metric's ceiling known (a score <= 1 gains at most (1 - m0) / m0), every asymptote a is
+kept at or below it, and no prediction or interval bound passes it (loglin included).
+
 Intervals: with several seeds (`groups`), seeds are resampled as wholes (a cluster bootstrap of
 the curve); otherwise residuals are resampled. A prediction interval adds the noise of a new
 measured mean (resampled residuals over the seeds it averages), and is widened to Student's t
@@ -48,7 +51,8 @@ class _Family:
     name: str
     n_params: int
     b_nonneg: bool  # the curve rises with x
-    capped: bool  # asymptote a <= ceiling
+    needs_ceiling: bool  # written in the error below the metric's ceiling (pow_err)
+    saturates: bool  # has an asymptote a: a <= the metric's ceiling where it is known
 
     def grid(self, x: np.ndarray, size: int = N_GRID) -> np.ndarray:
         """Shape parameters tried (x scaled so that its smallest value is 1)."""
@@ -70,10 +74,10 @@ class _Family:
 
 
 _FAMILY = {
-    "pow3": _Family("pow3", 3, True, False),
-    "pow_err": _Family("pow_err", 3, True, True),
-    "exp_sat": _Family("exp_sat", 3, True, False),
-    "loglin": _Family("loglin", 2, False, False),
+    "pow3": _Family("pow3", 3, True, False, True),
+    "pow_err": _Family("pow_err", 3, True, True, True),
+    "exp_sat": _Family("exp_sat", 3, True, False, True),
+    "loglin": _Family("loglin", 2, False, False, False),
 }
 
 
@@ -256,7 +260,11 @@ class CurveFit:
 
     def __call__(self, x) -> np.ndarray:
         xs = np.atleast_1d(np.asarray(x, dtype=float)) / self._scale
-        return _curve(self._fam, xs, *self._theta)[0]
+        return self._bounded(_curve(self._fam, xs, *self._theta)[0])
+
+    def _bounded(self, values: np.ndarray) -> np.ndarray:
+        """No gain beyond the metric's ceiling (loglin has no asymptote to cap)."""
+        return values if self.ceiling is None else np.minimum(values, self.ceiling)
 
     def formula(self) -> str:
         p = self.params
@@ -352,7 +360,7 @@ class CurveFit:
             rng = np.random.default_rng(1)
             pick = rng.choice(self._noise, size=(draws.shape[0], len(xs), k), replace=True)
             draws = draws + pick.mean(axis=2)
-        lo, hi = self._band(mean, draws, level)
+        lo, hi = (self._bounded(v) for v in self._band(mean, draws, level))
         if not self.extrapolation_ok:
             beyond = self._beyond(xs)
             mean, lo, hi = (np.where(beyond, np.nan, v) for v in (mean, lo, hi))
@@ -490,14 +498,14 @@ def fit_learning_curve(
     a_max = None if ceiling is None else float(ceiling)
     cv: dict[str, float] = {}
     notes = []
-    usable = [f for f in families if not (_FAMILY[f].capped and a_max is None)]
+    usable = [f for f in families if not (_FAMILY[f].needs_ceiling and a_max is None)]
     if len(usable) < len(families):
         notes.append("pow_err skipped: it needs the metric's ceiling")
     for name in usable:
         fam = _FAMILY[name]
         if fam.n_params <= k - 1:
             one = np.ones((1, len(y)))
-            cv[name] = float(_lobo(fam, xs, y[None, :], one, a_max if fam.capped else None)[0])
+            cv[name] = float(_lobo(fam, xs, y[None, :], one, a_max if fam.saturates else None)[0])
     seeds = int(round(np.median(np.bincount(np.unique(x, return_inverse=True)[1]))))
     if cv:
         name = min(cv, key=lambda f: (round(cv[f], 12), _FAMILY[f].n_params))
@@ -525,7 +533,7 @@ def fit_learning_curve(
             f"{p + 1 - k} more, e.g. {_next_budgets(budgets[-1], p + 1 - k, axis)}"
         )
     fam = _FAMILY[name]
-    cap = a_max if fam.capped else None
+    cap = a_max if fam.saturates else None
     a, b, t = (float(v[0]) for v in _fit_one(fam, xs, y, a_max=cap))
     resid = y - _curve(fam, xs, a, b, t)[0]
     n = len(y)
@@ -597,7 +605,7 @@ def _bootstrap(
     params, errors = [], []
     for name in names:
         fam = _FAMILY[name]
-        cap = a_max if fam.capped else None
+        cap = a_max if fam.saturates else None
         params.append(np.stack(_fit_rows(fam, xs, y_rows, w, cap), axis=1))
         errors.append(_lobo(fam, xs, y_rows, w, cap) if len(names) > 1 else np.zeros(n_boot))
     pick = np.argmin(np.nan_to_num(np.stack(errors, axis=1), nan=np.inf), axis=1)

@@ -27,6 +27,7 @@ from finetune_budget.metrics import retrieval_metrics
 from finetune_budget.optim import (
     check_finite_embeddings,
     check_finite_loss,
+    clip_for_fused,
     optimizer_with_schedule,
     weight_decay_groups,
 )
@@ -144,6 +145,14 @@ class FineTuner(L.LightningModule):
 
     def configure_optimizers(self):
         return optimizer_with_schedule(self, self.hparams.optim, self.param_groups())
+
+    def configure_gradient_clipping(
+        self, optimizer, gradient_clip_val=None, gradient_clip_algorithm=None
+    ) -> None:
+        if not clip_for_fused(self, optimizer, gradient_clip_val, gradient_clip_algorithm):
+            super().configure_gradient_clipping(
+                optimizer, gradient_clip_val, gradient_clip_algorithm
+            )
 
     # -- held-out evaluation: every held-out item embedded once ----------------------------------
     def on_validation_epoch_start(self) -> None:

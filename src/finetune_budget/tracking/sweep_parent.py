@@ -105,6 +105,9 @@ class SweepParentRun(Callback):
 
         # tracking.log_model=auto: the model of the run the report recommends
         log_sweep_choice(config, run_id, children, report)
+        from finetune_budget import reuse
+
+        reuse.clear_weights()
         client.set_terminated(run_id, "FINISHED")
         log.info("sweep parent run %s finished: %d jobs, %d failed", run_id, jobs, failed)
 

@@ -51,6 +51,9 @@ def rolling_backtests(found, metric_of, epochs: int, rule: str, level: float, fi
     rows = []
     for metric in metric_of:
         obs = [o for o in found[metric].values() if o.epochs == epochs]
+        if ceiling_of(obs, metric) == 0:
+            print(f"{metric}: at its ceiling before fine-tuning (no gain possible): not backtested")
+            continue
         points = bs.curve_points(obs, epochs, rule)
         sizes = list(points)
         for k in range(first, len(sizes)):

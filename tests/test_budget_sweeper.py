@@ -253,3 +253,29 @@ def test_from_mlflow_reads_gains_and_costs_of_finished_runs(tmp_path):
     assert obs.at("best") == (1, pytest.approx(0.1)) and obs.at("last")[0] == 2
     assert obs.baseline == pytest.approx(0.8)
     assert obs.cost_s == pytest.approx(20.0 + 5.0 + 4.0 + 4.0)  # training + every evaluation
+
+
+class FlatStub(Stub):
+    """A data set where fine-tuning buys nothing: every gain is noise around 0 (sd 0.002)."""
+
+    def gain(self, n: int, seed: int, epoch: int) -> float:
+        return float(np.random.default_rng([n, seed, epoch, 7]).normal(0, 0.002))
+
+
+def test_a_flat_curve_is_advised_to_keep_the_pretrained_model_by_search_and_grid():
+    grid = (100, 200, 400, 1000, 2500)
+    s = settings(min_roi_per_label=1e-5, sizes=grid, growth=4.0, max_steps=4)
+    stub = FlatStub()
+    result = run_search(stub, s)
+    assert result.advice.n == 0 and "keep the pretrained model" in result.advice.line()
+    # the grid of the same sizes, by hand: no mean gain is above 0 with 90% confidence for the
+    # 5 sizes together (each one-sided at 98%: t(0.98, 2 dof) = 4.849)
+    obs = FlatStub()([Job(n, seed, 1) for n in grid for seed in (0, 1, 2)]).observations
+    for n in grid:
+        g = np.array([o.gain[1] for o in obs if o.n == n])
+        assert g.mean() - 4.849 * g.std(ddof=1) / math.sqrt(3) <= 0, n
+    assert grid_advice(obs, 1, s)[0] == 0
+    # a real gain is still found: the stub's curve pays from the pilot on
+    assert grid_advice(Stub()([Job(n, seed, 1) for n in grid for seed in (0, 1, 2)]).observations,
+                       1, s)[0] > 0  # fmt: skip
+

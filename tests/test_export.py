@@ -270,12 +270,13 @@ def test_sweep_jobs_keep_no_weights_and_the_recommended_run_gets_its_model(tmp_p
     callback = SweepParentRun(report=True)
     callback.on_multirun_start(cfg)
     parent = current_parent()
-    jobs = {}
+    jobs, modules = {}, {}
     for n, epochs in ((32, 1), (32, 2), (48, 1), (48, 2)):
         with open_dict(cfg):
             cfg.data.n, cfg.trainer.max_epochs = n, epochs
         result = train(cfg, parent_run_id=current_parent())
         jobs[result.run_id] = (n, epochs)
+        modules[result.run_id] = result.objects["module"]
     callback.on_multirun_end(cfg)
     client = MlflowClient(cfg.tracking.uri)
     # the run the report's decision card names (data.n and epochs, read from report.html)
@@ -287,11 +288,36 @@ def test_sweep_jobs_keep_no_weights_and_the_recommended_run_gets_its_model(tmp_p
         tags = client.get_run(run_id).data.tags
         assert "checkpoint" not in tags
         assert (LOGGED_MODEL_TAG in tags) == (run_id == chosen)
-    # the chosen job kept no weights: its logged config was retrained, and gave the same metric
+    # no job wrote weights to disk; the sweep kept them in memory, so the logged model is the
+    # chosen job's own (no retraining) and embeds as it did
+    exp_id = client.get_run(chosen).info.experiment_id
+    assert not client.search_runs([exp_id], "tags.run_type = 'rebuild'")
+    st = load_logged_model(client.get_run(chosen).data.tags[LOGGED_MODEL_TAG])
+    want = module_embeddings(modules[chosen], tokenise(cfg))
+    torch.testing.assert_close(st.encode(TEXTS, convert_to_tensor=True), want, atol=1e-5, rtol=0)
+
+
+def test_a_recommended_run_whose_weights_are_gone_is_retrained_from_its_config(tmp_path):
+    cfg = _text_cfg(tmp_path, "tracking.log_model=auto", "tracking.experiment=sweep")
+    with open_dict(cfg):
+        cfg.hydra = {"overrides": {"task": ["data.n=32,48"]}, "sweep": {"dir": str(tmp_path)}}
+        cfg.tracking.sweep_weights_mb = 0  # keep none in memory
+    callback = SweepParentRun(report=False)
+    callback.on_multirun_start(cfg)
+    parent, jobs = current_parent(), {}
+    for n in (32, 48):
+        with open_dict(cfg):
+            cfg.data.n = n
+        result = train(cfg, parent_run_id=parent)
+        jobs[result.run_id] = result.history[-1]["val/mrr_at_20"]
+    callback.on_multirun_end(cfg)
+    client = MlflowClient(cfg.tracking.uri)
+    best = max(jobs, key=jobs.get)  # without a report: the best run by budget.metric
+    assert client.get_run(parent).data.tags["logged_model_run"] == best
     (rebuild,) = client.search_runs(
-        [client.get_run(chosen).info.experiment_id], "tags.run_type = 'rebuild'"
+        [client.get_run(best).info.experiment_id], "tags.run_type = 'rebuild'"
     )
-    assert rebuild.data.tags["rebuilt_from"] == chosen
+    assert rebuild.data.tags["rebuilt_from"] == best
     assert rebuild.data.metrics["rebuild/max_abs_diff"] <= 1e-5
 
 

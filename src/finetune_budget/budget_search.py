@@ -32,9 +32,11 @@ One step of the search (`decide`):
    prediction is least certain). A step whose estimated cost (seconds per item-epoch so far)
    does not fit in the remaining budget is not run.
 
-The advice: the smallest measured n reaching the target; after the ROI test, the largest
-measured n at or below the fitted knee (else the smaller of the last two sizes); otherwise the
-largest n measured. Its epochs: the epoch with the best mean gain there.
+The advice: the smallest measured n reaching the target; after the ROI test, the full grid's
+rule applied to the sizes measured (`grid_advice`: the left end of the first segment whose ROI
+per label fell below the threshold with confidence), so a search advises what a grid of the
+same sizes would; otherwise the largest n measured. Its epochs: the epoch with the best mean
+gain there.
 """
 
 from __future__ import annotations
@@ -205,6 +207,8 @@ class Advice:
     basis: str
 
     def line(self) -> str:
+        if self.n == 0:
+            return f"keep the pretrained model ({self.basis})"
         interval = (
             f" [{self.gain_lo:.4g}, {self.gain_hi:.4g}]" if math.isfinite(self.gain_lo) else ""
         )
@@ -551,6 +555,9 @@ def advise(
     means = {n: float(np.mean(list(g.values()))) for n, g in points.items()}
     goal = target_gain(observations, settings)
     ns = list(points)
+    if stop.roi_upper < stop.roi_threshold and not paying_sizes(points, settings.level):
+        basis = f"{NO_GAIN} ({len(next(iter(points.values())))} seeds, {settings.level:.0%})"
+        return Advice(0, 0, 0.0, math.nan, math.nan, basis)
     if goal is not None and any(m >= goal for m in means.values()):
         n, basis = min(n for n, m in means.items() if m >= goal), "the smallest n reaching target"
     elif (
@@ -558,14 +565,16 @@ def advise(
         and stop.roi_upper < stop.roi_threshold
         and has_risen(points, stop.roi_threshold)
     ):
-        n, basis = ns[-2], "the last n whose added labels paid more than the threshold"
+        # the grid's rule on the sizes measured, so that a search and a grid that measured the
+        # same sizes advise the same n: the left end of the first segment that stopped paying
+        n, why = grid_advice(observations, epochs, settings)
+        n = ns[-2] if n is None else n
+        basis = f"measured: {why}"
         curve = _fit(points, settings, fit, observations)
-        knee = None
         if curve is not None and getattr(curve, "extrapolation_ok", False):
             knee = fitted_knee(curve, ns[0], ns[-1], stop.roi_threshold, settings.level)
-        if knee is not None:
-            n = max([m for m in ns if m <= knee] or ns[:1])
-            basis = f"the largest n measured below the fitted knee (data.n~{nice(knee)})"
+            if knee is not None:
+                basis += f" (the fitted curve's knee: data.n~{nice(knee)})"
     else:
         n, basis = ns[-1], "the largest n measured; ROI had not fallen below the threshold"
     gains_n = list(points[n].values())
@@ -591,6 +600,27 @@ def _best_epoch(observations: Sequence[Observation], n: int, epochs: int) -> int
     return max(by_epoch, key=lambda e: (float(np.mean(by_epoch[e])), -e))
 
 
+def paying_sizes(points: Mapping[int, Mapping[int, float]], level: float) -> list[int]:
+    """The measured n whose mean gain over seeds is above 0 with `level` confidence for all of
+    them together: one-sided t lower bounds at 1 - (1 - level) / k for k sizes (Bonferroni; with
+    five sizes of pure noise, one would pass an uncorrected 90% test 41% of the time). One
+    seed: its gain above 0."""
+    out = []
+    each = 1 - (1 - level) / max(len(points), 1)
+    for n, by_seed in points.items():
+        g = np.asarray(list(by_seed.values()), float)
+        if len(g) >= 2:
+            lower = g.mean() - stats.t.ppf(each, len(g) - 1) * g.std(ddof=1) / math.sqrt(len(g))
+        else:
+            lower = float(g.mean()) if len(g) else -math.inf
+        if lower > 0:
+            out.append(n)
+    return out
+
+
+NO_GAIN = "no measured data.n gained over the pretrained model beyond the seed noise"
+
+
 def grid_advice(
     observations: Sequence[Observation], epochs: int, settings: SearchSettings
 ) -> tuple[int | None, str]:
@@ -602,6 +632,8 @@ def grid_advice(
     ns = list(points)
     if not ns:
         return None, "no finished runs"
+    if not paying_sizes(points, settings.level):
+        return 0, f"{NO_GAIN}: keep the pretrained model"
     goal = target_gain(observations, settings)
     if goal is not None:
         for n in ns:

@@ -224,6 +224,18 @@ def _fewest_epochs(epochs: np.ndarray, means: np.ndarray, share: float) -> float
     return float(epochs[ok][means[ok] >= share * np.nanmax(means)].min())
 
 
+def _pays_somewhere(data: pd.DataFrame, gain: str, level: float) -> bool:
+    """Whether any measured n gained over the pretrained model beyond the seed noise
+    (budget_search.paying_sizes, the search's own test)."""
+    from finetune_budget.budget_search import paying_sizes
+
+    points = {
+        int(n): dict(zip(g["seed"], g[gain].astype(float), strict=True))
+        for n, g in data.groupby("n")
+    }
+    return bool(paying_sizes(points, level))
+
+
 def epochs_worth_it(at_n: pd.DataFrame, gain: str, s: AdviceSettings) -> dict[str, float]:
     """The fewest epochs that reach `share` of the best mean gain measured at this n, with a
     seed-bootstrap interval, its seconds (items seen / measured throughput), and the best."""
@@ -472,6 +484,10 @@ def advise(
             why = f"the labels to reach {what}"
         else:
             why = f"{what} is not reached: {labels_answer.text}"
+    elif len(means) and not _pays_somewhere(data, gain, s.level):
+        from finetune_budget.budget_search import NO_GAIN
+
+        why = f"{NO_GAIN}: keep the pretrained model"
     elif len(means) and roi.max() > 0:
         paying = means[(roi >= s.drop_fraction * roi.max()) & (means > 0)]
         n_rec = float(paying.idxmax())

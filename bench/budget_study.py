@@ -52,7 +52,7 @@ def rolling_backtests(found, metric_of, epochs: int, rule: str, level: float, fi
     for metric in metric_of:
         obs = [o for o in found[metric].values() if o.epochs == epochs]
         if ceiling_of(obs, metric) == 0:
-            print(f"{metric}: at its ceiling before fine-tuning (no gain possible): not backtested")
+            print(f"{metric}: at its ceiling before fine-tuning (no gain possible): skipped")
             continue
         points = bs.curve_points(obs, epochs, rule)
         sizes = list(points)

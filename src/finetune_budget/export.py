@@ -333,6 +333,8 @@ def log_model(
     }
     active = mlflow.active_run()
     resume = active is None or active.info.run_id != run_id
+    client = mlflow.tracking.MlflowClient(tracking_uri)
+    before = client.get_run(run_id).info if resume else None
     run = mlflow.start_run(run_id=run_id) if resume else active
     try:
         if kind == "text":
@@ -358,6 +360,8 @@ def log_model(
         if resume:
             # end_run marks the run FINISHED; the caller's tracked_run sets the final status.
             mlflow.end_run()
+            if before is not None and before.end_time:  # a finished run keeps its own end time
+                client.set_terminated(run_id, before.status, end_time=before.end_time)
     log.info("logged %s model %s to run %s", kind, info.model_uri, run_id)
     return info.model_uri
 

@@ -85,6 +85,12 @@ def clip_for_fused(module: L.LightningModule, optimizer, clip_val, algorithm) ->
     to: it cannot tell that no scaler runs). Returns False when Lightning should clip."""
     if not clip_val or not getattr(optimizer, "_step_supports_amp_scaling", False):
         return False
+    plugin = getattr(module._trainer, "precision_plugin", None)
+    if getattr(plugin, "scaler", None) is not None:
+        raise ConfigError(
+            "optim.fused=true with a gradient scaler (16-mixed) cannot clip unscaled gradients; "
+            "use optim.fused=auto (the loop there) or trainer.precision=bf16-mixed"
+        )
     params = [p for g in optimizer.param_groups for p in g["params"] if p.grad is not None]
     if (algorithm or "norm") == "norm":
         torch.nn.utils.clip_grad_norm_(params, float(clip_val))

@@ -4,6 +4,8 @@ output and cache directories, and tiny random models."""
 from __future__ import annotations
 
 import os
+import subprocess
+import sys
 from collections.abc import Callable, Sequence
 from pathlib import Path
 
@@ -18,6 +20,53 @@ DATA_DIR = Path(os.environ.get("FINETUNE_BUDGET_DATA_DIR", ROOT.parent / "shared
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+
+def offline_env() -> dict[str, str]:
+    """The environment of a script a test starts: offline hub, one thread per process."""
+    return {
+        **os.environ,
+        "HF_HUB_OFFLINE": "1",
+        "TOKENIZERS_PARALLELISM": "false",
+        "OMP_NUM_THREADS": "1",
+    }
+
+
+def run_train_py(
+    tmp_path: Path, *overrides: str, timeout: float = 600
+) -> subprocess.CompletedProcess:
+    """`python train.py <overrides>` as a user runs it, into tmp_path's MLflow store (mlflow.db),
+    cache and sweep folder, without a progress bar."""
+    cmd = [
+        sys.executable,
+        "train.py",
+        *overrides,
+        "trainer.enable_progress_bar=false",
+        f"tracking.uri=sqlite:///{tmp_path / 'mlflow.db'}",
+        f"paths.cache_dir={tmp_path / 'cache'}",
+        f"hydra.sweep.dir={tmp_path / 'multirun'}",
+    ]
+    return subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=timeout)
+
+
+def run_workers(commands: Sequence[Sequence[str]], timeout: float = 900) -> list[str]:
+    """Start the commands at once (search workers), wait for all; their outputs. Fails the test
+    with their last lines when any exits non-zero."""
+    procs = [
+        subprocess.Popen(
+            list(cmd),
+            cwd=ROOT,
+            env=offline_env(),
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
+            text=True,
+        )
+        for cmd in commands
+    ]
+    outputs = [p.communicate(timeout=timeout)[0] for p in procs]
+    codes = [p.returncode for p in procs]
+    assert codes == [0] * len(procs), "\n".join(o[-6000:] for o in outputs)
+    return outputs
 
 
 def compose_config(

@@ -4,12 +4,10 @@ training), its Hydra config, and one real search on a tiny model through train.p
 from __future__ import annotations
 
 import math
-import subprocess
-import sys
 
 import numpy as np
 import pytest
-from conftest import CONF, ROOT, TINY
+from conftest import CONF, TINY, run_train_py
 from mlflow.tracking import MlflowClient
 from omegaconf import OmegaConf
 
@@ -151,29 +149,19 @@ def test_sweeper_refuses_overrides_it_chooses_itself():
 @pytest.mark.slow
 def test_budget_sweeper_through_train_py_writes_nested_runs_and_decisions(tmp_path):
     db = tmp_path / "mlflow.db"
-    out = subprocess.run(
-        [
-            sys.executable,
-            "train.py",
-            "-m",
-            "hydra/sweeper=budget",
-            *TINY,
-            "hydra.sweeper.pilot_n=[16,32,64]",
-            "hydra.sweeper.seeds=[0,1]",
-            "hydra.sweeper.epochs=2",
-            "hydra.sweeper.max_steps=1",
-            "trainer.limit_val_batches=2",
-            "eval.batch_size=64",
-            "trainer.enable_progress_bar=false",
-            "logger=none",
-            "tracking.save_checkpoint=false",
-            f"tracking.uri=sqlite:///{db}",
-            f"paths.cache_dir={tmp_path / 'cache'}",
-            f"hydra.sweep.dir={tmp_path / 'multirun'}",
-        ],
-        cwd=ROOT,
-        capture_output=True,
-        text=True,
+    out = run_train_py(
+        tmp_path,
+        "-m",
+        "hydra/sweeper=budget",
+        *TINY,
+        "hydra.sweeper.pilot_n=[16,32,64]",
+        "hydra.sweeper.seeds=[0,1]",
+        "hydra.sweeper.epochs=2",
+        "hydra.sweeper.max_steps=1",
+        "trainer.limit_val_batches=2",
+        "eval.batch_size=64",
+        "logger=none",
+        "tracking.save_checkpoint=false",
         timeout=1800,  # 8 tiny jobs: about a minute quiet, far more on a loaded machine
     )
     assert out.returncode == 0, (out.stdout + out.stderr)[-3000:]
@@ -278,4 +266,3 @@ def test_a_flat_curve_is_advised_to_keep_the_pretrained_model_by_search_and_grid
     # a real gain is still found: the stub's curve pays from the pilot on
     assert grid_advice(Stub()([Job(n, seed, 1) for n in grid for seed in (0, 1, 2)]).observations,
                        1, s)[0] > 0  # fmt: skip
-

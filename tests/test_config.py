@@ -2,15 +2,12 @@
 
 from __future__ import annotations
 
-import subprocess
-import sys
-
 import mlflow
 import pytest
 from hydra.utils import instantiate
 
 from finetune_budget.config import expand_range_overrides, flatten, resolve_precision
-from tests.conftest import CONF, ROOT
+from tests.conftest import CONF, run_train_py
 
 
 def test_default_config_is_the_offline_minilm_clinc150_job(make_cfg):
@@ -62,28 +59,17 @@ def test_range_syntax_expands_to_an_inclusive_hydra_range():
 def test_users_sweep_as_written_runs_30_jobs_with_epochs_1_to_10(tmp_path):
     """`python train.py -m data.n=100,500,1000 trainer.max_epochs=1..10`, tiny model."""
     db = tmp_path / "mlflow.db"
-    out = subprocess.run(
-        [
-            sys.executable,
-            "train.py",
-            "-m",
-            "data.n=100,500,1000",
-            "trainer.max_epochs=1..10",
-            "model=tiny_bert",
-            "trainer.limit_train_batches=1",
-            "trainer.limit_val_batches=1",
-            "trainer.precision=32-true",
-            "trainer.enable_progress_bar=false",
-            "logger=none",
-            "tracking.save_checkpoint=false",
-            f"tracking.uri=sqlite:///{db}",
-            f"paths.cache_dir={tmp_path / 'cache'}",
-            f"hydra.sweep.dir={tmp_path / 'multirun'}",
-        ],
-        cwd=ROOT,
-        capture_output=True,
-        text=True,
-        timeout=600,
+    out = run_train_py(
+        tmp_path,
+        "-m",
+        "data.n=100,500,1000",
+        "trainer.max_epochs=1..10",
+        "model=tiny_bert",
+        "trainer.limit_train_batches=1",
+        "trainer.limit_val_batches=1",
+        "trainer.precision=32-true",
+        "logger=none",
+        "tracking.save_checkpoint=false",
     )
     assert out.returncode == 0, (out.stdout + out.stderr)[-3000:]
     runs = (

@@ -28,7 +28,7 @@ from types import SimpleNamespace
 import optuna
 import pandas as pd
 import pytest
-from conftest import CONF, DATA_DIR, ROOT, TINY, requires_data
+from conftest import CONF, DATA_DIR, ROOT, TINY, offline_env, requires_data, run_workers
 from hydra import compose, initialize_config_dir
 from hydra.core.global_hydra import GlobalHydra
 from hydra.core.hydra_config import HydraConfig
@@ -55,15 +55,6 @@ FAST = (
     "trainer.enable_progress_bar=false",
     f"paths.data_dir={DATA_DIR}",
 )
-
-
-def _env() -> dict[str, str]:
-    return {
-        **os.environ,
-        "HF_HUB_OFFLINE": "1",
-        "TOKENIZERS_PARALLELISM": "false",
-        "OMP_NUM_THREADS": "1",
-    }
 
 
 def _free_port() -> int:
@@ -362,7 +353,9 @@ def test_submitit_sweep_runs_separate_processes_into_the_tracking_server(
         f"hydra.sweep.dir={sweep_dir}",
         "hydra.callbacks.sweep_parent.report=false",  # the report is built below, by evaluate.py
     ]
-    out = subprocess.run(cmd, cwd=ROOT, env=_env(), capture_output=True, text=True, timeout=900)
+    out = subprocess.run(
+        cmd, cwd=ROOT, env=offline_env(), capture_output=True, text=True, timeout=900
+    )
     log = out.stdout + out.stderr
     assert out.returncode == 1, log[-6000:]  # the failures came back from the job processes
     assert "4 jobs in 2 submitit jobs" in log
@@ -402,7 +395,7 @@ def test_submitit_sweep_runs_separate_processes_into_the_tracking_server(
             f"hydra.run.dir={tmp_path / 'report-run'}",
         ],
         cwd=ROOT,
-        env=_env(),
+        env=offline_env(),
         capture_output=True,
         text=True,
         timeout=600,
@@ -425,8 +418,8 @@ def test_two_tune_workers_share_a_postgres_study_through_the_tracking_server(
     postgres: str, tracking_server: str, tmp_path: Path
 ) -> None:
     experiment, storage = "scale-out-search", f"{postgres}/optuna"
-    procs = [
-        subprocess.Popen(
+    run_workers(
+        [
             [
                 sys.executable,
                 "tune.py",
@@ -443,17 +436,10 @@ def test_two_tune_workers_share_a_postgres_study_through_the_tracking_server(
                 f"tracking.experiment={experiment}",
                 f"paths.cache_dir={tmp_path / 'cache'}",
                 f"hydra.run.dir={tmp_path / f'worker{w}'}",
-            ],
-            cwd=ROOT,
-            env=_env(),
-            stdout=subprocess.PIPE,
-            stderr=subprocess.STDOUT,
-            text=True,
-        )
-        for w in (0, 1)
-    ]
-    outputs = [p.communicate(timeout=900)[0] for p in procs]
-    assert [p.returncode for p in procs] == [0, 0], "\n".join(o[-6000:] for o in outputs)
+            ]
+            for w in (0, 1)
+        ]
+    )
     study = optuna.load_study(study_name="tiny", storage=storage)
     trials = study.trials
     assert 4 <= len(trials) <= 5  # a worker may start one while the other ends the 4th

@@ -2,9 +2,6 @@
 
 from __future__ import annotations
 
-import subprocess
-import sys
-
 import lightning as L
 import numpy as np
 import pytest
@@ -14,7 +11,7 @@ from mlflow.tracking import MlflowClient
 from finetune_budget.errors import DataError, DivergedError
 from finetune_budget.evaluation import evaluate
 from finetune_budget.training import train
-from tests.conftest import ROOT
+from tests.conftest import run_train_py
 
 METRICS = ("val/mrr_at_20", "val/recall_at_20", "val/map_at_20")
 
@@ -230,23 +227,8 @@ def test_evaluate_scores_a_runs_checkpoint_like_its_last_epoch(tiny_text_cfg, ma
 
 def test_a_failing_job_does_not_stop_the_sweep(tmp_path):
     db = tmp_path / "mlflow.db"
-    out = subprocess.run(
-        [
-            sys.executable,
-            "train.py",
-            "-m",
-            "debug=fast",
-            "data.n=99999,32",
-            "trainer.precision=32-true",
-            "trainer.enable_progress_bar=false",
-            f"tracking.uri=sqlite:///{db}",
-            f"paths.cache_dir={tmp_path / 'cache'}",
-            f"hydra.sweep.dir={tmp_path / 'multirun'}",
-        ],
-        cwd=ROOT,
-        capture_output=True,
-        text=True,
-        timeout=300,
+    out = run_train_py(
+        tmp_path, "-m", "debug=fast", "data.n=99999,32", "trainer.precision=32-true", timeout=300
     )
     log = out.stdout + out.stderr
     assert out.returncode == 1

@@ -3,14 +3,13 @@
 from __future__ import annotations
 
 import math
-import os
 import subprocess
 import sys
 from pathlib import Path
 
 import optuna
 import pytest
-from conftest import CONF, DATA_DIR, ROOT, TINY, requires_data
+from conftest import CONF, DATA_DIR, ROOT, TINY, offline_env, requires_data, run_workers
 from hydra import compose, initialize_config_dir
 from hydra.core.global_hydra import GlobalHydra
 from hydra.utils import instantiate
@@ -340,19 +339,10 @@ def _cli(tmp_path: Path, *args: str) -> list[str]:
     ]
 
 
-def _env() -> dict[str, str]:
-    return {
-        **os.environ,
-        "HF_HUB_OFFLINE": "1",
-        "TOKENIZERS_PARALLELISM": "false",
-        "OMP_NUM_THREADS": "1",
-    }
-
-
 @pytest.mark.slow
 def test_two_workers_share_one_study(tmp_path: Path) -> None:
-    procs = [
-        subprocess.Popen(
+    run_workers(
+        [
             _cli(
                 tmp_path,
                 "tune.py",
@@ -361,17 +351,10 @@ def test_two_workers_share_one_study(tmp_path: Path) -> None:
                 "hydra.sweeper.n_trials=4",
                 f"tune.worker={w}",
                 f"hydra.run.dir={tmp_path / f'worker{w}'}",
-            ),
-            cwd=ROOT,
-            env=_env(),
-            stdout=subprocess.PIPE,
-            stderr=subprocess.STDOUT,
-            text=True,
-        )
-        for w in (0, 1)
-    ]
-    outputs = [p.communicate(timeout=900)[0] for p in procs]
-    assert [p.returncode for p in procs] == [0, 0], "\n".join(o[-6000:] for o in outputs)
+            )
+            for w in (0, 1)
+        ]
+    )
     study = optuna.load_study(study_name="tiny", storage=f"sqlite:///{tmp_path / 'optuna.db'}")
     trials = study.trials
     assert 4 <= len(trials) <= 5  # a worker may start one while the other ends the 4th
@@ -401,7 +384,9 @@ def test_hydra_optuna_sweeper_runs_two_trials(tmp_path: Path) -> None:
         "hydra.sweeper.n_trials=2",
         f"hydra.sweep.dir={tmp_path / 'multirun'}",
     )
-    proc = subprocess.run(cmd, cwd=ROOT, env=_env(), capture_output=True, text=True, timeout=900)
+    proc = subprocess.run(
+        cmd, cwd=ROOT, env=offline_env(), capture_output=True, text=True, timeout=900
+    )
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     study = optuna.load_study(study_name="tiny", storage=f"sqlite:///{tmp_path / 'optuna.db'}")
     assert [t.state for t in study.trials] == [optuna.trial.TrialState.COMPLETE] * 2

@@ -25,7 +25,6 @@ import numpy as np
 from scipy import stats
 
 from finetune_budget import budget_search as bs
-from finetune_budget.report.advice import gain_ceiling
 from finetune_budget.report.curves import backtest, fit_learning_curve
 
 
@@ -38,20 +37,13 @@ def interval(values: list[float], level: float) -> tuple[float, float, float]:
     return mean, mean - half, mean + half
 
 
-def ceiling_of(obs, metric: str) -> float | None:
-    """The largest relative gain `metric` allows over the runs' mean epoch-0 value (the report's
-    bound: a score <= 1 cannot gain more than (1 - m0) / m0)."""
-    base = [o.baseline for o in obs if math.isfinite(o.baseline)]
-    return gain_ceiling(metric, float(np.mean(base))) if base else None
-
-
 def rolling_backtests(found, metric_of, epochs: int, rule: str, level: float, first: int = 3):
     """One report.curves.backtest per held-out size from the (first+1)-th on, per metric:
     the sizes below it fitted, it predicted. Returns rows (metric, Backtest)."""
     rows = []
     for metric in metric_of:
         obs = [o for o in found[metric].values() if o.epochs == epochs]
-        if ceiling_of(obs, metric) == 0:
+        if bs.gain_bound(obs, metric) == 0:
             print(f"{metric}: at its ceiling before fine-tuning (no gain possible): skipped")
             continue
         points = bs.curve_points(obs, epochs, rule)
@@ -61,7 +53,8 @@ def rolling_backtests(found, metric_of, epochs: int, rule: str, level: float, fi
             x = np.array([n for n, g in kept.items() for _ in g], float)
             y = np.array([v for g in kept.values() for v in g.values()], float)
             groups = [s for g in kept.values() for s in g]
-            rows.append((metric, backtest(x, y, groups, level, ceiling=ceiling_of(obs, metric))))
+            bound = bs.gain_bound(obs, metric)
+            rows.append((metric, backtest(x, y, groups, level, ceiling=bound)))
     return rows
 
 
@@ -127,7 +120,7 @@ def main() -> None:
     x = np.array([n for n, g in pilot.items() for _ in g], float)
     y = np.array([v for g in pilot.values() for v in g.values()], float)
     groups = [s for g in pilot.values() for s in g]
-    ceiling = ceiling_of(obs, args.metric)
+    ceiling = bs.gain_bound(obs, args.metric)
     fit = fit_learning_curve(x, y, groups=groups, level=args.level, ceiling=ceiling)
     print(
         f"\nfit on data.n <= {args.pilot_max} ({fit.n_points} points): {fit.family} "

@@ -379,3 +379,23 @@ def test_experiments_are_created_as_model_training_experiments(tmp_path):
         f"fresh: http://h/#/experiments/{new.experiment_id}/runs?workflowType=machine_learning"
         in (ui_addresses(client.tracking_uri, "http://h"))
     )
+
+
+def test_jobs_whose_sweep_logs_no_model_keep_no_weights_in_memory(tmp_path):
+    from finetune_budget import reuse
+
+    # a job of an Optuna search (its parent is not a `-m` sweep's) and of a sweep that logs none
+    cfg = _text_cfg(tmp_path, "tracking.log_model=auto", "tracking.experiment=search")
+    client = MlflowClient(cfg.tracking.uri)
+    exp_id = client.create_experiment("search")
+    search_parent = client.create_run(exp_id).info.run_id
+    trial = train(cfg, parent_run_id=search_parent)
+    assert reuse.final_weights(trial.run_id) is None
+    cfg = _text_cfg(tmp_path, "tracking.log_model=false", "tracking.experiment=sweep-none")
+    with open_dict(cfg):
+        cfg.hydra = {"overrides": {"task": ["data.n=32"]}, "sweep": {"dir": str(tmp_path)}}
+    callback = SweepParentRun(report=False)
+    callback.on_multirun_start(cfg)
+    job = train(cfg, parent_run_id=current_parent())
+    assert reuse.final_weights(job.run_id) is None
+    callback.on_multirun_end(cfg)

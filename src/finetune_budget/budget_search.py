@@ -348,15 +348,15 @@ def default_fit() -> FitFn:
     return fit_learning_curve
 
 
-def gain_bound(observations: Sequence[Observation], settings: SearchSettings) -> float | None:
-    """The largest relative gain settings.metric allows over the runs' mean baseline (None:
-    no metric, no baseline, or a metric without a known bound)."""
+def gain_bound(observations: Sequence[Observation], metric: str | None) -> float | None:
+    """The largest relative gain `metric` allows over the runs' mean baseline (None: no metric,
+    no baseline, or a metric without a known bound): a score <= 1 gains at most (1 - m0) / m0."""
     from finetune_budget.report.advice import gain_ceiling
 
     base = [o.baseline for o in observations if math.isfinite(o.baseline)]
-    if settings.metric is None or not base:
+    if metric is None or not base:
         return None
-    return gain_ceiling(settings.metric, float(np.mean(base)))
+    return gain_ceiling(metric, float(np.mean(base)))
 
 
 def _fit(
@@ -368,7 +368,7 @@ def _fit(
     x = [n for n, by_seed in points.items() for _ in by_seed]
     y = [g for by_seed in points.values() for g in by_seed.values()]
     groups = [s for by_seed in points.values() for s in by_seed]
-    ceiling = gain_bound(observations, settings)
+    ceiling = gain_bound(observations, settings.metric)
     extra = {} if ceiling is None else {"ceiling": ceiling}
     try:
         return fit(

@@ -519,13 +519,13 @@ def rebuild_run(tracking_uri: str, run_id: str) -> tuple[L.LightningModule, floa
 
 def module_of_run(tracking_uri: str, run_id: str, rebuild: bool = True) -> L.LightningModule:
     """A run's fine-tuned module: from the weights this process's sweep kept in memory
-    (reuse.keep_weights), its logged model, its checkpoint, or (rebuild=True) retrained from its
-    logged config."""
+    (reuse.keep_final_weights), its logged model, its checkpoint, or (rebuild=True) retrained
+    from its logged config."""
     from finetune_budget import reuse
     from finetune_budget.tasks import build_task
 
     cfg, run = config_of_run(tracking_uri, run_id)
-    kept = reuse.kept_weights(run_id)
+    kept = reuse.final_weights(run_id)
     if kept is not None:  # a job of this process's sweep: its final weights, still in memory
         module = build_task(cfg).module
         module.load_state_dict(kept, strict=True)
@@ -587,6 +587,15 @@ def _history_of_run(run) -> list[dict[str, float]]:
     row = dict(run.data.metrics)
     row.setdefault("epoch", float(run.data.params.get("trainer.max_epochs", "nan")))
     return [row]
+
+
+def logged_at_sweep_end(cfg, parent_run_id: str | None) -> bool:
+    """Whether the sweep this job runs in logs a chosen run's model at its end: a `-m` sweep's
+    parent (tracking.sweep_parent) with tracking.log_model=auto. (An Optuna search logs none.)"""
+    from finetune_budget.tracking.sweep_parent import current_parent
+
+    option = check_log_model_option(cfg.tracking.get("log_model", "auto"))
+    return parent_run_id is not None and parent_run_id == current_parent() and option == "auto"
 
 
 def sweep_choices(config, children: list, report=None) -> list[tuple[str, str]]:

@@ -51,43 +51,32 @@ def clear() -> None:
 
 
 # -- the final weights of a sweep's jobs ----------------------------------------------------------
-_WEIGHTS: OrderedDict[str, dict[str, Any]] = OrderedDict()
+_WEIGHTS: OrderedDict[str, tuple[dict[str, Any], int]] = OrderedDict()  # run id: (state, bytes)
 
 
-def keep_weights(run_id: str, module: Any, max_mb: float) -> None:
+def keep_final_weights(run_id: str, module: Any, max_mb: float) -> None:
     """Keep `module`'s final weights (a CPU state dict) under `run_id`, dropping the oldest kept
     runs past `max_mb` MB (0: keep none)."""
-    import torch
-
     if not max_mb or max_mb <= 0:
         return
     # on the CPU these are the trained tensors themselves (the job is over: nothing changes them)
     state = {k: v.detach().to("cpu") for k, v in module.state_dict().items()}
-    _WEIGHTS[run_id] = state
+    _WEIGHTS[run_id] = (state, sum(t.numel() * t.element_size() for t in state.values()))
     _WEIGHTS.move_to_end(run_id)
-
-    def size_mb() -> float:
-        return (
-            sum(
-                t.numel() * t.element_size()
-                for s in _WEIGHTS.values()
-                for t in s.values()
-                if isinstance(t, torch.Tensor)
-            )
-            / 2**20
-        )
-
-    while len(_WEIGHTS) > 1 and size_mb() > max_mb:
-        dropped, _ = _WEIGHTS.popitem(last=False)
+    total = sum(size for _, size in _WEIGHTS.values())
+    while len(_WEIGHTS) > 1 and total > max_mb * 2**20:
+        dropped, (_, size) = _WEIGHTS.popitem(last=False)
+        total -= size
         log.debug("kept weights past %s MB: dropped run %s", max_mb, dropped)
 
 
-def kept_weights(run_id: str) -> dict[str, Any] | None:
-    """The final weights `keep_weights` kept for `run_id` in this process (None: not kept)."""
-    return _WEIGHTS.get(run_id)
+def final_weights(run_id: str) -> dict[str, Any] | None:
+    """The final weights `keep_final_weights` kept for `run_id` in this process (None: not)."""
+    entry = _WEIGHTS.get(run_id)
+    return None if entry is None else entry[0]
 
 
-def clear_weights() -> int:
+def clear_final_weights() -> int:
     """Forget every kept run's weights (a sweep's end); returns how many."""
     count = len(_WEIGHTS)
     _WEIGHTS.clear()

@@ -25,6 +25,7 @@ from finetune_budget.export import (
     budget_summary,
     check_log_model_option,
     log_model,
+    logged_at_sweep_end,
     model_params,
 )
 from finetune_budget.tasks import build_task
@@ -172,8 +173,9 @@ def train(
             checkpoint = str(path.resolve())
             run.set_tags({"checkpoint": checkpoint})
         summarise(cfg, run, tracker.history)
-        if in_sweep and run.writer and checkpoint is None:  # the sweep may log it at its end
-            reuse.keep_weights(run.run_id, parts.module, cfg.tracking.get("sweep_weights_mb", 0))
+        if run.writer and checkpoint is None and logged_at_sweep_end(cfg, parent_run_id):
+            max_mb = cfg.tracking.get("sweep_weights_mb", 0)
+            reuse.keep_final_weights(run.run_id, parts.module, max_mb)
         if run.writer and keep_weights(cfg.tracking, "log_model", in_sweep):
             log_run_model(cfg, run.run_id, parts.module, tracker.history)
         return RunResult(

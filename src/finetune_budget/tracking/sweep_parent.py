@@ -107,7 +107,7 @@ class SweepParentRun(Callback):
         log_sweep_choice(config, run_id, children, report)
         from finetune_budget import reuse
 
-        reuse.clear_weights()
+        reuse.clear_final_weights()
         client.set_terminated(run_id, "FINISHED")
         log.info("sweep parent run %s finished: %d jobs, %d failed", run_id, jobs, failed)
 

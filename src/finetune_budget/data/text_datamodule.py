@@ -7,6 +7,7 @@ from typing import Any
 import torch
 from torch.utils.data import DataLoader, Sampler
 
+from finetune_budget import reuse
 from finetune_budget.data.base import BudgetDataModule
 from finetune_budget.data.samplers import LengthBucketBatchSampler
 from finetune_budget.data.text import TextRetrievalData
@@ -18,7 +19,10 @@ class TextRetrievalDataModule(BudgetDataModule):
     "positive": tokenised (B, T), "index"}); eval batches {"input", "index"} of all held-out items,
     sorted by token count so padding stays small. `length_bucket_pool` > 1: training batches of
     similar token length (LengthBucketBatchSampler over the base's class-aware or shuffled
-    batches; same items, batch sizes and class chunks)."""
+    batches; same items, batch sizes and class chunks).
+
+    Texts are tokenised once per process (the jobs of a sweep share the token ids); a batch is
+    its items' ids padded to the longest one, as the tokenizer's `padding=True` pads them."""
 
     def __init__(
         self,
@@ -44,22 +48,44 @@ class TextRetrievalDataModule(BudgetDataModule):
         self.max_length = max_length
         self.length_bucket_pool = int(length_bucket_pool)
         self.eval_groups = torch.as_tensor(data.eval_groups)
+        self.pad_id = tokenizer.pad_token_id or 0
+        self.pad_left = getattr(tokenizer, "padding_side", "right") == "left"
+        self.eval_ids = self._token_ids(data.eval_texts, range(len(data.eval_texts)))
         # by token count (not characters): each eval batch pads to nearly its own length
-        eval_lengths = self._token_counts(data.eval_texts)
-        self._eval_order = sorted(range(len(data.eval_texts)), key=eval_lengths.__getitem__)
+        self._eval_order = sorted(range(len(data.eval_texts)), key=lambda i: len(self.eval_ids[i]))
+        self._train_ids: dict[int, list[int]] | None = None
+        self._positive_ids: dict[int, list[int]] | None = None
 
-    def _token_counts(self, texts: list[str]) -> list[int]:
-        """Tokens of each text, capped at max_length."""
-        ids = self.tokenizer(texts, truncation=True, max_length=self.max_length)["input_ids"]
-        return [len(x) for x in ids]
+    def _token_ids(self, texts: list[str], items) -> dict[int, list[int]]:
+        """{item: token ids of texts[item], truncated at max_length} for `items`: one store per
+        text list and tokenizer in this process, so a sweep's jobs tokenise each item once."""
+        tok = self.tokenizer
+        key = (tok.name_or_path, id(tok), self.max_length, len(texts), hash(tuple(texts)))
+        store: dict[int, list[int]] = reuse.cached("token_ids", key, dict)
+        missing = [i for i in items if i not in store]
+        if missing:
+            ids = tok([texts[i] for i in missing], truncation=True, max_length=self.max_length)
+            store.update(zip(missing, ids["input_ids"], strict=True))
+        return store
+
+    @property
+    def train_ids(self) -> dict[int, list[int]]:
+        if self._train_ids is None:
+            self._train_ids = self._token_ids(self.data.train_texts, self.subset.tolist())
+        return self._train_ids
+
+    @property
+    def positive_ids(self) -> dict[int, list[int]]:
+        if self._positive_ids is None:
+            self._positive_ids = self._token_ids(self.data.train_positives, self.subset.tolist())
+        return self._positive_ids
 
     def _train_lengths(self) -> list[int]:
         """Token count of each training item, in subset order (query + positive for pairs)."""
-        d, items = self.data, self.subset.tolist()
-        lengths = self._token_counts([d.train_texts[i] for i in items])
-        if d.kind == "pairs":
-            positives = self._token_counts([d.train_positives[i] for i in items])
-            lengths = [a + b for a, b in zip(lengths, positives, strict=True)]
+        items = self.subset.tolist()
+        lengths = [len(self.train_ids[i]) for i in items]
+        if self.data.kind == "pairs":
+            lengths = [a + len(self.positive_ids[i]) for a, i in zip(lengths, items, strict=True)]
         return lengths
 
     def train_sampler(self, n_items: int, labels=None, drop_last: bool = False) -> Sampler:
@@ -71,35 +97,35 @@ class TextRetrievalDataModule(BudgetDataModule):
             sampler, self._train_lengths(), labels, self.length_bucket_pool, self.seed
         )
 
-    def _tokenize(self, texts: list[str]) -> dict[str, torch.Tensor]:
-        return dict(
-            self.tokenizer(
-                texts,
-                padding=True,
-                truncation=True,
-                max_length=self.max_length,
-                return_tensors="pt",
-            )
-        )
+    def _batch(self, ids: list[list[int]]) -> dict[str, torch.Tensor]:
+        """`input_ids` padded to the longest item with the tokenizer's pad id and side, and the
+        `attention_mask` of the real tokens."""
+        width = max(len(x) for x in ids)
+        input_ids = torch.full((len(ids), width), self.pad_id, dtype=torch.long)
+        mask = torch.zeros((len(ids), width), dtype=torch.long)
+        for row, seq in enumerate(ids):
+            span = slice(width - len(seq), width) if self.pad_left else slice(0, len(seq))
+            input_ids[row, span] = torch.as_tensor(seq)
+            mask[row, span] = 1
+        return {"input_ids": input_ids, "attention_mask": mask}
 
     def collate_train(self, indices: list[int]) -> dict[str, Any]:
-        d = self.data
-        texts = [d.train_texts[i] for i in indices]
-        if d.kind == "pairs":
+        texts = self._batch([self.train_ids[i] for i in indices])
+        if self.data.kind == "pairs":
             return {
-                "query": self._tokenize(texts),
-                "positive": self._tokenize([d.train_positives[i] for i in indices]),
+                "query": texts,
+                "positive": self._batch([self.positive_ids[i] for i in indices]),
                 "index": torch.as_tensor(indices),
             }
         return {
-            "input": self._tokenize(texts),
-            "labels": torch.as_tensor([d.train_labels[i] for i in indices]),
+            "input": texts,
+            "labels": torch.as_tensor([self.data.train_labels[i] for i in indices]),
             "index": torch.as_tensor(indices),
         }
 
     def collate_eval(self, indices: list[int]) -> dict[str, Any]:
         return {
-            "input": self._tokenize([self.data.eval_texts[i] for i in indices]),
+            "input": self._batch([self.eval_ids[i] for i in indices]),
             "index": torch.as_tensor(indices),
         }
 

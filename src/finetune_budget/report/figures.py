@@ -38,8 +38,15 @@ def _line(ax, x, y, half, label: str, **kw) -> None:
         ax.fill_between(x, y - h, y + h, color=line.get_color(), alpha=0.2, lw=0)
 
 
+def _axes():
+    """One figure of the report's size with fixed margins (room for the axis labels and tick
+    labels): a fixed layout draws each figure once, where tight_layout draws it twice."""
+    fig, ax = plt.subplots(figsize=(6.4, 4.2))
+    fig.subplots_adjust(left=0.13, right=0.97, bottom=0.12, top=0.92)
+    return fig, ax
+
+
 def _save(fig, path: Path) -> Path:
-    fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
     return path
@@ -90,7 +97,7 @@ def data_figures(
         ("gain_vs_n", f"gain/{name}", f"relative improvement of {name}"),
         ("roi_label_vs_n", f"roi_label/{name}", f"ROI per labelled item ({name})"),
     ):
-        fig, ax = plt.subplots(figsize=(6.4, 4.2))
+        fig, ax = _axes()
         for key, g in curve.groupby(GROUP, sort=True):
             g = g.sort_values("n")
             _line(ax, g["n"], g[col], g[f"{col}_ci95"], _label(key))
@@ -134,7 +141,7 @@ def cost_figures(
     seed band, and the fitted curve of each n that could be backtested, with its backtest."""
     name = metric_name(metric)
     gain = f"gain/{name}"
-    fig, ax = plt.subplots(figsize=(6.4, 4.2))
+    fig, ax = _axes()
     frame = points.assign(_cost=items_seen(points))
     for key, g in frame.groupby([*GROUP, "n"], sort=True):
         stats_ = g.groupby("epoch").agg(
@@ -171,7 +178,7 @@ def time_figures(summary: pd.DataFrame, metric: str, out_dir: Path) -> list[Path
     )
     paths = []
     for prefix, xcol, ycol, xlabel, ylabel in specs:
-        fig, ax = plt.subplots(figsize=(6.4, 4.2))
+        fig, ax = _axes()
         for key, g in summary.groupby([*GROUP, "n"], sort=True):
             g = g.sort_values("epoch")
             _line(ax, g[xcol], g[ycol], g[f"{ycol}_ci95"], f"{_label(key[:3])} · n={key[3]}")

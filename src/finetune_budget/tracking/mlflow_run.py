@@ -8,6 +8,7 @@ left RUNNING by a process that is gone (`kill -9`, a crash, a lost node) is mark
 
 from __future__ import annotations
 
+import functools
 import logging
 import os
 import platform
@@ -46,14 +47,20 @@ MAX_PARAM_CHARS = 6000
 BATCH = 100  # MLflow's limit of params (and tags) per log_batch call
 
 
-def package_versions() -> dict[str, str]:
+@functools.cache
+def _versions() -> tuple[tuple[str, str], ...]:
     out = {"python": platform.python_version()}
     for name in VERSIONED_PACKAGES:
         try:
             out[name] = version(name)
         except PackageNotFoundError:
             continue
-    return out
+    return tuple(out.items())
+
+
+def package_versions() -> dict[str, str]:
+    """Versions of Python and the packages a run's results depend on (read once per process)."""
+    return dict(_versions())
 
 
 @dataclass
@@ -67,12 +74,18 @@ class TrackedRun:
     writer: bool = True
 
     def log_metrics(self, metrics: Mapping[str, float], step: int) -> None:
+        self.log_steps({step: metrics})
+
+    def log_steps(self, steps: Mapping[int, Mapping[str, float]]) -> None:
+        """Metrics of several steps (epochs) in as few MLflow calls as its batch limit allows."""
         if not self.writer:
             return
-        import time
-
         now = int(time.time() * 1000)
-        items = [Metric(k, float(v), now, step) for k, v in metrics.items()]
+        items = [
+            Metric(k, float(v), now, int(step))
+            for step, metrics in steps.items()
+            for k, v in metrics.items()
+        ]
         for i in range(0, len(items), 1000):
             self.client.log_batch(self.run_id, metrics=items[i : i + 1000])
 

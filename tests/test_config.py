@@ -102,16 +102,21 @@ def test_precision_auto_resolves_to_a_lightning_precision():
     assert resolve_precision("auto", "cpu") in {"bf16-mixed", "32-true"}
 
 
-def test_the_grid_sweeper_checks_a_job_for_every_swept_value():
+def test_the_grid_sweeper_checks_a_job_for_every_group_option():
     from hydra_plugins.budget_sweeper.grid_sweeper import covering_jobs
 
     grid = [
-        [f"data.n={n}", f"trainer.max_epochs={e}"] for n in (100, 500, 1000) for e in range(1, 11)
+        [f"model={m}", f"data.n={n}", f"trainer.max_epochs={e}"]
+        for m in ("tiny_bert", "minilm_l6")
+        for n in (100, 500)
+        for e in (1, 2)
     ]
     kept = covering_jobs(grid)
-    assert len(kept) == 12  # (100, 1..10), then (500, 1) and (1000, 1)
-    assert {o for job in kept for o in job} == {o for job in grid for o in job}
-    assert covering_jobs([["a=1"], ["a=1"]]) == [["a=1"]]
+    assert kept == [grid[0], grid[4]]  # the first job, and the first with model=minilm_l6
+    users = [[f"data.n={n}", f"trainer.max_epochs={e}"] for n in (100, 500) for e in (1, 2)]
+    assert covering_jobs(users) == [users[0]]  # dotted values cannot fail composition alone
+    assert covering_jobs([["seed=1"], ["seed=2"]]) == [["seed=1"], ["seed=2"]]
+    assert covering_jobs([["+hydra/launcher=local"], ["x.y=1"]]) == [["+hydra/launcher=local"]]
     assert covering_jobs([[]]) == [[]]  # a sweep of one job without overrides is still checked
 
 

@@ -246,3 +246,23 @@ def test_auto_store_is_memory_in_process_and_disk_for_launchers_of_other_process
         assert store_kind(tiny_text_cfg("budget.continuation_store=disk")) == "disk"
     finally:
         HydraConfig.instance().cfg = None
+
+
+def test_a_kept_state_is_the_finished_jobs_tensors_and_each_load_gets_its_own_copy(tmp_path):
+    """No copy when a job's state is kept (the job is over), a copy for every job that loads
+    it; a state whose tensors changed in place afterwards is not continued from."""
+    import torch
+
+    from finetune_budget.continuation import EpochStore, MemoryStore
+
+    store, spill = MemoryStore(), EpochStore(tmp_path)
+    weight = torch.ones(3)
+    kept = {"state_dict": {"w": weight}, "optimizer_states": [{"state": {0: torch.zeros(3)}}]}
+    store.put("k", 2, "run-a", kept, limit_mb=100, spill=spill)
+    assert store.states["k"][1]["state_dict"]["w"] is weight  # kept as it is
+    loaded = store.checkpoint("k")
+    loaded["state_dict"]["w"].add_(5.0)  # the next job trains its copy
+    loaded["optimizer_states"][0]["state"][0].add_(1.0)
+    assert store.get("k") is not None and torch.equal(weight, torch.ones(3))
+    weight.mul_(2.0)  # the finished job's tensor changed afterwards
+    assert store.get("k") is None and "k" not in store.states

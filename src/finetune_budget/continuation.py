@@ -181,6 +181,18 @@ class SavedState:
     path: str  # a file, or memory://<key>
 
 
+def _versions_sum(tree: Any) -> int:
+    """The sum of the in-place version counters of the tensors in `tree` (any in-place change
+    of one raises it)."""
+    if isinstance(tree, torch.Tensor):
+        return tree._version
+    if isinstance(tree, dict):
+        return sum(_versions_sum(v) for v in tree.values())
+    if isinstance(tree, list | tuple):
+        return sum(_versions_sum(v) for v in tree)
+    return 0
+
+
 def _nbytes(tree: Any) -> int:
     if isinstance(tree, torch.Tensor):
         return tree.numel() * tree.element_size()
@@ -281,15 +293,25 @@ class EpochStore:
 
 
 class MemoryStore:
-    """The epoch states of this process's runs, as checkpoint dicts (copies: never a live
-    module's tensors). Past `limit_mb` the oldest move to `spill` (an EpochStore)."""
+    """The epoch states of this process's runs, as checkpoint dicts. A finished job's state is
+    kept as it is (its tensors: nothing changes them once the job is over; their in-place
+    version counters are recorded and checked) and copied when a later job loads it, so that
+    job's training never changes the stored state. Past `limit_mb` the oldest move to `spill`
+    (an EpochStore)."""
 
     def __init__(self) -> None:
         self.states: OrderedDict[str, tuple[SavedState, dict[str, Any], int]] = OrderedDict()
+        self.versions: dict[str, int] = {}
 
     def get(self, key: str) -> SavedState | None:
         entry = self.states.get(key)
-        return entry[0] if entry is not None else None
+        if entry is None:
+            return None
+        if _versions_sum(entry[1]) != self.versions.get(key):  # changed in place: not trusted
+            log.warning("the epoch state %s changed after its job ended: not continued", key)
+            self.states.pop(key)
+            return None
+        return entry[0]
 
     def checkpoint(self, key: str) -> dict[str, Any]:
         return copy.deepcopy(self.states[key][1])
@@ -305,9 +327,11 @@ class MemoryStore:
     ) -> SavedState:
         state = SavedState(key, epoch, run_id, MEMORY_SCHEME + key)
         self.states.pop(key, None)
-        self.states[key] = (state, copy.deepcopy(checkpoint), _nbytes(checkpoint))
+        self.states[key] = (state, checkpoint, _nbytes(checkpoint))
+        self.versions[key] = _versions_sum(checkpoint)
         while len(self.states) > 1 and self.nbytes() > limit_mb * 2**20:
             old_key, (old, ckpt, _) = self.states.popitem(last=False)
+            self.versions.pop(old_key, None)
             spill.write(old_key, old.epoch, old.run_id, lambda p, c=ckpt: torch.save(c, p))
             log.info(
                 "epoch states past budget.continuation_memory_mb=%s: moved %s to disk",
@@ -322,6 +346,7 @@ class MemoryStore:
     def clear(self) -> int:
         n = len(self.states)
         self.states.clear()
+        self.versions.clear()
         return n
 
 

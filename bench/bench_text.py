@@ -12,6 +12,8 @@
    this machine measured in the same run (FLOPs: 6 x non-embedding parameters x real tokens, plus
    attention 12 x layers x hidden x T^2 per sequence; forward only for evaluation: a third).
 Paths alternate within each repeat so machine noise hits both alike; the best repeat is kept.
+--profile: where a training step's time goes (torch.profiler over the plain loop's steps,
+grouped: matmuls, dropout's random masks, dtype casts, AdamW, the rest).
 """
 
 from __future__ import annotations
@@ -240,6 +242,35 @@ def ours_train(kind: str, data, n: int, precision: str, pool: int):
     return lightning_run(module, dm, precision, "train"), list(dm.train_dataloader()), module
 
 
+# op name -> group of the step-time breakdown (--profile)
+OP_GROUPS = {
+    "aten::mm": "matmuls (mm, addmm, bmm)",
+    "aten::addmm": "matmuls (mm, addmm, bmm)",
+    "aten::bmm": "matmuls (mm, addmm, bmm)",
+    "aten::bernoulli_": "dropout's random masks (bernoulli_)",
+    "aten::copy_": "dtype casts and copies (autocast)",
+    "aten::_fused_adamw_": "AdamW (fused)",
+    "aten::fill_": "fills (zeroed buffers)",
+}
+
+
+def profile_steps(module: EmbeddingFineTuner, batches: list, precision: str) -> None:
+    """Self CPU time of a training epoch's steps by op group, as shares of the total."""
+    from torch.profiler import ProfilerActivity, profile
+
+    plain_train(copy.deepcopy(module), batches[:2], precision)  # warm-up
+    with profile(activities=[ProfilerActivity.CPU]) as prof:
+        plain_train(copy.deepcopy(module), batches, precision)
+    groups: dict[str, float] = {}
+    for event in prof.key_averages():
+        group = OP_GROUPS.get(event.key, "the rest (norms, GELU, softmax, loss, ...)")
+        groups[group] = groups.get(group, 0.0) + event.self_cpu_time_total
+    total = sum(groups.values())
+    print(f"\nwhere a training step's time goes ({len(batches)} steps, self CPU time):")
+    for group, us in sorted(groups.items(), key=lambda kv: -kv[1]):
+        print(f"  {group:44s}{us / total:7.1%}  {us / len(batches) / 1e3:7.1f} ms/step")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--data", default="../shared/data/clinc150/data_full.json")
@@ -251,6 +282,7 @@ def main() -> None:
     parser.add_argument("--pool", type=int, default=8, help="data.length_bucket_pool (ours)")
     parser.add_argument("--skip-st", action="store_true")
     parser.add_argument("--skip-lightning", action="store_true", help="only the ST comparison")
+    parser.add_argument("--profile", action="store_true", help="a training step by op group")
     args = parser.parse_args()
     precision = resolve_precision(args.precision, "cpu")
     torch.manual_seed(0)
@@ -304,6 +336,8 @@ def main() -> None:
         f"{eval_flops / best['lightning_eval'] / rate:.1%} of the matmul rate "
         f"(padding {padding_share(eval_batches):.1%} of tokens)"
     )
+    if args.profile:
+        profile_steps(base, list(train_batches), precision)
     if not args.skip_st:
         compare_st(args, precision, rate)
     print(

@@ -31,6 +31,7 @@ import os
 import shutil
 import time
 from collections import OrderedDict
+from collections.abc import Iterator
 from dataclasses import dataclass
 from importlib.metadata import PackageNotFoundError, version
 from pathlib import Path
@@ -181,26 +182,25 @@ class SavedState:
     path: str  # a file, or memory://<key>
 
 
-def _versions_sum(tree: Any) -> int:
-    """The sum of the in-place version counters of the tensors in `tree` (any in-place change
-    of one raises it)."""
+def _tensors(tree: Any) -> Iterator[torch.Tensor]:
+    """The tensors of a checkpoint dict (nested dicts, lists and tuples)."""
     if isinstance(tree, torch.Tensor):
-        return tree._version
-    if isinstance(tree, dict):
-        return sum(_versions_sum(v) for v in tree.values())
-    if isinstance(tree, list | tuple):
-        return sum(_versions_sum(v) for v in tree)
-    return 0
+        yield tree
+    elif isinstance(tree, dict):
+        for v in tree.values():
+            yield from _tensors(v)
+    elif isinstance(tree, list | tuple):
+        for v in tree:
+            yield from _tensors(v)
+
+
+def _versions_sum(tree: Any) -> int:
+    """The sum of the tensors' in-place version counters (any in-place change raises it)."""
+    return sum(t._version for t in _tensors(tree))
 
 
 def _nbytes(tree: Any) -> int:
-    if isinstance(tree, torch.Tensor):
-        return tree.numel() * tree.element_size()
-    if isinstance(tree, dict):
-        return sum(_nbytes(v) for v in tree.values())
-    if isinstance(tree, list | tuple):
-        return sum(_nbytes(v) for v in tree)
-    return 0
+    return sum(t.numel() * t.element_size() for t in _tensors(tree))
 
 
 class EpochStore:
@@ -310,6 +310,7 @@ class MemoryStore:
         if _versions_sum(entry[1]) != self.versions.get(key):  # changed in place: not trusted
             log.warning("the epoch state %s changed after its job ended: not continued", key)
             self.states.pop(key)
+            self.versions.pop(key, None)
             return None
         return entry[0]
 

@@ -1,15 +1,33 @@
-"""Config helpers shared by the entry points: flattening, the `a..b` sweep syntax, precision, and
-the checks run before the heavy imports (check_config). Imports nothing heavy at module level."""
+"""Config helpers shared by the entry points: flattening, the `a..b` sweep syntax, precision,
+installed package versions, and the checks run before the heavy imports (check_config). Imports
+nothing heavy at module level."""
 
 from __future__ import annotations
 
+import functools
 import logging
 import re
 from collections.abc import Mapping, Sequence
+from importlib.metadata import PackageNotFoundError, version
 from pathlib import Path
 from typing import Any
 
 log = logging.getLogger(__name__)
+
+
+@functools.cache
+def _installed(name: str) -> str | None:
+    try:
+        return version(name)
+    except PackageNotFoundError:
+        return None
+
+
+def installed_versions(names: Sequence[str]) -> dict[str, str]:
+    """{package: version} of those of `names` that are installed, read once per process (run
+    tags, continuation keys and a logged model's requirements all ask on every job)."""
+    return {name: v for name in names if (v := _installed(name)) is not None}
+
 
 _RANGE = re.compile(r"^(?P<key>[^=]+)=(?P<lo>-?\d+)\.\.(?P<hi>-?\d+)$")
 

@@ -33,7 +33,6 @@ import time
 from collections import OrderedDict
 from collections.abc import Iterator
 from dataclasses import dataclass
-from importlib.metadata import PackageNotFoundError, version
 from pathlib import Path
 from typing import Any
 
@@ -46,7 +45,7 @@ from lightning.pytorch.callbacks import Callback
 from lightning.pytorch.plugins.io import TorchCheckpointIO
 from omegaconf import DictConfig
 
-from finetune_budget.config import flatten, resolve_precision
+from finetune_budget.config import flatten, installed_versions, resolve_precision
 from finetune_budget.errors import ConfigError
 from finetune_budget.tracking.baseline_cache import with_fingerprints
 from finetune_budget.tracking.budget_tracker import BudgetTracker
@@ -80,13 +79,7 @@ MEMORY_SCHEME = "memory://"
 
 
 def _versions() -> dict[str, str]:
-    out = {}
-    for name in KEY_PACKAGES:
-        try:
-            out[name] = version(name)
-        except PackageNotFoundError:
-            continue
-    return out
+    return installed_versions(KEY_PACKAGES)
 
 
 def continuation_key(config: dict[str, Any]) -> str:

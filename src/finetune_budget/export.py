@@ -31,7 +31,6 @@ import logging
 import tempfile
 from collections.abc import Mapping
 from dataclasses import dataclass
-from importlib.metadata import PackageNotFoundError, version
 from pathlib import Path
 from typing import Any
 
@@ -40,6 +39,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from finetune_budget.config import installed_versions
 from finetune_budget.errors import ConfigError, ModelError
 from finetune_budget.models.text import SentenceEncoder, load_tokenizer
 
@@ -299,13 +299,7 @@ def export_model(module: L.LightningModule, folder: str | Path) -> Exported:
 
 # -- MLflow ---------------------------------------------------------------------------------------
 def _requirements(*packages: str) -> list[str]:
-    out = []
-    for name in packages:
-        try:
-            out.append(f"{name}=={version(name)}")
-        except PackageNotFoundError:
-            continue
-    return out
+    return [f"{name}=={v}" for name, v in installed_versions(packages).items()]
 
 
 def log_model(

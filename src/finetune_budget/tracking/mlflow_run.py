@@ -8,7 +8,6 @@ left RUNNING by a process that is gone (`kill -9`, a crash, a lost node) is mark
 
 from __future__ import annotations
 
-import functools
 import logging
 import os
 import platform
@@ -18,7 +17,6 @@ import time
 from collections.abc import Iterator, Mapping
 from contextlib import contextmanager
 from dataclasses import dataclass, field
-from importlib.metadata import PackageNotFoundError, version
 from pathlib import Path
 from typing import Any
 
@@ -26,7 +24,7 @@ import mlflow
 from mlflow.entities import Metric, Param, RunTag
 from mlflow.tracking import MlflowClient
 
-from finetune_budget.config import flatten
+from finetune_budget.config import flatten, installed_versions
 from finetune_budget.errors import one_line
 
 log = logging.getLogger(__name__)
@@ -47,20 +45,9 @@ MAX_PARAM_CHARS = 6000
 BATCH = 100  # MLflow's limit of params (and tags) per log_batch call
 
 
-@functools.cache
-def _versions() -> tuple[tuple[str, str], ...]:
-    out = {"python": platform.python_version()}
-    for name in VERSIONED_PACKAGES:
-        try:
-            out[name] = version(name)
-        except PackageNotFoundError:
-            continue
-    return tuple(out.items())
-
-
 def package_versions() -> dict[str, str]:
-    """Versions of Python and the packages a run's results depend on (read once per process)."""
-    return dict(_versions())
+    """Versions of Python and the packages a run's results depend on."""
+    return {"python": platform.python_version(), **installed_versions(VERSIONED_PACKAGES)}
 
 
 @dataclass

@@ -8,7 +8,8 @@ of it does not (a bad value fails the job's own config check, and the sweep's ot
 which option a config group gets (`model=...`) can. So `GridSweeper` checks the first job and
 each job that brings a group option (or top-level key) no checked job had: a missing config still
 fails before the first job starts, the user's grid is checked in one composition.
-conf/hydra/sweeper/grid.yaml; the default of conf/train.yaml. `hydra/sweeper=basic`: Hydra's own.
+conf/hydra/sweeper/grid.yaml, the default by conf/hydra/default.yaml; `hydra/sweeper=basic`:
+Hydra's own.
 """
 
 from __future__ import annotations

@@ -1,4 +1,5 @@
-"""What the entry points share: argv rewriting, error reporting, the run table, the exit code.
+"""What the entry points share: argv rewriting, error reporting, the run table, the exit code, the
+allocator setting (allocator.keep_freed_memory, once per process).
 
 A job's config is checked first (config.check_config: types, ranges, files, the tracking store, the
 device), before the heavy imports, so a typo is reported in about a second. A job that fails is
@@ -18,6 +19,7 @@ from typing import Any, NoReturn
 
 from omegaconf import DictConfig
 
+from finetune_budget.allocator import keep_freed_memory
 from finetune_budget.config import check_config, expand_range_overrides
 from finetune_budget.distributed import is_main_process
 from finetune_budget.errors import BudgetError, one_line
@@ -57,6 +59,7 @@ DEBUG_ENV = "FINETUNE_BUDGET_DEBUG"
 def guarded_job(job: Callable[[DictConfig], Any], cfg: DictConfig) -> Any:
     """Check the config, then run one Hydra job; report a failure instead of aborting the sweep."""
     JOBS.append(1)
+    keep_freed_memory()  # once per process: no page faults for the tensors freed every step
     try:
         check_config(cfg)
         return job(cfg)

@@ -1,0 +1,38 @@
+"""Keep freed CPU memory in the process for the next step instead of handing it to the kernel.
+
+glibc's malloc serves large blocks (the dense word-embedding gradient, 47 MB for MiniLM; the
+autocast copies of weights; matmul outputs above its mmap threshold) with fresh `mmap`s and
+unmaps them when freed, so every training step page-faults them in again and zeroes them: on the
+2-core bench machine that was ~10% of a MiniLM step (docs/performance.md). `keep_freed_memory`
+sets glibc's own tunables (mallopt: no mmap for blocks, trim the heap only above 1 GiB free),
+what PyTorch's CPU tuning guide gets from preloading jemalloc or tcmalloc, without either. The
+process keeps its peak memory for reuse. Not glibc (macOS, musl) or
+FINETUNE_BUDGET_KEEP_FREED_MEMORY=0: nothing changes.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import ctypes.util
+import functools
+import os
+
+ENV = "FINETUNE_BUDGET_KEEP_FREED_MEMORY"
+M_TRIM_THRESHOLD, M_MMAP_MAX = -1, -4  # glibc's malloc.h
+TRIM_THRESHOLD_BYTES = 1 << 30
+
+
+@functools.cache
+def keep_freed_memory() -> bool:
+    """Set the tunables once per process; True when they are in effect."""
+    if os.environ.get(ENV, "") in ("0", "false", "off"):
+        return False
+    try:
+        libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
+        mallopt = libc.mallopt
+    except (OSError, AttributeError):
+        return False
+    if not hasattr(libc, "gnu_get_libc_version"):  # glibc only: others have other tunables
+        return False
+    mallopt.argtypes, mallopt.restype = [ctypes.c_int, ctypes.c_int], ctypes.c_int
+    return bool(mallopt(M_MMAP_MAX, 0)) and bool(mallopt(M_TRIM_THRESHOLD, TRIM_THRESHOLD_BYTES))

@@ -33,6 +33,7 @@ ROOT = Path(__file__).resolve().parents[1]
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
+from finetune_budget.allocator import keep_freed_memory  # noqa: E402
 from finetune_budget.data.image_text import ImageTextDataModule, load_flickr8k  # noqa: E402
 from finetune_budget.models.vision import image_transforms  # noqa: E402
 from finetune_budget.tasks.text_image import ClipFineTuner, score_both_directions  # noqa: E402
@@ -163,6 +164,7 @@ def main() -> None:
     parser.add_argument("--eval-images", type=int, default=40)
     parser.add_argument("--threads", type=int, default=torch.get_num_threads())
     args = parser.parse_args()
+    keep_freed_memory()  # as train.py
     logging.basicConfig(level=logging.WARNING)
     torch.set_num_threads(args.threads)
     L.seed_everything(0, verbose=False)

@@ -32,6 +32,7 @@ from omegaconf import open_dict
 from torch.utils.data import DataLoader
 
 from finetune_budget import losses
+from finetune_budget.allocator import keep_freed_memory
 from finetune_budget.config import resolve_precision
 from finetune_budget.optim import lr_lambda
 from finetune_budget.tasks.image_image import build
@@ -163,6 +164,7 @@ def main() -> None:
         help="when the plain step runs relative to Lightning's (training)",
     )
     args, overrides = parser.parse_known_args()
+    keep_freed_memory()  # as train.py
     logging.basicConfig(level=logging.WARNING)
     warnings.filterwarnings("ignore")
     for name in ("lightning", "lightning.pytorch", "lightning.fabric"):

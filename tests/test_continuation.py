@@ -134,7 +134,7 @@ def test_key_changes_with_the_data_file_and_the_package_version(
     data.write_text("text,label\na,x\nb,x\nc,y\nd,y\ne,y\n")  # edited in place: same path
     assert continuation_key(run_config(cfg)) != before
     after_edit = continuation_key(run_config(cfg))
-    monkeypatch.setattr(continuation, "_versions", lambda: {"torch": "0.0-other"})
+    monkeypatch.setattr(continuation, "installed_versions", lambda names: {"torch": "0.0-other"})
     assert continuation_key(run_config(cfg)) != after_edit
 
 

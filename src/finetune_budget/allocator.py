@@ -14,7 +14,6 @@ nothing changes.
 from __future__ import annotations
 
 import ctypes
-import ctypes.util
 import functools
 import os
 
@@ -28,12 +27,9 @@ def keep_freed_memory() -> bool:
     """Set the tunables once per process; True when they are in effect."""
     if os.environ.get(ENV, "") in ("0", "false", "off"):
         return False
-    try:
-        libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
-        mallopt = libc.mallopt
-    except (OSError, AttributeError):
-        return False
+    libc = ctypes.CDLL(None)  # the C library this process runs on
     if not hasattr(libc, "gnu_get_libc_version"):  # glibc only: others have other tunables
         return False
+    mallopt = libc.mallopt
     mallopt.argtypes, mallopt.restype = [ctypes.c_int, ctypes.c_int], ctypes.c_int
     return bool(mallopt(M_MMAP_MAX, 0)) and bool(mallopt(M_TRIM_THRESHOLD, TRIM_THRESHOLD_BYTES))

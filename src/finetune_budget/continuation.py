@@ -78,10 +78,6 @@ SWEEP_ENV = "FINETUNE_BUDGET_SWEEP_STATES"  # the running sweep's id, set by Swe
 MEMORY_SCHEME = "memory://"
 
 
-def _versions() -> dict[str, str]:
-    return installed_versions(KEY_PACKAGES)
-
-
 def continuation_key(config: dict[str, Any]) -> str:
     """A hash of everything that changes what a run computes, except `trainer.max_epochs`:
     the resolved run config (bookkeeping keys left out), the resolved precision (`auto` differs
@@ -92,7 +88,7 @@ def continuation_key(config: dict[str, Any]) -> str:
     flat["resolved.precision"] = resolve_precision(
         trainer.get("precision"), trainer.get("accelerator", "auto")
     )
-    flat["resolved.versions"] = _versions()
+    flat["resolved.versions"] = installed_versions(KEY_PACKAGES)
     # names, sizes and mtimes of the data files and folders and the weights packages named
     flat["resolved.files"] = with_fingerprints(
         {"data": config.get("data", {}), "model": config.get("model", {})}
@@ -293,17 +289,16 @@ class MemoryStore:
     (an EpochStore)."""
 
     def __init__(self) -> None:
-        self.states: OrderedDict[str, tuple[SavedState, dict[str, Any], int]] = OrderedDict()
-        self.versions: dict[str, int] = {}
+        # key -> (state, checkpoint, its bytes, its tensors' version counters summed)
+        self.states: OrderedDict[str, tuple[SavedState, dict[str, Any], int, int]] = OrderedDict()
 
     def get(self, key: str) -> SavedState | None:
         entry = self.states.get(key)
         if entry is None:
             return None
-        if _versions_sum(entry[1]) != self.versions.get(key):  # changed in place: not trusted
+        if _versions_sum(entry[1]) != entry[3]:  # changed in place: not trusted
             log.warning("the epoch state %s changed after its job ended: not continued", key)
             self.states.pop(key)
-            self.versions.pop(key, None)
             return None
         return entry[0]
 
@@ -321,11 +316,9 @@ class MemoryStore:
     ) -> SavedState:
         state = SavedState(key, epoch, run_id, MEMORY_SCHEME + key)
         self.states.pop(key, None)
-        self.states[key] = (state, checkpoint, _nbytes(checkpoint))
-        self.versions[key] = _versions_sum(checkpoint)
+        self.states[key] = (state, checkpoint, _nbytes(checkpoint), _versions_sum(checkpoint))
         while len(self.states) > 1 and self.nbytes() > limit_mb * 2**20:
-            old_key, (old, ckpt, _) = self.states.popitem(last=False)
-            self.versions.pop(old_key, None)
+            old_key, (old, ckpt, _, _) = self.states.popitem(last=False)
             spill.write(old_key, old.epoch, old.run_id, lambda p, c=ckpt: torch.save(c, p))
             log.info(
                 "epoch states past budget.continuation_memory_mb=%s: moved %s to disk",
@@ -335,12 +328,11 @@ class MemoryStore:
         return state
 
     def nbytes(self) -> int:
-        return sum(n for _, _, n in self.states.values())
+        return sum(entry[2] for entry in self.states.values())
 
     def clear(self) -> int:
         n = len(self.states)
         self.states.clear()
-        self.versions.clear()
         return n
 
 

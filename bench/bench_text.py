@@ -386,6 +386,8 @@ def main() -> None:
     )
     args = parser.parse_args()
     keep_freed_memory()  # as train.py: this process only, not sentence-transformers' child
+    if args.device == "cuda" and not torch.cuda.is_available():
+        parser.error("--device cuda: torch sees no CUDA device here; drop it to run on the CPU")
     if args.device == "cuda" and args.compare_dropout:
         parser.error("--compare-dropout measures the CPU's dropout: drop --device cuda")
     precision = resolve_precision(args.precision, args.device)

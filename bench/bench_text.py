@@ -71,6 +71,8 @@ LOSS = {"name": "auto", "temperature": 0.05}
 
 # autocast dtype of each mixed precision (32-true: none)
 AUTOCAST = {"bf16-mixed": torch.bfloat16, "16-mixed": torch.float16}
+# side of the square matmul that measures the rate (a smaller one leaves a GPU's units idle)
+MATMUL_SIZE = {"cpu": 2048, "cuda": 8192}
 
 
 def _now(device: str) -> float:
@@ -163,8 +165,8 @@ def lightning_run(module, dm, precision: str, mode: str, device: str = "cpu") ->
 
 def matmul_rate(precision: str, device: str = "cpu", repeats: int = 5) -> float:
     """FLOP/s of a square matmul in the training's matmul dtype (bf16, fp16 or fp32), best of
-    repeats: 2048^3 on the CPU, 8192^3 on a GPU (a smaller one leaves a GPU's units idle)."""
-    size = 8192 if device == "cuda" else 2048
+    repeats (MATMUL_SIZE)."""
+    size = MATMUL_SIZE[device]
     dtype = AUTOCAST.get(precision, torch.float32)
     a = torch.randn(size, size, dtype=dtype, device=device)
     b = torch.randn(size, size, dtype=dtype, device=device)
@@ -414,10 +416,11 @@ def main() -> None:
     train_batches, eval_batches = dm.train_dataloader(), dm.val_dataloader()
     base = EmbeddingFineTuner(MODEL, LOSS, OPTIM, data_kind="labels")
     times = {k: [] for k in ("lightning_train", "plain_train", "lightning_eval", "plain_eval")}
+    dev = args.device
     for _ in range(args.repeats):
-        dev = args.device
-        model = copy.deepcopy(base)
-        times["plain_train"].append(plain_train(model, train_batches, precision, dev))
+        times["plain_train"].append(
+            plain_train(copy.deepcopy(base), train_batches, precision, dev)
+        )
         times["lightning_train"].append(
             lightning_run(copy.deepcopy(base), dm, precision, "train", dev)
         )
@@ -445,7 +448,7 @@ def main() -> None:
     shape = encoder_shape(base)
     eval_flops = batch_flops(eval_batches, shape, forward_only=True)
     train_flops = batch_flops(train_batches, shape, forward_only=False)
-    size = 8192 if args.device == "cuda" else 2048
+    size = MATMUL_SIZE[args.device]
     print(f"\nmatmul rate ({precision}, {size}^3, this process): {rate / 1e9:.1f} GFLOP/s")
     print(
         f"train: {n_train / best['lightning_train']:.1f} items/s, real-token "

@@ -1,4 +1,4 @@
-"""Retrieval metrics over the top k, on the candidates that matter.
+"""Retrieval metrics over the top k, from each query's top-k hits alone.
 
 Every metric below reads only each query's top-k hits and its number of relevant items R, so the
 result equals the metrics of the full N x N score matrix while memory stays O(N * k) (the scores
@@ -23,8 +23,6 @@ evaluation of 3,000 queries on a 2-core CPU and most of it on a GPU; this takes 
 
 from __future__ import annotations
 
-from typing import NamedTuple
-
 import torch
 
 # Bump when a metric's definition changes: it is part of the epoch-0 baseline cache key.
@@ -33,27 +31,17 @@ import torch
 METRICS_VERSION = 3
 
 
-class Candidates(NamedTuple):
-    """What the metrics read of each query's ranking.
-
-    top_hits: (Q, k) bool, the relevance of each query's top k in rank order;
-    n_relevant: (Q,) number of relevant gallery items of each query (R).
-    """
-
-    top_hits: torch.Tensor
-    n_relevant: torch.Tensor
-
-
 @torch.no_grad()
-def candidate_lists(
+def top_k_hits(
     queries: torch.Tensor,
     gallery: torch.Tensor,
     relevant: torch.Tensor,
     top_k: int,
     exclude_self: bool,
     chunk_size: int = 1024,
-) -> Candidates:
-    """The top-k hits and relevant counts of every query (see Candidates), chunk by chunk.
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """(Q, k) bool: the relevance of each query's top k in rank order; (Q,): its number of
+    relevant gallery items R. Scored a chunk of queries at a time.
 
     queries: (Q, D), gallery: (G, D), L2-normalised; relevant: (Q, G) bool.
     exclude_self: query i is gallery item i and is not its own result (Q == G).
@@ -71,21 +59,7 @@ def candidate_lists(
         top_idx = sims.topk(k, dim=1).indices
         hits_out.append(rel.gather(1, top_idx))
         n_rel_out.append(rel.sum(dim=1))
-    return Candidates(torch.cat(hits_out), torch.cat(n_rel_out))
-
-
-def average_precision_at_k(
-    top_hits: torch.Tensor, n_relevant: torch.Tensor, k: int
-) -> torch.Tensor:
-    """AP@k per query: sum_i h_i * precision@i / min(k, R).
-
-    top_hits: (Q, k') bool in rank order (k' <= k when the gallery is smaller than k);
-    n_relevant: (Q,) R. Returns (Q,) float (0 where R = 0).
-    """
-    hits = top_hits.float()
-    ranks = torch.arange(1, hits.shape[1] + 1, dtype=torch.float32)
-    precision_sum = (hits.cumsum(dim=1) / ranks * hits).sum(dim=1)
-    return precision_sum / n_relevant.clamp(max=k).clamp(min=1).float()
+    return torch.cat(hits_out), torch.cat(n_rel_out)
 
 
 def retrieval_metrics(
@@ -109,14 +83,15 @@ def retrieval_metrics(
         gallery, gallery_groups = queries, query_groups
     assert query_groups is not None and gallery_groups is not None
     relevant = query_groups[:, None].cpu() == gallery_groups[None, :].cpu()
-    cand = candidate_lists(queries.cpu(), gallery.cpu(), relevant, top_k, exclude_self, chunk_size)
+    all_hits, all_r = top_k_hits(
+        queries.cpu(), gallery.cpu(), relevant, top_k, exclude_self, chunk_size
+    )
     names = [f"{m}_at_{top_k}" for m in ("mrr", "recall", "map", "map_hits", "ndcg")]
     names += [f"{m}_at_{c}" for c in recall_at if c < top_k for m in ("recall", "hit")]
-    answered = cand.n_relevant > 0
+    answered = all_r > 0
     if not bool(answered.any()):
         return dict.fromkeys(names, 0.0)
-    top_hits, n_rel = cand.top_hits[answered], cand.n_relevant[answered]
-    hits = top_hits.float()  # (Q, k') in rank order
+    hits, n_rel = all_hits[answered].float(), all_r[answered]  # (Q, k') in rank order; R
     r = n_rel.float()
     ranks = torch.arange(1, hits.shape[1] + 1, dtype=torch.float32)
     found = hits.sum(dim=1)
@@ -129,7 +104,7 @@ def retrieval_metrics(
         f"recall_at_{top_k}": found / r,
         f"map_hits_at_{top_k}": precision_sum / found.clamp(min=1),
         f"ndcg_at_{top_k}": (hits * gains).sum(dim=1) / ideal,
-        f"map_at_{top_k}": average_precision_at_k(top_hits, n_rel, top_k),
+        f"map_at_{top_k}": precision_sum / r.clamp(max=top_k),
     }
     for c in recall_at:
         if c < top_k:

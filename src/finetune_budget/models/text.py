@@ -82,16 +82,16 @@ def load_transformer(
         if not config:
             raise ModelError("model.pretrained is null and model.config is empty; set one of them")
         model = auto_class.from_config(BertConfig(**dict(config)))
-        return use_fast_dropout(model) if fast_dropout else model
+    else:
 
-    def load() -> nn.Module:
-        try:
-            return auto_class.from_pretrained(resolve_pretrained(pretrained))
-        except (OSError, ValueError) as e:
-            raise ModelError(hub_unreachable_hint(pretrained)) from e
+        def load() -> nn.Module:
+            try:
+                return auto_class.from_pretrained(resolve_pretrained(pretrained))
+            except (OSError, ValueError) as e:
+                raise ModelError(hub_unreachable_hint(pretrained)) from e
 
-    # Pretrained weights load once per process; every run trains its own copy.
-    model = cached("transformer", (pretrained, auto_class.__name__), load, copy=copy.deepcopy)
+        # Pretrained weights load once per process; every run trains its own copy.
+        model = cached("transformer", (pretrained, auto_class.__name__), load, copy=copy.deepcopy)
     return use_fast_dropout(model) if fast_dropout else model
 
 

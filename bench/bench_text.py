@@ -18,6 +18,8 @@ sentence-transformers' trainer runs as its users run it, in a child process with
 --device cuda: all of it on the GPU (--precision bf16-mixed or 16-mixed; auto = bf16-mixed there).
 --profile: where a training step's time goes (torch.profiler over the plain loop's steps,
 grouped: matmuls, dropout's random masks, dtype casts, AdamW, the rest).
+--compare-dropout, --compare-unpad: plain-loop epochs with torch's dropout against
+model.fast_dropout, and the padded BERT against model.unpad, alternating (median ms per step).
 """
 
 from __future__ import annotations
@@ -341,28 +343,36 @@ def profile_steps(
         print(f"  {group:44s}{us / total:7.1%}  {us / len(batches) / 1e3:7.1f} ms/step")
 
 
-def compare_dropout(batches: list, precision: str, repeats: int) -> None:
-    """Plain-loop epochs with torch's dropout and the fast one (models/dropout.py), alternating,
-    as the median ms per step of each and their ratio."""
+# what --compare-dropout and --compare-unpad switch: (model config key, off's name, on's name)
+AB_OPTIONS = {
+    "dropout": ("fast_dropout", "torch", "fast"),
+    "unpad": ("unpad", "padded", "unpadded"),
+}
+
+
+def compare_option(
+    option: str, batches: list, precision: str, repeats: int, device: str = "cpu"
+) -> None:
+    """Plain-loop epochs with a model option off and on (AB_OPTIONS), alternating, as the median
+    ms per step of each and their ratio."""
+    key, off, on = AB_OPTIONS[option]
     modules = {
-        name: EmbeddingFineTuner(
-            {**MODEL, "fast_dropout": name == "fast"}, LOSS, OPTIM, data_kind="labels"
-        )
-        for name in ("torch", "fast")
+        name: EmbeddingFineTuner({**MODEL, key: name == on}, LOSS, OPTIM, data_kind="labels")
+        for name in (off, on)
     }
     for module in modules.values():
-        plain_train(copy.deepcopy(module), batches[:2], precision)  # warm-up
+        plain_train(copy.deepcopy(module), batches[:2], precision, device)  # warm-up
     ms: dict[str, list[float]] = {name: [] for name in modules}
     for r in range(2 * repeats):  # ABBA...: neither side always runs first
         for name in modules if r % 2 == 0 else reversed(modules):
-            seconds = plain_train(copy.deepcopy(modules[name]), batches, precision)
+            seconds = plain_train(copy.deepcopy(modules[name]), batches, precision, device)
             ms[name].append(seconds / len(batches) * 1e3)
     median = {name: statistics.median(v) for name, v in ms.items()}
-    print(f"\ndropout, plain loop, {2 * repeats} alternating epochs of {len(batches)} steps:")
+    print(f"\n{key}, plain loop, {2 * repeats} alternating epochs of {len(batches)} steps:")
     for name, v in ms.items():
         each = " ".join(f"{x:.0f}" for x in v)
-        print(f"  {name:6s} median {median[name]:6.1f} ms/step  ({each})")
-    print(f"  torch / fast: {median['torch'] / median['fast']:.3f}x")
+        print(f"  {name:9s} median {median[name]:6.1f} ms/step  ({each})")
+    print(f"  {off} / {on}: {median[off] / median[on]:.3f}x")
 
 
 def main() -> None:
@@ -385,6 +395,9 @@ def main() -> None:
     parser.add_argument("--profile", action="store_true", help="a training step by op group")
     parser.add_argument(
         "--compare-dropout", action="store_true", help="torch's dropout vs model.fast_dropout"
+    )
+    parser.add_argument(
+        "--compare-unpad", action="store_true", help="the padded BERT vs model.unpad"
     )
     args = parser.parse_args()
     keep_freed_memory()  # as train.py: this process only, not sentence-transformers' child
@@ -465,7 +478,9 @@ def main() -> None:
     if args.profile:
         profile_steps(base, list(train_batches), precision, args.device)
     if args.compare_dropout:
-        compare_dropout(list(train_batches), precision, args.repeats)
+        compare_option("dropout", list(train_batches), precision, args.repeats)
+    if args.compare_unpad:
+        compare_option("unpad", list(train_batches), precision, args.repeats, args.device)
     if not args.skip_st:
         compare_st(args, precision, rate)
     print(

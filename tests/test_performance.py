@@ -143,8 +143,9 @@ def test_no_lightning_checkpoint_with_optimizer_state_is_written(tiny_text_cfg, 
     [
         ("data.length_bucket_pool=0", "data.length_bucket_pool=8"),  # length buckets
         ("model.fast_dropout=false", "model.fast_dropout=true"),  # models/dropout.py
+        ("model.unpad=false", "model.unpad=auto"),  # models/unpadded.py
     ],
-    ids=["length_buckets", "fast_dropout"],
+    ids=["length_buckets", "fast_dropout", "unpad"],
 )
 def test_faster_paths_on_minilm_clinc150_within_the_stated_tolerance(make_cfg, plain, faster):
     """Real MiniLM, n=300, 2 epochs: mRR@20 of the plain and the faster path within 0.005
@@ -402,6 +403,83 @@ def test_fast_dropout_changes_metrics_only_within_noise_on_a_tiny_model(tiny_tex
     assert abs(a["val/mrr_at_20"] - b["val/mrr_at_20"]) < 0.05  # ... within the seed noise
     c = again.history[-1]  # seeded: the same run again gives the same numbers
     assert all(c[k] == v for k, v in b.items() if k.startswith(("val/", "train/")))
+
+
+# -- BERT without its padding (models/unpadded.py) ------------------------------------------------
+def _encoders(pooling: str, implementation: str = "sdpa"):
+    """A padded and an unpadded SentenceEncoder over copies of one tiny random BERT."""
+    import copy
+
+    from finetune_budget.models.text import SentenceEncoder
+
+    bert = _tiny_bert()
+    bert.config._attn_implementation = implementation
+    padded = SentenceEncoder(copy.deepcopy(bert), pooling=pooling, unpad=False)
+    unpadded = SentenceEncoder(copy.deepcopy(bert), pooling=pooling, unpad="auto")
+    return padded, unpadded
+
+
+@pytest.mark.parametrize("pooling, side", [("mean", "right"), ("mean", "left"), ("cls", "right")])
+def test_unpadded_bert_embeds_and_trains_like_the_padded_model(pooling, side):
+    """The reference is transformers' own BertModel on the padded batch: embeddings and every
+    parameter's gradient agree to float rounding (eval mode: no dropout)."""
+    padded, unpadded = _encoders(pooling)
+    assert unpadded.unpad and not padded.unpad
+    lengths = [9, 3, 6, 1]
+    ids = torch.randint(1, 100, (4, 9))
+    mask = torch.zeros_like(ids)
+    for row, n in enumerate(lengths):
+        if side == "right":
+            mask[row, :n] = 1
+        else:
+            mask[row, 9 - n :] = 1
+    ids = ids * mask  # padding id 0
+    out = {}
+    for name, encoder in (("padded", padded), ("unpadded", unpadded)):
+        encoder.eval().zero_grad()
+        emb = encoder(input_ids=ids, attention_mask=mask)
+        (emb * torch.arange(1.0, 33.0)).sum().backward()  # a loss that weighs every dimension
+        out[name] = emb.detach(), {k: p.grad for k, p in encoder.named_parameters()}
+    torch.testing.assert_close(out["unpadded"][0], out["padded"][0], atol=1e-6, rtol=1e-5)
+    grads_p, grads_u = out["padded"][1], out["unpadded"][1]
+    assert grads_u.keys() == grads_p.keys()
+    for name, grad in grads_p.items():
+        torch.testing.assert_close(grads_u[name], grad, atol=1e-5, rtol=1e-4, msg=name)
+
+
+def test_unpadded_bert_runs_its_per_token_layers_on_the_real_tokens_only():
+    _, unpadded = _encoders("mean")
+    rows = []
+    for layer in unpadded.transformer.encoder.layer:
+        for linear in (layer.attention.self.query, layer.intermediate.dense):
+            linear.register_forward_hook(lambda m, args, out: rows.append(args[0].shape[0]))
+    mask = torch.tensor([[1] * 8, [1, 1, 0, 0, 0, 0, 0, 0], [1, 1, 1, 0, 0, 0, 0, 0]])
+    unpadded(input_ids=torch.randint(1, 100, (3, 8)) * mask, attention_mask=mask)
+    assert rows == [13] * 4  # 8 + 2 + 3 real tokens, never 3 x 8
+
+
+def test_model_unpad_where_the_model_cannot_falls_back_or_names_the_fix():
+    from finetune_budget.errors import ModelError
+    from finetune_budget.models.text import SentenceEncoder
+
+    _, auto = _encoders("mean", implementation="eager")
+    assert not auto.unpad  # auto: the padded forward
+    eager = _tiny_bert()
+    eager.config._attn_implementation = "eager"
+    with pytest.raises(ModelError, match="model.unpad=true, but attention implementation 'eager'"):
+        SentenceEncoder(eager, unpad=True)
+    with pytest.raises(ModelError, match="model.unpad='yes' is unknown"):
+        SentenceEncoder(_tiny_bert(), unpad="yes")
+
+
+def test_unpadding_changes_metrics_only_within_noise_on_a_tiny_model(tiny_text_cfg):
+    common = ("data.n=64", "trainer.max_epochs=2", "budget.continue_shorter_runs=false",
+              "optim.optimizer.lr=1e-3")  # fmt: skip
+    plain = train(tiny_text_cfg(*common, "model.unpad=false"))
+    fast = train(tiny_text_cfg(*common, "model.unpad=auto"))
+    a, b = plain.history, fast.history
+    assert a[0]["val/mrr_at_20"] == pytest.approx(b[0]["val/mrr_at_20"], abs=1e-6)  # no dropout
+    assert abs(a[-1]["val/mrr_at_20"] - b[-1]["val/mrr_at_20"]) < 0.05  # dropout: another stream
 
 
 # -- gradient clipping (optim.clip_grad_norm) -----------------------------------------------------

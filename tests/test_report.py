@@ -505,3 +505,38 @@ def test_runs_logged_before_map_hits_existed_show_their_map_as_map_hits(tmp_path
     assert math.isnan(df.loc[("old", 1), "val/map_at_20"])
     assert df.loc[("new", 1), "val/map_at_20"] == 0.2
     assert df.loc[("new", 1), "val/map_hits_at_20"] == 0.9
+
+
+def test_the_report_drawn_in_two_processes_equals_the_one_drawn_in_one(
+    known_store, tmp_path, monkeypatch
+):
+    """The curve fits and figures run half in a forked process (report/forked.py) where the
+    machine has two cores; one process computing everything is the reference: every file the
+    same to the byte, the answer the same to the word."""
+    from finetune_budget.report import forked
+
+    if "fork" not in __import__("multiprocessing").get_all_start_methods():
+        pytest.skip("no fork here: the report runs in one process anyway")
+    reports, files = {}, {}
+    for cores in (1, 2):
+        monkeypatch.setattr(forked.os, "cpu_count", lambda cores=cores: cores)
+        out = tmp_path / f"cores{cores}"
+        settings = ReportSettings(out_dir=str(out), metrics=["val/mrr_at_20"], bootstrap=100)
+        reports[cores] = build_report(known_store, "known", settings)
+        files[cores] = {p.name: p.read_bytes() for p in out.iterdir()}
+    assert sorted(files[1]) == sorted(files[2]) and any(n.endswith(".png") for n in files[1])
+    for name, content in files[1].items():
+        assert files[2][name] == content, name
+    assert reports[1].answer == reports[2].answer
+
+
+def test_a_task_that_fails_in_the_forked_process_fails_the_call():
+    from finetune_budget.report.forked import in_two_processes
+
+    def fail(x):
+        raise ValueError(f"bad {x}")
+
+    assert in_two_processes([(abs, (-1,)), (abs, (-2,)), (abs, (-3,))]) == [1, 2, 3]
+    if __import__("os").cpu_count() >= 2:
+        with pytest.raises(RuntimeError, match="ValueError: bad 2"):
+            in_two_processes([(abs, (-1,)), (fail, (2,))])

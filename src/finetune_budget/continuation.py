@@ -425,14 +425,14 @@ class ContinuationState(Callback):
         generator = _train_generator(trainer)  # a sampler draws its order at the first batch
         if generator is not None and state.get("sampler_generator") is not None:
             generator.set_state(state["sampler_generator"])
-        if self.run is not None:
+        if self.run is not None:  # epochs 0..j of the run it continues, and how epoch 0 was got
             self.run.log_steps(
                 {
                     int(row["epoch"]): {k: v for k, v in row.items() if k != "epoch"}
                     for row in self.tracker.history
-                    if row["epoch"] > 0
                 }
             )
+            self.run.set_tags(self.tracker.baseline_tags)
 
 
 class Continuation:

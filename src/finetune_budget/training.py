@@ -157,7 +157,10 @@ def train(
         trainer = build_trainer(
             cfg, tracker, run, [*(callbacks or []), *cont.callbacks], plugins=cont.plugins
         )
-        evaluate_baseline(cfg, trainer, parts, tracker, run)
+        if cont.source is None:
+            evaluate_baseline(cfg, trainer, parts, tracker, run)
+        else:  # the state it continues brings epoch 0 back (logged by ContinuationState)
+            log.info("epoch 0: from the state of run %s", cont.source.run_id)
         # rank r draws its own dropout, augmentation and masking (nanoGPT's seed_offset); the
         # epoch's item order is shared and split across ranks by the DataModule
         L.seed_everything(cfg.seed + trainer.global_rank, workers=True, verbose=False)
@@ -239,7 +242,8 @@ def evaluate_baseline(
     if hit is not None:
         log.info("epoch 0: pretrained metrics from the baseline cache (%s)", key)
         tracker.record(0, hit["metrics"], hit["eval_s"])
-        run.set_tags({"baseline_cached": "true", "baseline_key": key})
+        tracker.baseline_tags = {"baseline_cached": "true", "baseline_key": key}
+        run.set_tags(tracker.baseline_tags)
         return
     trainer.validate(parts.module, datamodule=parts.datamodule, verbose=False)
     # Lightning finalises its loggers after validate(); the run goes on.
@@ -251,9 +255,12 @@ def evaluate_baseline(
             cache.put(key, parts.module.eval_metrics, tracker.history[0]["time/eval_s"])
         else:
             log.info("epoch 0 embedded %d of %s held-out items: not cached", seen, total)
-    run.set_tags(
-        {"baseline_cached": "false", "baseline_key": str(key), "baseline_items": f"{seen}/{total}"}
-    )
+    tracker.baseline_tags = {
+        "baseline_cached": "false",
+        "baseline_key": str(key),
+        "baseline_items": f"{seen}/{total}",
+    }
+    run.set_tags(tracker.baseline_tags)
 
 
 def summarise(cfg: DictConfig, run: TrackedRun, history: list[dict[str, float]]) -> None:

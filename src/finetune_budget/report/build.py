@@ -28,6 +28,7 @@ from finetune_budget.report.advice import (
 )
 from finetune_budget.report.curves import CurveFit
 from finetune_budget.report.figures import cost_figures, data_figures, time_figures
+from finetune_budget.report.forked import Task, in_two_processes
 from finetune_budget.report.knee import best_epochs, drop_point, worse_with_time
 from finetune_budget.report.table import (
     GROUP,
@@ -368,16 +369,32 @@ def build_report(
     figures: list[tuple[str, list[Path]]] = []
     base = df[df["epoch"] == 0].groupby(GROUP)[metrics].mean()
     advice_settings = s.advice_settings()
-    for key, group in summary.groupby(GROUP, sort=True):
+    groups = list(summary.groupby(GROUP, sort=True))
+    pairs = [(key, metric) for key, _ in groups for metric in metrics]
+    fitted = in_two_processes(  # the curve fits: the report's longest part
+        [
+            (
+                advise,
+                (
+                    points,
+                    key,
+                    metric,
+                    float(base.loc[key, metric]) if key in base.index else math.nan,
+                    advice_settings,
+                ),
+            )
+            for key, metric in pairs
+        ]
+    )
+    advices.update(zip(pairs, fitted, strict=True))
+    for key, group in groups:
         head = len(answer)
         answer.append(
             f"{' · '.join(map(str, key))}: {group['n'].nunique()} data sizes, "
             f"{group['epoch'].nunique()} epoch counts, up to {int(group['seeds'].max())} seeds."
         )
         for metric in metrics:
-            m0 = float(base.loc[key, metric]) if key in base.index else math.nan
-            advice = advise(points, key, metric, m0, advice_settings)
-            advices[(key, metric)] = advice
+            advice = advices[(key, metric)]
             gpoints = points[(points[GROUP] == pd.Series(key, index=GROUP)).all(axis=1)]
             curve = summarize(data_curve(gpoints, metric, s.data_epoch), metrics)
             found: dict[str, float] = {}
@@ -392,16 +409,20 @@ def build_report(
     if len(covered):
         numbers["backtest_coverage"] = float(covered.astype(bool).mean())
         numbers["backtests"] = float(len(covered))
-    files: list[Path] = []
+    tasks: list[Task] = []
     for metric in metrics:
         curve = summarize(data_curve(points, metric, s.data_epoch), metrics)
         metric_fits = {k: f for (k, m), f in fits.items() if m == metric}
         metric_time = {k: a.time_fits for (k, m), a in advices.items() if m == metric}
-        paths = (
-            data_figures(curve, metric, out, metric_fits, s.predict_n)
-            + time_figures(summary, metric, out)
-            + cost_figures(points, metric, out, metric_time)
-        )
+        tasks += [
+            (data_figures, (curve, metric, out, metric_fits, s.predict_n)),
+            (time_figures, (summary, metric, out)),
+            (cost_figures, (points, metric, out, metric_time)),
+        ]
+    drawn = in_two_processes(tasks)
+    files: list[Path] = []
+    for i, metric in enumerate(metrics):
+        paths = [path for each in drawn[3 * i : 3 * i + 3] for path in each]
         figures.append((f"{metric_name(metric)}", paths))
         files += paths
 

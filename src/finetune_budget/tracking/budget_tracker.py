@@ -84,6 +84,9 @@ class BudgetTracker(Callback):
         self.max_train_s = max_train_s
         self.history: list[dict[str, float]] = []
         self.baseline: dict[str, float] = {}
+        # how epoch 0 was obtained (the run tags baseline_cached, baseline_key, ...): a run that
+        # continues this one's saved state sets them again without evaluating epoch 0
+        self.baseline_tags: dict[str, str] = {}
         self.train_s = 0.0
         self.samples_seen = 0
         self.train_flops = 0.0
@@ -102,6 +105,7 @@ class BudgetTracker(Callback):
         return {
             "history": self.history,
             "baseline": self.baseline,
+            "baseline_tags": self.baseline_tags,
             "train_s": self.train_s,
             "samples_seen": self.samples_seen,
             "train_flops": self.train_flops,
@@ -111,6 +115,7 @@ class BudgetTracker(Callback):
     def load_state_dict(self, state: dict[str, Any]) -> None:
         self.history = list(state["history"])
         self.baseline = dict(state["baseline"])
+        self.baseline_tags = dict(state.get("baseline_tags", {}))
         self.train_s = float(state["train_s"])
         self.samples_seen = int(state["samples_seen"])
         self.train_flops = float(state.get("train_flops", 0.0))

@@ -88,12 +88,12 @@ def plain_train(
     module: EmbeddingFineTuner, batches: list, precision: str, device: str = "cpu"
 ) -> float:
     """The same training steps as Lightning's: autocast, backward, clip (optim.clip_grad_norm),
-    AdamW (fused where our path uses it: optim.fused=auto, not under 16-mixed's gradient
-    scaler), LR schedule; 16-mixed scales the loss and unscales before clipping, as Lightning."""
+    AdamW (fused where our path uses it: optim.fused=auto), LR schedule; 16-mixed scales the
+    loss and unscales before clipping, as our path does."""
     module.to(device).train()
     scaler = torch.amp.GradScaler(device, enabled=precision == "16-mixed")
     make, groups = instantiate(OPTIM["optimizer"]), [{"params": list(module.parameters())}]
-    fused = use_fused(module, make, OPTIM, groups) and not scaler.is_enabled()
+    fused = use_fused(module, make, OPTIM, groups)
     optimizer = make(groups, fused=fused)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda("warmup_constant", 10, 0))
     dtype = AUTOCAST.get(precision)

@@ -186,6 +186,42 @@ def test_the_fused_optimizer_trains_like_the_loop_with_clipping_applied(tiny_tex
     assert (unclipped - fused).abs().max() > 1e-3
 
 
+def test_a_fused_step_under_the_gradient_scaler_clips_like_the_plain_loop_and_skips_infs():
+    """16-mixed with optim.fused: clip_for_fused unscales, clips, and the scaler's fused step
+    then equals torch's per-parameter AdamW on the unscaled, clipped gradients; a step with an
+    inf gradient changes nothing and halves the scale (torch's AMP recipe)."""
+    from types import SimpleNamespace
+
+    from finetune_budget.optim import clip_for_fused
+
+    torch.manual_seed(0)
+    w0, x = torch.randn(50, 8), torch.randn(16, 8)
+    ref = torch.nn.Parameter(w0.clone())
+    plain = torch.optim.AdamW([ref], lr=0.1, foreach=False)
+    ((x @ ref.T) ** 2).mean().backward()
+    torch.nn.utils.clip_grad_norm_([ref], 0.5)
+    plain.step()
+
+    p = torch.nn.Parameter(w0.clone())
+    fused = torch.optim.AdamW([p], lr=0.1, fused=True)
+    scaler = torch.amp.GradScaler("cpu", init_scale=1024.0)
+    plugin = SimpleNamespace(scaler=scaler)
+    module = SimpleNamespace(_trainer=SimpleNamespace(precision_plugin=plugin))
+    scaler.scale(((x @ p.T) ** 2).mean()).backward()
+    assert clip_for_fused(module, fused, 0.5, "norm")
+    scaler.step(fused)
+    scaler.update()
+    torch.testing.assert_close(p.detach(), ref.detach())
+
+    before = p.detach().clone()
+    fused.zero_grad()
+    p.grad = torch.full_like(p, float("inf"))
+    assert clip_for_fused(module, fused, 0.5, "norm")
+    scaler.step(fused)
+    scaler.update()
+    assert torch.equal(p.detach(), before) and scaler.get_scale() == 512.0
+
+
 @pytest.mark.parametrize("side", ["right", "left"])
 @pytest.mark.parametrize("kind", ["labels", "pairs"])
 def test_batches_from_token_ids_kept_once_equal_the_tokenizers_own_padding(side, kind):

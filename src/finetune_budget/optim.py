@@ -54,8 +54,9 @@ def use_fused(module: L.LightningModule, make: Any, optim: dict[str, Any], group
     """optim.fused: `auto` = the optimizer's fused kernel (one kernel for all parameters instead
     of a Python loop over them: ~4x less optimizer time per MiniLM step on the CPU) where torch
     has one (Adam, AdamW, SGD, Adagrad), the parameters are floating point on the CPU or a CUDA
-    device, optim.optimizer sets neither `fused` nor `foreach`, and no gradient scaler runs
-    (16-mixed: Lightning must unscale the gradients before clipping them); true; false."""
+    device and optim.optimizer sets neither `fused` nor `foreach`; true; false. Under 16-mixed's
+    gradient scaler the fused step takes the scaler's inf check itself (no host sync a step, as
+    torch's loop has); `clip_for_fused` unscales the gradients before clipping them."""
     choice = str(optim.get("fused", "auto")).lower()
     if choice not in ("auto", "true", "false"):
         raise ConfigError(f"optim.fused={optim.get('fused')!r}: use auto, true or false")
@@ -74,23 +75,20 @@ def use_fused(module: L.LightningModule, make: Any, optim: dict[str, Any], group
     if choice == "true":
         return True
     params = [p for g in groups for p in g["params"]]
-    devices_ok = all(p.is_floating_point() and p.device.type in ("cpu", "cuda") for p in params)
-    trainer = module._trainer
-    scaler = getattr(getattr(trainer, "precision_plugin", None), "scaler", None)
-    return devices_ok and scaler is None
+    return all(p.is_floating_point() and p.device.type in ("cpu", "cuda") for p in params)
 
 
 def clip_for_fused(module: L.LightningModule, optimizer, clip_val, algorithm) -> bool:
     """Clip the gradients of a fused optimizer here (Lightning's mixed-precision plugin refuses
-    to: it cannot tell that no scaler runs). Returns False when Lightning should clip."""
+    to, as a fused step unscales by itself). Under a gradient scaler (16-mixed) they are unscaled
+    first, as torch's AMP recipe for clipping does; the scaler's step then passes the fused
+    kernel only its inf check, so a step with inf/NaN gradients is still skipped. Returns False
+    when Lightning should clip."""
     if not clip_val or not getattr(optimizer, "_step_supports_amp_scaling", False):
         return False
-    plugin = getattr(module._trainer, "precision_plugin", None)
-    if getattr(plugin, "scaler", None) is not None:
-        raise ConfigError(
-            "optim.fused=true with a gradient scaler (16-mixed) cannot clip unscaled gradients; "
-            "use optim.fused=auto (the loop there) or trainer.precision=bf16-mixed"
-        )
+    scaler = getattr(getattr(module._trainer, "precision_plugin", None), "scaler", None)
+    if scaler is not None:
+        scaler.unscale_(optimizer)
     params = [p for g in optimizer.param_groups for p in g["params"] if p.grad is not None]
     if (algorithm or "norm") == "norm":
         clip_grad_norm(params, float(clip_val))

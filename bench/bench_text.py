@@ -351,13 +351,18 @@ AB_OPTIONS = {
 
 
 def compare_option(
-    option: str, batches: list, precision: str, repeats: int, device: str = "cpu"
+    option: str,
+    batches: list,
+    precision: str,
+    repeats: int,
+    device: str = "cpu",
+    kind: str = "labels",
 ) -> None:
     """Plain-loop epochs with a model option off and on (AB_OPTIONS), alternating, as the median
-    ms per step of each and their ratio."""
+    ms per step of each and their ratio; `batches` of `kind` (labels: CLINC150, pairs: STS-B)."""
     key, off, on = AB_OPTIONS[option]
     modules = {
-        name: EmbeddingFineTuner({**MODEL, key: name == on}, LOSS, OPTIM, data_kind="labels")
+        name: EmbeddingFineTuner({**MODEL, key: name == on}, LOSS, OPTIM, data_kind=kind)
         for name in (off, on)
     }
     for module in modules.values():
@@ -368,7 +373,10 @@ def compare_option(
             seconds = plain_train(copy.deepcopy(modules[name]), batches, precision, device)
             ms[name].append(seconds / len(batches) * 1e3)
     median = {name: statistics.median(v) for name, v in ms.items()}
-    print(f"\n{key}, plain loop, {2 * repeats} alternating epochs of {len(batches)} steps:")
+    print(
+        f"\n{key}, {kind}, plain loop, {2 * repeats} alternating epochs of {len(batches)} steps "
+        f"(padding {padding_share(batches):.1%} of tokens):"
+    )
     for name, v in ms.items():
         each = " ".join(f"{x:.0f}" for x in v)
         print(f"  {name:9s} median {median[name]:6.1f} ms/step  ({each})")
@@ -481,6 +489,16 @@ def main() -> None:
         compare_option("dropout", list(train_batches), precision, args.repeats)
     if args.compare_unpad:
         compare_option("unpad", list(train_batches), precision, args.repeats, args.device)
+        pairs = TextRetrievalDataModule(
+            load_stsb(os.path.join(os.path.dirname(args.data), "..", "stsb")),
+            load_tokenizer(MODEL["pretrained"]),
+            n=args.n,
+            batch_size=args.batch_size,
+            max_length=128,
+            length_bucket_pool=args.pool,
+        )
+        batches = list(pairs.train_dataloader())
+        compare_option("unpad", batches, precision, args.repeats, args.device, kind="pairs")
     if not args.skip_st:
         compare_st(args, precision, rate)
     print(

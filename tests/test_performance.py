@@ -487,7 +487,7 @@ def test_unpadded_bert_runs_its_per_token_layers_on_the_real_tokens_only():
     _, unpadded = _encoders("mean")
     rows = []
     for layer in unpadded.transformer.encoder.layer:
-        for linear in (layer.attention.self.query, layer.intermediate.dense):
+        for linear in (layer.attention.output.dense, layer.intermediate.dense):
             linear.register_forward_hook(lambda m, args, out: rows.append(args[0].shape[0]))
     mask = torch.tensor([[1] * 8, [1, 1, 0, 0, 0, 0, 0, 0], [1, 1, 1, 0, 0, 0, 0, 0]])
     unpadded(input_ids=torch.randint(1, 100, (3, 8)) * mask, attention_mask=mask)

@@ -13,6 +13,7 @@ after length bucketing, docs/performance.md).
 from __future__ import annotations
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 
@@ -62,8 +63,12 @@ def unpadded_hidden_states(
     mask = attention_mask.bool()[:, None, None, :]  # (B, 1, 1, T): True = attend
     for layer in bert.encoder.layer:
         self_attention = layer.attention.self
-        qkv = torch.cat(
-            [self_attention.query(x), self_attention.key(x), self_attention.value(x)], dim=1
+        projections = (self_attention.query, self_attention.key, self_attention.value)
+        biases = [p.bias for p in projections]
+        qkv = F.linear(  # one product against the three weights (their gradients flow back)
+            x,
+            torch.cat([p.weight for p in projections]),
+            None if any(b is None for b in biases) else torch.cat(biases),
         )
         padded = qkv.new_zeros(batch * length, qkv.shape[1]).index_copy(0, keep, qkv)
         q, k, v = padded.view(batch, length, 3, heads, -1).permute(2, 0, 3, 1, 4).unbind(0)

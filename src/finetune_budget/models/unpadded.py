@@ -53,7 +53,9 @@ def unpadded_hidden_states(
     batch, length = input_ids.shape
     config = bert.config
     heads = config.num_attention_heads
-    keep = attention_mask.reshape(-1).nonzero().squeeze(1)  # real tokens' flat positions
+    real = attention_mask.reshape(-1) != 0
+    keep = real.nonzero().squeeze(1)  # real tokens' flat positions
+    pads = (~real).nonzero().squeeze(1)
     positions = keep % length
     emb = bert.embeddings
     x = emb.word_embeddings(input_ids.reshape(-1).index_select(0, keep))
@@ -70,7 +72,10 @@ def unpadded_hidden_states(
             torch.cat([p.weight for p in projections]),
             None if any(b is None for b in biases) else torch.cat(biases),
         )
-        padded = qkv.new_zeros(batch * length, qkv.shape[1]).index_copy(0, keep, qkv)
+        # a fresh buffer: zeros in the padding rows only (attention masks their keys, but their
+        # values must be finite), the real rows copied in place (3.4 -> 1.9 ms a layer, pairs)
+        padded = qkv.new_empty(batch * length, qkv.shape[1]).index_fill_(0, pads, 0.0)
+        padded.index_copy_(0, keep, qkv)
         q, k, v = padded.view(batch, length, 3, heads, -1).permute(2, 0, 3, 1, 4).unbind(0)
         out, _ = attend(
             self_attention,
@@ -82,10 +87,12 @@ def unpadded_hidden_states(
             scaling=self_attention.scaling,
         )  # (B, T, heads, d)
         attended = out.reshape(batch * length, -1).index_select(0, keep)
-        so = layer.attention.output
-        x_attn = so.LayerNorm(so.dropout(so.dense(attended)) + x)
-        fo = layer.output
-        x = fo.LayerNorm(fo.dropout(fo.dense(layer.intermediate(x_attn))) + x_attn)
+        attention_out, feed_forward_out = layer.attention.output, layer.output
+        x_attended = attention_out.LayerNorm(
+            attention_out.dropout(attention_out.dense(attended)) + x
+        )
+        hidden = feed_forward_out.dense(layer.intermediate(x_attended))
+        x = feed_forward_out.LayerNorm(feed_forward_out.dropout(hidden) + x_attended)
     return x, keep // length
 
 

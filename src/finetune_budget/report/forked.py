@@ -2,7 +2,7 @@
 matplotlib each. `in_two_processes(tasks)` runs every other task in a forked process (it shares
 this one's memory, so only the results are pickled back) while this process runs the rest; the
 results are the same as one process computing them all, in order. One process where the machine
-has one core or no fork (the same results, serially).
+has one core or no fork, or in a daemonic process (the same results, serially).
 """
 
 from __future__ import annotations
@@ -32,6 +32,8 @@ def in_two_processes(tasks: Sequence[Task]) -> list[Any]:
     if len(tasks) < 2 or (os.cpu_count() or 1) < 2:
         return _run(tasks)
     if "fork" not in multiprocessing.get_all_start_methods():
+        return _run(tasks)
+    if multiprocessing.current_process().daemon:  # a daemonic process may not start children
         return _run(tasks)
     context = multiprocessing.get_context("fork")
     receiver, sender = context.Pipe(duplex=False)

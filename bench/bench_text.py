@@ -93,8 +93,7 @@ def plain_train(
     module.to(device).train()
     scaler = torch.amp.GradScaler(device, enabled=precision == "16-mixed")
     make, groups = instantiate(OPTIM["optimizer"]), [{"params": list(module.parameters())}]
-    fused = use_fused(module, make, OPTIM, groups)
-    optimizer = make(groups, fused=fused)
+    optimizer = make(groups, fused=use_fused(module, make, OPTIM, groups))
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda("warmup_constant", 10, 0))
     dtype = AUTOCAST.get(precision)
     start = _now(device)
@@ -490,7 +489,7 @@ def main() -> None:
     if args.compare_unpad:
         compare_option("unpad", list(train_batches), precision, args.repeats, args.device)
         pairs = TextRetrievalDataModule(
-            load_stsb(os.path.join(os.path.dirname(args.data), "..", "stsb")),
+            load_stsb(stsb_dir(args.data)),
             load_tokenizer(MODEL["pretrained"]),
             n=args.n,
             batch_size=args.batch_size,
@@ -511,8 +510,13 @@ def main() -> None:
     )
 
 
+def stsb_dir(clinc_path: str) -> str:
+    """STS-B's folder beside the CLINC150 file's (`--data`): the data directory's layout."""
+    return os.path.join(os.path.dirname(clinc_path), "..", "stsb")
+
+
 def compare_st(args, precision: str, rate: float) -> None:
-    stsb = load_stsb(os.path.join(os.path.dirname(args.data), "..", "stsb"))
+    stsb = load_stsb(stsb_dir(args.data))
     clinc = load_clinc150(args.data)
     cases = (("pairs", stsb, "InfoNCE t=0.05 vs MNRL scale 20"),)
     cases += (("labels", clinc, "SupCon vs BatchHardTripletLoss"),)

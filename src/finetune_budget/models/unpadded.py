@@ -15,19 +15,14 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 from torch import nn
+from transformers import BertModel
+from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
+
+from finetune_budget.models.dropout import ATTENTION
 
 
 def unpadded_unsupported(transformer: nn.Module) -> str | None:
     """Why `transformer` cannot run unpadded here, or None when it can."""
-    from transformers import BertModel
-
-    from finetune_budget.models.dropout import ATTENTION
-
-    try:
-        from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
-    except ImportError:  # a transformers without the attention registry
-        return "this transformers has no ALL_ATTENTION_FUNCTIONS"
-
     if type(transformer) is not BertModel:
         return f"{type(transformer).__name__} is not a BertModel"
     config = transformer.config
@@ -48,8 +43,6 @@ def unpadded_hidden_states(
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """(B, T) ids and mask -> the last layer's hidden states of the real tokens, (N, hidden) in
     row-major order, and each one's row in the batch, (N,)."""
-    from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
-
     batch, length = input_ids.shape
     config = bert.config
     heads = config.num_attention_heads

@@ -120,6 +120,52 @@ def test_the_grid_sweeper_checks_a_job_for_every_group_option():
     assert covering_jobs([[]]) == [[]]  # a sweep of one job without overrides is still checked
 
 
+def test_a_grids_derived_job_configs_equal_hydras_own_composition(monkeypatch, tmp_path):
+    """The grid sweeper's launcher derives a job's config from an earlier job's where the two
+    differ only in plain keys' values (finetune_budget.sweep_configs); Hydra composing every job
+    from the YAML files is the reference: every job's config, its `hydra` node included, equal
+    to the node. Jobs with another group option, a `+key` or a non-scalar value are composed."""
+    from hydra import initialize_config_dir
+    from hydra.core.global_hydra import GlobalHydra
+    from hydra.types import RunMode
+    from omegaconf import OmegaConf
+
+    from finetune_budget.sweep_configs import DerivedSweepConfigs
+
+    monkeypatch.chdir(tmp_path)
+    GlobalHydra.instance().clear()
+    jobs = [
+        [f"data.n={n}", f"trainer.max_epochs={e}", "tracking.experiment='a b'"]
+        for n in (100, 500)
+        for e in (1, 2, 3)
+    ]
+    jobs += [
+        ["model=tiny_bert", "data.n=100", "trainer.max_epochs=1", "tracking.experiment=x"],
+        ["model=tiny_bert", "data.n=300", "trainer.max_epochs=2", "tracking.experiment=y"],
+        ["data.n=100", "trainer.max_epochs=1", "tracking.run_name=null", "+extra.flag=true"],
+        ["data.n=200", "trainer.max_epochs=4", "tracking.run_name=z", "+extra.flag=true"],
+        ["data.n=200", "trainer.max_epochs=4", "tracking.run_name=z", "+extra.flag=false"],
+        ["loss.matryoshka_dims=[64,128]", "seed=1"],
+        ["loss.matryoshka_dims=[32]", "seed=2"],
+    ]
+    with initialize_config_dir(config_dir=str(CONF), version_base="1.3"):
+        hydra_loader = GlobalHydra.instance().config_loader()
+        master = hydra_loader.load_configuration(
+            "train", overrides=["hydra.sweep.dir=sweep"], run_mode=RunMode.MULTIRUN
+        )
+        derived = DerivedSweepConfigs(hydra_loader)
+        for overrides in jobs:
+            ours = derived.load_sweep_config(master, overrides)
+            reference = hydra_loader.load_sweep_config(master, overrides)
+            # every node as written (resolving needs a running job; equal nodes resolve equal)
+            assert OmegaConf.to_yaml(ours) == OmegaConf.to_yaml(reference), overrides
+    GlobalHydra.instance().clear()
+    # 5 of the first 6 derive from the first; tiny_bert's second from its first; the second +flag
+    # job from the first of its family; a list value and a different +flag value are composed
+    assert derived.derived == 5 + 1 + 1
+    assert list(ours.loss.matryoshka_dims) == [32] and ours.hydra.overrides.task[-1] == "seed=2"
+
+
 def test_a_bad_value_late_in_the_grid_stops_the_sweep_before_its_first_job(tmp_path):
     out = run_train_py(
         tmp_path, "-m", "trainer.max_epochs=1,2,3", "model=tiny_bert,no_such_model", "logger=none"

@@ -8,6 +8,11 @@ of it does not (a bad value fails the job's own config check, and the sweep's ot
 which option a config group gets (`model=...`) can. So `GridSweeper` checks the first job and
 each job that brings a group option (or top-level key) no checked job had: a missing config still
 fails before the first job starts, the user's grid is checked in one composition.
+
+Its launcher then gets the job configs from `finetune_budget.sweep_configs.DerivedSweepConfigs`:
+a job that differs from an earlier one only in plain keys' values (`trainer.max_epochs=3`) gets a
+copy of that one's composed config with its values, not a composition from the YAML files.
+
 conf/hydra/sweeper/grid.yaml, the default by conf/hydra/default.yaml; `hydra/sweeper=basic`:
 Hydra's own.
 """
@@ -17,6 +22,10 @@ from __future__ import annotations
 from collections.abc import Sequence
 
 from hydra._internal.core_plugins.basic_sweeper import BasicSweeper
+from hydra.types import HydraContext, TaskFunction
+from omegaconf import DictConfig
+
+from finetune_budget.sweep_configs import DerivedSweepConfigs
 
 
 def _may_fail_by_value(override: str) -> bool:
@@ -39,5 +48,14 @@ def covering_jobs(batch: Sequence[Sequence[str]]) -> list[Sequence[str]]:
 
 
 class GridSweeper(BasicSweeper):
+    def setup(
+        self, *, hydra_context: HydraContext, task_function: TaskFunction, config: DictConfig
+    ) -> None:
+        derived = HydraContext(
+            config_loader=DerivedSweepConfigs(hydra_context.config_loader),
+            callbacks=hydra_context.callbacks,
+        )
+        super().setup(hydra_context=derived, task_function=task_function, config=config)
+
     def validate_batch_is_legal(self, batch: Sequence[Sequence[str]]) -> None:
         super().validate_batch_is_legal(covering_jobs(batch))

@@ -3,6 +3,7 @@ metrics of training k epochs from scratch, and its MLflow run shows epochs 0..k.
 
 from __future__ import annotations
 
+import copy
 import os
 from pathlib import Path
 
@@ -268,21 +269,42 @@ def test_auto_store_is_memory_in_process_and_disk_for_launchers_of_other_process
         HydraConfig.instance().cfg = None
 
 
-def test_a_kept_state_is_the_finished_jobs_tensors_and_each_load_gets_its_own_copy(tmp_path):
-    """No copy when a job's state is kept (the job is over), a copy for every job that loads
-    it; a state whose tensors changed in place afterwards is not continued from."""
+def test_a_kept_state_is_the_finished_jobs_tensors_and_a_job_that_loads_it_never_changes_it(
+    tmp_path,
+):
+    """No copy when a job's state is kept (the job is over). A job that loads it trains a
+    module that load_state_dict copied the weights into, and its own copy of AdamW's moments
+    (which torch's optimizer takes as they are and updates in place): the kept state is the
+    same afterwards. A state whose tensors changed in place afterwards is not continued from."""
     import torch
 
     from finetune_budget.continuation import EpochStore, MemoryStore
 
     store, spill = MemoryStore(), EpochStore(tmp_path)
-    weight = torch.ones(3)
-    kept = {"state_dict": {"w": weight}, "optimizer_states": [{"state": {0: torch.zeros(3)}}]}
+    net = torch.nn.Linear(3, 1, bias=False)
+    with torch.no_grad():
+        net.weight.fill_(1.0)
+    opt = torch.optim.AdamW(net.parameters(), lr=0.1)
+    net(torch.ones(1, 3)).sum().backward()
+    opt.step()
+    kept = {"state_dict": {k: v.detach() for k, v in net.state_dict().items()}}
+    kept["optimizer_states"] = [opt.state_dict()]
+    before = copy.deepcopy(kept)
     store.put("k", 2, "run-a", kept, limit_mb=100, spill=spill)
-    assert store.states["k"][1]["state_dict"]["w"] is weight  # kept as it is
+    assert store.states["k"][1]["state_dict"]["weight"] is kept["state_dict"]["weight"]
+    # the next job: a fresh module and optimizer loading the state, one more step in place
     loaded = store.checkpoint("k")
-    loaded["state_dict"]["w"].add_(5.0)  # the next job trains its copy
-    loaded["optimizer_states"][0]["state"][0].add_(1.0)
-    assert store.get("k") is not None and torch.equal(weight, torch.ones(3))
-    weight.mul_(2.0)  # the finished job's tensor changed afterwards
+    job = torch.nn.Linear(3, 1, bias=False)
+    job.load_state_dict(loaded["state_dict"])
+    job_opt = torch.optim.AdamW(job.parameters(), lr=0.1)
+    job_opt.load_state_dict(loaded["optimizer_states"][0])
+    job(torch.ones(1, 3)).sum().backward()
+    job_opt.step()
+    assert not torch.equal(job.weight, before["state_dict"]["weight"])  # it trained
+    assert store.get("k") is not None
+    assert torch.equal(kept["state_dict"]["weight"], before["state_dict"]["weight"])
+    moments, moments_before = kept["optimizer_states"][0], before["optimizer_states"][0]
+    for name in ("exp_avg", "exp_avg_sq", "step"):
+        assert torch.equal(moments["state"][0][name], moments_before["state"][0][name]), name
+    kept["state_dict"]["weight"].mul_(2.0)  # the finished job's tensor changed afterwards
     assert store.get("k") is None and "k" not in store.states

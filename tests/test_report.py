@@ -530,13 +530,54 @@ def test_the_report_drawn_in_two_processes_equals_the_one_drawn_in_one(
     assert reports[1].answer == reports[2].answer
 
 
-def test_a_task_that_fails_in_the_forked_process_fails_the_call():
+def test_a_task_that_fails_in_either_process_fails_the_call():
     from finetune_budget.report.forked import in_two_processes
 
     def fail(x):
         raise ValueError(f"bad {x}")
 
     assert in_two_processes([(abs, (-1,)), (abs, (-2,)), (abs, (-3,))]) == [1, 2, 3]
-    if __import__("os").cpu_count() >= 2:
-        with pytest.raises(RuntimeError, match="ValueError: bad 2"):
-            in_two_processes([(abs, (-1,)), (fail, (2,))])
+    if __import__("os").cpu_count() >= 2:  # whichever process takes it, the call raises
+        with pytest.raises((RuntimeError, ValueError), match="bad 2"):
+            in_two_processes([(abs, (-1,)), (fail, (2,)), (abs, (-3,))])
+
+
+def _pid_after(seconds: float, i: int) -> tuple[int, int]:
+    import os
+    import time
+
+    time.sleep(seconds)
+    return i, os.getpid()
+
+
+@pytest.mark.parametrize("cores", [1, 2])
+def test_alongside_runs_here_while_the_forked_process_takes_the_tasks(cores, monkeypatch):
+    """The sweep logs its model (`alongside`) in this process while the figures are drawn in
+    the forked one: alongside's effects are this process's, the results come in task order,
+    and the forked process took tasks while alongside ran; one core: alongside, then the
+    tasks, all here."""
+    import multiprocessing
+    import os
+
+    from finetune_budget.report import forked
+
+    if cores == 2 and "fork" not in multiprocessing.get_all_start_methods():
+        pytest.skip("no fork here")
+    monkeypatch.setattr(forked.os, "cpu_count", lambda: cores)
+    done: list[int] = []
+
+    def alongside():
+        import time
+
+        time.sleep(1.0)
+        done.append(os.getpid())
+
+    results = forked.in_two_processes(
+        [(_pid_after, (0.01, i)) for i in range(6)], alongside=alongside
+    )
+    assert [i for i, _ in results] == list(range(6)) and done == [os.getpid()]
+    pids = {pid for _, pid in results}
+    if cores == 1:
+        assert pids == {os.getpid()}
+    else:
+        assert pids - {os.getpid()}, "the forked process took none of the tasks"

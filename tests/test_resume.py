@@ -95,6 +95,29 @@ def test_running_runs_of_dead_processes_are_marked_killed(tmp_path):
     assert "stale_after_s" in client.get_run(far_old.info.run_id).data.tags["error"]
 
 
+@pytest.mark.parametrize("n_tags", [2, 101])
+def test_steps_and_tags_go_in_one_mlflow_call_where_they_fit(tmp_path, monkeypatch, n_tags):
+    """A continued run logs its earlier epochs and how epoch 0 was got in one log_batch; more
+    tags than one batch takes (MLflow: 100) still all arrive, in more calls."""
+    from finetune_budget.tracking.mlflow_run import TrackedRun
+
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    client = MlflowClient(uri)
+    exp = experiment_id(client, EXPERIMENT)
+    run_id = client.create_run(exp).info.run_id
+    calls = []
+    real = client.log_batch
+    monkeypatch.setattr(client, "log_batch", lambda *a, **k: calls.append(k) or real(*a, **k))
+    steps = {e: {"val/mrr_at_20": 0.5 + e / 10, "time/train_s": 2.0 * e} for e in range(4)}
+    tags = {f"tag{i}": i for i in range(n_tags)}
+    TrackedRun(client, run_id, exp, uri).log_steps(steps, tags=tags)
+    assert len(calls) == (1 if n_tags <= 100 else 3)  # metrics; tags in two batches of <= 100
+    history = client.get_metric_history(run_id, "val/mrr_at_20")
+    assert sorted((m.step, m.value) for m in history) == [(e, 0.5 + e / 10) for e in range(4)]
+    logged = client.get_run(run_id).data.tags
+    assert all(logged[f"tag{i}"] == str(i) for i in range(n_tags))
+
+
 def test_the_roi_table_counts_each_config_and_seed_once_the_latest_run(tiny_text_cfg):
     cfg = tiny_text_cfg()
     train(cfg)

@@ -284,9 +284,10 @@ class EpochStore:
 class MemoryStore:
     """The epoch states of this process's runs, as checkpoint dicts. A finished job's state is
     kept as it is (its tensors: nothing changes them once the job is over; their in-place
-    version counters are recorded and checked) and copied when a later job loads it, so that
-    job's training never changes the stored state. Past `limit_mb` the oldest move to `spill`
-    (an EpochStore)."""
+    version counters are recorded and checked). A later job that loads it gets a copy of what
+    its training would change in place (AdamW's moments, which the optimizer takes as they are)
+    and the kept weights themselves (loading copies them into the job's module), so the stored
+    state stays as it was. Past `limit_mb` the oldest move to `spill` (an EpochStore)."""
 
     def __init__(self) -> None:
         # key -> (state, checkpoint, its bytes, its tensors' version counters summed)
@@ -303,7 +304,11 @@ class MemoryStore:
         return entry[0]
 
     def checkpoint(self, key: str) -> dict[str, Any]:
-        return copy.deepcopy(self.states[key][1])
+        kept = self.states[key][1]
+        loaded = copy.deepcopy({k: v for k, v in kept.items() if k != "state_dict"})
+        if "state_dict" in kept:  # Module.load_state_dict copies these into the parameters
+            loaded["state_dict"] = dict(kept["state_dict"])
+        return loaded
 
     def put(
         self,
@@ -430,9 +435,9 @@ class ContinuationState(Callback):
                 {
                     int(row["epoch"]): {k: v for k, v in row.items() if k != "epoch"}
                     for row in self.tracker.history
-                }
+                },
+                tags=self.tracker.baseline_tags,
             )
-            self.run.set_tags(self.tracker.baseline_tags)
 
 
 class Continuation:

@@ -592,7 +592,7 @@ def logged_at_sweep_end(cfg, parent_run_id: str | None) -> bool:
     return parent_run_id is not None and parent_run_id == current_parent() and option == "auto"
 
 
-def sweep_choices(config, children: list, report=None) -> list[tuple[str, str]]:
+def sweep_choices(config, children: list, advice: dict | None = None) -> list[tuple[str, str]]:
     """The runs whose model a sweep logs, with why: the run each decision card of the report
     recommends (its data.n, its epochs, the best seed there); where the report recommends none,
     or names a budget no run ended at, the sweep's best finished run by `budget.metric`."""
@@ -605,7 +605,7 @@ def sweep_choices(config, children: list, report=None) -> list[tuple[str, str]]:
         and metric in r.data.metrics
     ]
     chosen: list[tuple[str, str]] = []
-    cards = [a for (_, m), a in (report.advice if report else {}).items() if m == metric]
+    cards = [a for (_, m), a in (advice or {}).items() if m == metric]
     for advice in cards:
         if advice.run_id and advice.run_id not in {c[0] for c in chosen}:
             why = f"recommended: data.n={advice.n}, {advice.epochs} epochs"
@@ -622,16 +622,19 @@ def sweep_choices(config, children: list, report=None) -> list[tuple[str, str]]:
     return chosen
 
 
-def log_sweep_choice(config, parent_run_id: str, children: list, report=None) -> list[str]:
+def log_sweep_choice(
+    config, parent_run_id: str, children: list, advice: dict | None = None
+) -> list[str]:
     """At a sweep's end (tracking.log_model=auto): log the model of the run the sweep's report
-    recommends (`sweep_choices`). Returns the ids of the runs whose model was logged."""
+    recommends (`sweep_choices`; `advice`: the report's, by (group, metric)). Returns the ids of
+    the runs whose model was logged."""
     from mlflow.tracking import MlflowClient
 
     if check_log_model_option(config.tracking.get("log_model", "auto")) != "auto":
         return []  # true: every job logged its own; false: none
     client = MlflowClient(config.tracking.uri)
     logged = []
-    for run_id, why in sweep_choices(config, children, report):
+    for run_id, why in sweep_choices(config, children, advice):
         try:
             uri = log_model_of_run(
                 config.tracking.uri, run_id, config.tracking.get("registered_model")

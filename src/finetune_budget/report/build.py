@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import logging
 import math
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -319,10 +319,14 @@ def build_report(
     settings: ReportSettings | None = None,
     parent_run_id: str | None = None,
     attach_to_run: str | None = None,
+    alongside: Callable[[dict[tuple[tuple, str], Advice]], Any] | None = None,
 ) -> Report:
     """Read the experiment's training runs (only a sweep's children with `parent_run_id`), write
     roi_table.csv, summary.csv, report.md, PNG figures and report.html into the out dir, and log
-    them as artifacts: to `attach_to_run` (a sweep's parent), else to a new `report` run."""
+    them as artifacts: to `attach_to_run` (a sweep's parent), else to a new `report` run.
+
+    alongside: called with the report's advice (the fits done) in this process while a forked
+    one draws the figures (a sweep logs its recommended run's model there)."""
     s = settings or ReportSettings()
     out = Path(s.out_dir or Path("reports") / experiment)
     out.mkdir(parents=True, exist_ok=True)
@@ -419,7 +423,9 @@ def build_report(
             (time_figures, (summary, metric, out)),
             (cost_figures, (points, metric, out, metric_time)),
         ]
-    drawn = in_two_processes(tasks)
+    drawn = in_two_processes(
+        tasks, alongside=None if alongside is None else lambda: alongside(advices)
+    )
     files: list[Path] = []
     for i, metric in enumerate(metrics):
         paths = [path for each in drawn[3 * i : 3 * i + 3] for path in each]

@@ -63,8 +63,11 @@ class TrackedRun:
     def log_metrics(self, metrics: Mapping[str, float], step: int) -> None:
         self.log_steps({step: metrics})
 
-    def log_steps(self, steps: Mapping[int, Mapping[str, float]]) -> None:
-        """Metrics of several steps (epochs) in as few MLflow calls as its batch limit allows."""
+    def log_steps(
+        self, steps: Mapping[int, Mapping[str, float]], tags: Mapping[str, Any] | None = None
+    ) -> None:
+        """Metrics of several steps (epochs), and `tags`, in as few MLflow calls as its batch
+        limits allow (one where they fit)."""
         if not self.writer:
             return
         now = int(time.time() * 1000)
@@ -73,8 +76,13 @@ class TrackedRun:
             for step, metrics in steps.items()
             for k, v in metrics.items()
         ]
+        labels = [RunTag(k, str(v)) for k, v in (tags or {}).items()]
+        if labels and len(labels) <= BATCH and len(items) + len(labels) <= 1000:
+            self.client.log_batch(self.run_id, metrics=items, tags=labels)
+            return
         for i in range(0, len(items), 1000):
             self.client.log_batch(self.run_id, metrics=items[i : i + 1000])
+        self.set_tags(tags or {})
 
     def set_tags(self, tags: Mapping[str, Any]) -> None:
         if not self.writer:

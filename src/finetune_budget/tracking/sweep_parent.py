@@ -100,18 +100,34 @@ class SweepParentRun(Callback):
             len(reused),
             jobs,
         )
-        report = self._attach_report(uri, experiment, run_id, client) if self.report else None
         from finetune_budget.export import log_sweep_choice
 
-        # tracking.log_model=auto: the model of the run the report recommends
-        log_sweep_choice(config, run_id, children, report)
+        # tracking.log_model=auto: the model of the run the report recommends, logged while a
+        # forked process draws the report's figures
+        logged: list[tuple[str, Any]] = []
+
+        def log_choice(advice: dict | None) -> None:
+            try:
+                logged.append(("ok", log_sweep_choice(config, run_id, children, advice)))
+            except Exception as e:  # noqa: BLE001 - raised below, not as the report's error
+                logged.append(("error", e))
+
+        report = self._attach_report(uri, experiment, run_id, client, log_choice)
+        if not logged:  # no report, or it stopped before its figures
+            log_choice(report.advice if report is not None else None)
+        if logged[0][0] == "error":
+            raise logged[0][1]
         from finetune_budget import reuse
 
         reuse.clear_final_weights()
         client.set_terminated(run_id, "FINISHED")
         log.info("sweep parent run %s finished: %d jobs, %d failed", run_id, jobs, failed)
 
-    def _attach_report(self, uri: str, experiment: str, run_id: str, client: Any) -> Any:
+    def _attach_report(
+        self, uri: str, experiment: str, run_id: str, client: Any, alongside: Any = None
+    ) -> Any:
+        if not self.report:
+            return None
         from finetune_budget.errors import BudgetError
         from finetune_budget.report import ReportSettings, build_report
 
@@ -120,7 +136,12 @@ class SweepParentRun(Callback):
             settings.out_dir = str(Path(self.sweep_dir or ".") / "report")
         try:
             return build_report(
-                uri, experiment, settings, parent_run_id=run_id, attach_to_run=run_id
+                uri,
+                experiment,
+                settings,
+                parent_run_id=run_id,
+                attach_to_run=run_id,
+                alongside=alongside,
             )
         except BudgetError as e:
             log.warning("no report for this sweep: %s", e)

@@ -13,6 +13,7 @@ two ways alternate. Prints each call's seconds and the medians.
 from __future__ import annotations
 
 import argparse
+import os
 import shutil
 import statistics
 import subprocess
@@ -51,23 +52,21 @@ def one_call(way: str, store: str, work: str) -> float:
     with initialize_config_dir(config_dir=str(ROOT / "conf"), version_base="1.3"):
         config = compose(config_name="train", overrides=[f"tracking.uri={uri}"])
 
-    def settings(out: str) -> ReportSettings:
-        return ReportSettings(out_dir=f"{work}/{out}")
-
     # which runs a sweep logs, and their weights in memory as its jobs leave them
     probe = build_report(uri, EXPERIMENT, ReportSettings(f"{work}/probe", log_to_mlflow=False))
+    settings = ReportSettings(f"{work}/report")
     for run_id, _ in sweep_choices(config, children, probe.advice):
         cfg, _ = config_of_run(uri, run_id)
         reuse.keep_final_weights(run_id, build_task(cfg).module, 4096)
     start = time.perf_counter()
     if way == "after":
-        report = build_report(uri, EXPERIMENT, settings("report"), parent, attach_to_run=parent)
+        report = build_report(uri, EXPERIMENT, settings, parent, attach_to_run=parent)
         log_sweep_choice(config, parent, children, report.advice)
     else:
         build_report(
             uri,
             EXPERIMENT,
-            settings("report"),
+            settings,
             parent,
             attach_to_run=parent,
             alongside=lambda advice: log_sweep_choice(config, parent, children, advice),
@@ -93,7 +92,7 @@ def main() -> None:
                     [sys.executable, __file__, args.store, "--call", way, work],
                     capture_output=True,
                     text=True,
-                    env={"HF_HUB_OFFLINE": "1", **__import__("os").environ},
+                    env={"HF_HUB_OFFLINE": "1", **os.environ},
                 )
                 lines = [x for x in out.stdout.splitlines() if x.startswith("SECONDS")]
                 if out.returncode != 0 or not lines:

@@ -104,19 +104,21 @@ class SweepParentRun(Callback):
 
         # tracking.log_model=auto: the model of the run the report recommends, logged while a
         # forked process draws the report's figures
-        logged: list[tuple[str, Any]] = []
+        outcome: list[Exception | None] = []  # the logging's error, or None, once it ran
 
         def log_choice(advice: dict | None) -> None:
             try:
-                logged.append(("ok", log_sweep_choice(config, run_id, children, advice)))
+                log_sweep_choice(config, run_id, children, advice)
             except Exception as e:  # noqa: BLE001 - raised below, not as the report's error
-                logged.append(("error", e))
+                outcome.append(e)
+            else:
+                outcome.append(None)
 
         report = self._attach_report(uri, experiment, run_id, client, log_choice)
-        if not logged:  # no report, or it stopped before its figures
+        if not outcome:  # no report, or it stopped before its figures
             log_choice(report.advice if report is not None else None)
-        if logged[0][0] == "error":
-            raise logged[0][1]
+        if outcome[0] is not None:
+            raise outcome[0]
         from finetune_budget import reuse
 
         reuse.clear_final_weights()

@@ -12,6 +12,7 @@ import hydra
 from omegaconf import DictConfig
 
 from finetune_budget.cli import exit_code, exit_now, expand_argv, guarded_job, train_job
+from finetune_budget.collector import pause_during_startup
 
 
 @hydra.main(version_base="1.3", config_path="conf", config_name="train")
@@ -20,6 +21,7 @@ def main(cfg: DictConfig) -> float:
 
 
 if __name__ == "__main__":
+    pause_during_startup()  # on again, the start-up's objects frozen, once a job has imported
     sys.argv = expand_argv(sys.argv)
     main()
     exit_now(exit_code())  # without the seconds of module teardown

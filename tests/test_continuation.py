@@ -269,42 +269,60 @@ def test_auto_store_is_memory_in_process_and_disk_for_launchers_of_other_process
         HydraConfig.instance().cfg = None
 
 
-def test_a_kept_state_is_the_finished_jobs_tensors_and_a_job_that_loads_it_never_changes_it(
+def test_a_kept_state_is_the_finished_jobs_tensors_and_the_job_that_continues_it_owns_it(
     tmp_path,
 ):
-    """No copy when a job's state is kept (the job is over). A job that loads it trains a
-    module that load_state_dict copied the weights into, and its own copy of AdamW's moments
-    (which torch's optimizer takes as they are and updates in place): the kept state is the
-    same afterwards. A state whose tensors changed in place afterwards is not continued from."""
+    """No copy when a job's state is kept (the job is over), nor when the next job loads it:
+    load_state_dict copies the weights into that job's module, so the kept weights stay as they
+    were, and AdamW takes the kept moments as they are and updates them in place, so the state
+    is that job's from then on. Where that job does not finish (it would replace the state with
+    its own), the changed state is not continued from again; nor is a state whose kept weights
+    changed afterwards."""
     import torch
 
     from finetune_budget.continuation import EpochStore, MemoryStore
 
+    def finished_job(weight: float) -> dict:
+        net = torch.nn.Linear(3, 1, bias=False)
+        with torch.no_grad():
+            net.weight.fill_(weight)
+        opt = torch.optim.AdamW(net.parameters(), lr=0.1)
+        net(torch.ones(1, 3)).sum().backward()
+        opt.step()
+        kept = {"state_dict": {k: v.detach() for k, v in net.state_dict().items()}}
+        kept["optimizer_states"] = [opt.state_dict()]
+        return kept
+
     store, spill = MemoryStore(), EpochStore(tmp_path)
-    net = torch.nn.Linear(3, 1, bias=False)
-    with torch.no_grad():
-        net.weight.fill_(1.0)
-    opt = torch.optim.AdamW(net.parameters(), lr=0.1)
-    net(torch.ones(1, 3)).sum().backward()
-    opt.step()
-    kept = {"state_dict": {k: v.detach() for k, v in net.state_dict().items()}}
-    kept["optimizer_states"] = [opt.state_dict()]
+    kept = finished_job(1.0)
     before = copy.deepcopy(kept)
     store.put("k", 2, "run-a", kept, limit_mb=100, spill=spill)
     assert store.states["k"][1]["state_dict"]["weight"] is kept["state_dict"]["weight"]
     # the next job: a fresh module and optimizer loading the state, one more step in place
     loaded = store.checkpoint("k")
+    assert loaded is not kept and loaded["optimizer_states"][0] is not kept["optimizer_states"][0]
     job = torch.nn.Linear(3, 1, bias=False)
     job.load_state_dict(loaded["state_dict"])
     job_opt = torch.optim.AdamW(job.parameters(), lr=0.1)
     job_opt.load_state_dict(loaded["optimizer_states"][0])
+    assert (
+        job_opt.state[job.weight]["exp_avg"] is kept["optimizer_states"][0]["state"][0]["exp_avg"]
+    )
     job(torch.ones(1, 3)).sum().backward()
     job_opt.step()
-    assert not torch.equal(job.weight, before["state_dict"]["weight"])  # it trained
-    assert store.get("k") is not None
+    # the step equals one from a copy of the state: AdamW's update by hand from the kept moments
+    b1, b2, lr, eps, wd = 0.9, 0.999, 0.1, 1e-8, 0.01
+    m = b1 * before["optimizer_states"][0]["state"][0]["exp_avg"] + (1 - b1) * 1.0
+    v = b2 * before["optimizer_states"][0]["state"][0]["exp_avg_sq"] + (1 - b2) * 1.0
+    w = before["state_dict"]["weight"] * (1 - lr * wd)
+    w = w - lr * (m / (1 - b1**2)) / ((v / (1 - b2**2)).sqrt() + eps)
+    torch.testing.assert_close(job.weight.detach(), w)
+    torch.testing.assert_close(kept["optimizer_states"][0]["state"][0]["exp_avg"], m)
     assert torch.equal(kept["state_dict"]["weight"], before["state_dict"]["weight"])
-    moments, moments_before = kept["optimizer_states"][0], before["optimizer_states"][0]
-    for name in ("exp_avg", "exp_avg_sq", "step"):
-        assert torch.equal(moments["state"][0][name], moments_before["state"][0][name]), name
-    kept["state_dict"]["weight"].mul_(2.0)  # the finished job's tensor changed afterwards
-    assert store.get("k") is None and "k" not in store.states
+    assert store.get("k") is None and "k" not in store.states  # the job did not finish
+    # a state whose kept weights changed after its job ended is not continued from either
+    other = finished_job(2.0)
+    store.put("k2", 1, "run-b", other, limit_mb=100, spill=spill)
+    assert store.get("k2") is not None
+    other["state_dict"]["weight"].mul_(2.0)
+    assert store.get("k2") is None and "k2" not in store.states

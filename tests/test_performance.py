@@ -4,6 +4,7 @@ Lightning checkpoint on disk."""
 
 from __future__ import annotations
 
+import json
 import platform
 from collections import Counter
 from pathlib import Path
@@ -290,6 +291,45 @@ def test_the_quick_exit_keeps_the_code_output_threads_and_exit_handlers(tmp_path
     assert proc.stdout == "x" * 200000
     assert (tmp_path / "atexit").read_text() == "ran"
     assert (tmp_path / "thread").read_text() == "done"
+
+
+@pytest.mark.parametrize("paused", [True, False])
+def test_the_collector_is_off_during_start_up_then_on_with_its_objects_frozen(tmp_path, paused):
+    """train.py, evaluate.py and tune.py turn Python's cyclic collector off while they import;
+    the first job turns it on again with what is alive then frozen (never scanned again), and
+    the cycles made after it are freed as before. Where the entry point did not turn it off (a
+    library caller), the collector is left as it is."""
+    import subprocess
+    import sys
+
+    script = tmp_path / "entry.py"
+    script.write_text(
+        "import gc, json, weakref\n"
+        "from finetune_budget import collector\n"
+        "class Node: pass\n"
+        f"if {paused}: collector.pause_during_startup()\n"
+        "during = gc.isenabled()\n"
+        "alive = Node(); alive.me = alive  # made at start-up, lives on\n"
+        "collector.resume_after_startup()\n"
+        "collector.resume_after_startup()  # once per process: a second job changes nothing\n"
+        "later = Node(); later.me = later; freed = weakref.ref(later); del later\n"
+        "gc.collect()\n"
+        "print(json.dumps({'during': during, 'after': gc.isenabled(),\n"
+        "    'frozen': gc.get_freeze_count(),\n"
+        "    'alive_scanned': any(o is alive for o in gc.get_objects()),\n"
+        "    'later_freed': freed() is None}))\n"
+    )
+    proc = subprocess.run([sys.executable, str(script)], capture_output=True, text=True)
+    assert proc.returncode == 0, proc.stderr
+    seen = json.loads(proc.stdout)
+    assert seen["after"] is True and seen["later_freed"] is True
+    if paused:
+        assert seen["during"] is False
+        assert seen["frozen"] > 1000  # the interpreter's and imports' objects, not just `alive`
+        assert seen["alive_scanned"] is False
+    else:
+        assert seen["during"] is True
+        assert seen["frozen"] == 0 and seen["alive_scanned"] is True
 
 
 def _refault_pages(keep: str) -> int:

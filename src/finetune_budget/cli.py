@@ -20,6 +20,7 @@ from typing import Any, NoReturn
 from omegaconf import DictConfig
 
 from finetune_budget.allocator import keep_freed_memory
+from finetune_budget.collector import resume_after_startup
 from finetune_budget.config import check_config, expand_range_overrides
 from finetune_budget.distributed import is_main_process
 from finetune_budget.errors import BudgetError, one_line
@@ -158,6 +159,7 @@ def train_job(cfg: DictConfig) -> float:
     from finetune_budget.training import train
     from finetune_budget.tuning.objectives import sweep_objective
 
+    resume_after_startup()  # the heavy modules are imported: collect what is created from here
     result = train(cfg, parent_run_id=current_parent())
     if is_main_process(cfg.trainer):  # ranks 1.. of a multi-process run print nothing
         if result.reused:
@@ -174,6 +176,7 @@ def evaluate_job(cfg: DictConfig) -> Any:
     """evaluate.py: the mode's result; an evaluation's metrics are printed."""
     from finetune_budget.evaluation import run_mode
 
+    resume_after_startup()
     result = run_mode(cfg)
     if isinstance(result, dict):
         for key, value in result.items():
@@ -185,6 +188,7 @@ def tune_job(cfg: DictConfig) -> float:
     """tune.py: an Optuna search; prints its trials and the cheapest one near the best."""
     from finetune_budget.tuning import run_search
 
+    resume_after_startup()
     result = run_search(cfg)
     study = result.study.study_name
     print(f"\nstudy {study}: {result.counts}; MLflow parent run {result.parent_run_id}")

@@ -88,6 +88,45 @@ def test_continued_run_equals_training_from_scratch(tiny_text_cfg, tmp_path, dat
     assert logged[3] == pytest.approx(times[2])
 
 
+def test_after_a_job_that_continued_a_state_fails_the_next_one_trains_from_the_start(
+    tiny_text_cfg, caplog
+):
+    """The job that continues a kept state trains its tensors in place: if it fails, the state
+    is not continued from again, and the next job of that config trains from the start, with
+    the metrics of training from scratch."""
+    import logging
+
+    import lightning as L
+
+    class LostNode(L.Callback):
+        def on_train_batch_end(self, trainer, *args) -> None:
+            if trainer.current_epoch == 1:  # the epoch after the state it continued, one step in
+                raise RuntimeError("lost the node")
+
+    common = (
+        "data.n=48",
+        "trainer.limit_val_batches=1",
+        "optim.warmup_steps=3",
+        "budget.continuation_store=memory",
+    )
+    train(tiny_text_cfg(*common, "trainer.max_epochs=1"))
+    with pytest.raises(RuntimeError, match="lost the node"):
+        train(tiny_text_cfg(*common, "trainer.max_epochs=3"), callbacks=[LostNode()])
+    with caplog.at_level(logging.WARNING):
+        after = train(tiny_text_cfg(*common, "trainer.max_epochs=2"))
+    assert "did not finish" in caplog.text
+    client = MlflowClient(tiny_text_cfg().tracking.uri)
+    assert "continued_from" not in client.get_run(after.run_id).data.tags
+    scratch = train(
+        tiny_text_cfg(*common, "trainer.max_epochs=2", "budget.continue_shorter_runs=false")
+    )
+    for key in METRICS:
+        for epoch in (1, 2):
+            assert _by_epoch(after.history)[epoch][key] == pytest.approx(
+                _by_epoch(scratch.history)[epoch][key], abs=1e-6
+            ), (key, epoch)
+
+
 def test_a_continued_run_takes_epoch_0_from_the_state_it_continues(tiny_text_cfg, monkeypatch):
     from finetune_budget import training
 

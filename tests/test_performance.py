@@ -5,7 +5,10 @@ Lightning checkpoint on disk."""
 from __future__ import annotations
 
 import json
+import os
 import platform
+import subprocess
+import sys
 from collections import Counter
 from pathlib import Path
 
@@ -266,14 +269,17 @@ def test_batches_from_token_ids_kept_once_equal_the_tokenizers_own_padding(side,
         assert torch.equal(b["input"]["attention_mask"], want["attention_mask"])
 
 
+def _python(code: str, **env: str) -> subprocess.CompletedProcess:
+    """`code` run by this interpreter in a fresh process (with `env` added to the environment)."""
+    return subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, env={**os.environ, **env}
+    )
+
+
 def test_the_quick_exit_keeps_the_code_output_threads_and_exit_handlers(tmp_path):
     """train.py ends with cli.exit_now: everything a normal exit does for the user (exit code,
     all of stdout, threads finished, atexit handlers such as MLflow's) without module teardown."""
-    import subprocess
-    import sys
-
-    script = tmp_path / "job.py"
-    script.write_text(
+    proc = _python(
         "import atexit, sys, threading, time\n"
         "from pathlib import Path\n"
         "from finetune_budget.cli import exit_now\n"
@@ -286,7 +292,6 @@ def test_the_quick_exit_keeps_the_code_output_threads_and_exit_handlers(tmp_path
         "sys.stdout.write('x' * 200000)\n"
         "exit_now(3)\n"
     )
-    proc = subprocess.run([sys.executable, str(script)], capture_output=True, text=True)
     assert proc.returncode == 3, proc.stderr
     assert proc.stdout == "x" * 200000
     assert (tmp_path / "atexit").read_text() == "ran"
@@ -294,16 +299,12 @@ def test_the_quick_exit_keeps_the_code_output_threads_and_exit_handlers(tmp_path
 
 
 @pytest.mark.parametrize("paused", [True, False])
-def test_the_collector_is_off_during_start_up_then_on_with_its_objects_frozen(tmp_path, paused):
+def test_the_collector_is_off_during_start_up_then_on_with_its_objects_frozen(paused):
     """train.py, evaluate.py and tune.py turn Python's cyclic collector off while they import;
     the first job turns it on again with what is alive then frozen (never scanned again), and
     the cycles made after it are freed as before. Where the entry point did not turn it off (a
     library caller), the collector is left as it is."""
-    import subprocess
-    import sys
-
-    script = tmp_path / "entry.py"
-    script.write_text(
+    proc = _python(
         "import gc, json, weakref\n"
         "from finetune_budget import collector\n"
         "class Node: pass\n"
@@ -319,7 +320,6 @@ def test_the_collector_is_off_during_start_up_then_on_with_its_objects_frozen(tm
         "    'alive_scanned': any(o is alive for o in gc.get_objects()),\n"
         "    'later_freed': freed() is None}))\n"
     )
-    proc = subprocess.run([sys.executable, str(script)], capture_output=True, text=True)
     assert proc.returncode == 0, proc.stderr
     seen = json.loads(proc.stdout)
     assert seen["after"] is True and seen["later_freed"] is True
@@ -336,11 +336,7 @@ def _refault_pages(keep: str) -> int:
     """Minor page faults of the last 4 of 16 steps that each allocate, fill and free a 64 MB
     tensor (above glibc's largest mmap threshold), in a fresh process with
     FINETUNE_BUDGET_KEEP_FREED_MEMORY=`keep`."""
-    import os
-    import subprocess
-    import sys
-
-    script = (
+    proc = _python(
         "import resource, torch\n"
         "from finetune_budget.allocator import keep_freed_memory\n"
         "keep_freed_memory()\n"
@@ -349,12 +345,10 @@ def _refault_pages(keep: str) -> int:
         "    if step == 12:\n"
         "        before = faults()\n"
         "    x = torch.ones(16 * 2**20); del x\n"
-        "print(faults() - before)\n"
+        "print(faults() - before)\n",
+        FINETUNE_BUDGET_KEEP_FREED_MEMORY=keep,
     )
-    env = {**os.environ, "FINETUNE_BUDGET_KEEP_FREED_MEMORY": keep}
-    proc = subprocess.run(
-        [sys.executable, "-c", script], capture_output=True, text=True, env=env, check=True
-    )
+    assert proc.returncode == 0, proc.stderr
     return int(proc.stdout.strip())
 
 

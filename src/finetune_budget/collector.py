@@ -3,8 +3,8 @@
 Importing torch, Lightning (with torchmetrics' imports of torchvision and `torch._dynamo`),
 transformers and MLflow creates ~800k objects that live as long as the process: modules,
 functions, classes. While they are created the collector makes full passes over all of them and
-frees almost nothing: the user's sweep made 10-13 such passes of 20-390 ms (1.4-2.9 s of its
-start-up, docs/performance.md). `pause_during_startup` (train.py, evaluate.py, tune.py) turns the
+frees almost nothing: 10 passes of 20-390 ms, 1.4 s, in the small grid's start-up; its full
+passes took 2.9 s of the user's sweep (docs/performance.md). `pause_during_startup` (train.py, evaluate.py, tune.py) turns the
 collector off; `resume_after_startup` (each job, once its heavy modules are imported) moves what
 is alive then to the permanent generation (`gc.freeze`: never scanned again; the report's forked
 process gains too, no copy-on-write of those objects' headers) and turns the collector back on
@@ -33,7 +33,3 @@ def resume_after_startup() -> None:
         _paused = False
         gc.freeze()
         gc.enable()
-
-
-def is_paused() -> bool:
-    return _paused

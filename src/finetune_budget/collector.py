@@ -4,12 +4,14 @@ Importing torch, Lightning (with torchmetrics' imports of torchvision and `torch
 transformers and MLflow creates ~800k objects that live as long as the process: modules,
 functions, classes. While they are created the collector makes full passes over all of them and
 frees almost nothing: 10 passes of 20-390 ms, 1.4 s, in the small grid's start-up; its full
-passes took 2.9 s of the user's sweep (docs/performance.md). `pause_during_startup` (train.py, evaluate.py, tune.py) turns the
-collector off; `resume_after_startup` (each job, once its heavy modules are imported) moves what
-is alive then to the permanent generation (`gc.freeze`: never scanned again; the report's forked
-process gains too, no copy-on-write of those objects' headers) and turns the collector back on
-for everything created after. Where `pause_during_startup` did not turn it off (a library
-caller, the tests), both leave it as it is.
+passes took 2.9 s of the user's sweep (docs/performance.md).
+
+`pause_during_startup` (train.py, evaluate.py, tune.py) turns the collector off.
+`resume_after_startup` (each job, once its heavy modules are imported) moves what is alive then
+to the permanent generation (`gc.freeze`: never scanned again; the report's forked process gains
+too, no copy-on-write of those objects' headers) and turns the collector back on for everything
+created after. Where `pause_during_startup` did not turn it off (a library caller, the tests),
+both leave it as it is.
 """
 
 from __future__ import annotations

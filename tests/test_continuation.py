@@ -125,6 +125,11 @@ def test_after_a_job_that_continued_a_state_fails_the_next_one_trains_from_the_s
             assert _by_epoch(after.history)[epoch][key] == pytest.approx(
                 _by_epoch(scratch.history)[epoch][key], abs=1e-6
             ), (key, epoch)
+    caplog.clear()
+    with caplog.at_level(logging.WARNING):  # a job that continues and finishes: no warning
+        longer = train(tiny_text_cfg(*common, "trainer.max_epochs=4"))
+    assert client.get_run(longer.run_id).data.tags.get("continued_from") == after.run_id
+    assert "changed after its job ended" not in caplog.text
 
 
 def test_a_continued_run_takes_epoch_0_from_the_state_it_continues(tiny_text_cfg, monkeypatch):

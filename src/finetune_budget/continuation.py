@@ -510,9 +510,10 @@ class Continuation:
             return
         if not trainer.is_global_zero:
             return
-        old = MEMORY.get(self.key) or self.disk.get(self.key)
-        if old is not None and old.epoch >= self.max_epochs:
-            return  # a shorter run never replaces a longer state
+        if self.source is None:  # else the kept state is the older one this job trained on
+            old = MEMORY.get(self.key) or self.disk.get(self.key)
+            if old is not None and old.epoch >= self.max_epochs:
+                return  # a shorter run never replaces a longer state
         if self.kind == "memory" and hydra_launch() == "single":
             return  # `python train.py` without -m: no later job in this process
         try:

@@ -175,7 +175,11 @@ def _env() -> dict[str, str]:
 def test_a_sweep_killed_mid_job_reruns_only_the_missing_points(tmp_path):
     """kill -9 of a real sweep during its second job, then the same command again."""
     # Epoch states on disk: in-memory states (the default for one process) die with the sweep.
-    cmd = _sweep(tmp_path, "data.n=32", "trainer.max_epochs=1,4", "budget.continuation_store=disk")
+    # data.n=128, not 32: the second job runs long enough to be killed before it saves its own
+    # epoch-4 state (at 32 a loaded machine once saw it RUNNING only as it was saving).
+    cmd = _sweep(
+        tmp_path, "data.n=128", "trainer.max_epochs=1,4", "budget.continuation_store=disk"
+    )
     uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
     client = MlflowClient(uri)  # the store exists before the sweep starts: no race creating it
     log = open(tmp_path / "first.log", "w")

@@ -18,8 +18,9 @@ sentence-transformers' trainer runs as its users run it, in a child process with
 --device cuda: all of it on the GPU (--precision bf16-mixed or 16-mixed; auto = bf16-mixed there).
 --profile: where a training step's time goes (torch.profiler over the plain loop's steps,
 grouped: matmuls, dropout's random masks, dtype casts, AdamW, the rest).
---compare-dropout, --compare-unpad: plain-loop epochs with torch's dropout against
-model.fast_dropout, and the padded BERT against model.unpad, alternating (median ms per step).
+--compare-dropout, --compare-unpad, --compare-embedding-grad: plain-loop epochs with torch's
+dropout against model.fast_dropout, the padded BERT against model.unpad, torch's dense
+word-embedding gradient against the kept one (embedding_grad.py), alternating (median ms/step).
 """
 
 from __future__ import annotations
@@ -46,6 +47,7 @@ from finetune_budget.allocator import keep_freed_memory  # noqa: E402
 from finetune_budget.config import resolve_precision  # noqa: E402
 from finetune_budget.data.text import load_clinc150, load_stsb  # noqa: E402
 from finetune_budget.data.text_datamodule import TextRetrievalDataModule  # noqa: E402
+from finetune_budget.embedding_grad import keep_embedding_gradients, nonzero_rows  # noqa: E402
 from finetune_budget.models.text import load_tokenizer  # noqa: E402
 from finetune_budget.optim import clip_grad_norm, lr_lambda, use_fused  # noqa: E402
 from finetune_budget.tasks.text_text import EmbeddingFineTuner  # noqa: E402
@@ -85,12 +87,18 @@ def _now(device: str) -> float:
 
 
 def plain_train(
-    module: EmbeddingFineTuner, batches: list, precision: str, device: str = "cpu"
+    module: EmbeddingFineTuner,
+    batches: list,
+    precision: str,
+    device: str = "cpu",
+    kept_gradients: bool = True,
 ) -> float:
     """The same training steps as Lightning's: autocast, backward, clip (optim.clip_grad_norm),
-    AdamW (fused where our path uses it: optim.fused=auto), LR schedule; 16-mixed scales the
-    loss and unscales before clipping, as our path does."""
+    AdamW (fused where our path uses it: optim.fused=auto), LR schedule, the word embedding's
+    gradient kept across steps on the CPU (embedding_grad.py; kept_gradients=False: torch's);
+    16-mixed scales the loss and unscales before clipping, as our path does."""
     module.to(device).train()
+    kept = keep_embedding_gradients(module) if kept_gradients and device == "cpu" else []
     scaler = torch.amp.GradScaler(device, enabled=precision == "16-mixed")
     make, groups = instantiate(OPTIM["optimizer"]), [{"params": list(module.parameters())}]
     optimizer = make(groups, fused=use_fused(module, make, OPTIM, groups))
@@ -104,11 +112,14 @@ def plain_train(
         optimizer.zero_grad(set_to_none=True)
         scaler.scale(loss).backward()
         scaler.unscale_(optimizer)
-        clip_grad_norm(module.parameters(), 1.0)  # what our Lightning path clips with
+        clip_grad_norm(module.parameters(), 1.0, nonzero_rows(kept))  # as our Lightning path
         scaler.step(optimizer)
         scaler.update()
         scheduler.step()
-    return _now(device) - start
+    seconds = _now(device) - start
+    for k in kept:
+        k.remove()
+    return seconds
 
 
 @torch.no_grad()
@@ -342,10 +353,12 @@ def profile_steps(
         print(f"  {group:44s}{us / total:7.1%}  {us / len(batches) / 1e3:7.1f} ms/step")
 
 
-# what --compare-dropout and --compare-unpad switch: (model config key, off's name, on's name)
+# what --compare-dropout, --compare-unpad and --compare-embedding-grad switch: (model config key
+# or plain_train's keyword, off's name, on's name)
 AB_OPTIONS = {
     "dropout": ("fast_dropout", "torch", "fast"),
     "unpad": ("unpad", "padded", "unpadded"),
+    "embedding_grad": ("kept_gradients", "dense", "kept"),
 }
 
 
@@ -357,19 +370,25 @@ def compare_option(
     device: str = "cpu",
     kind: str = "labels",
 ) -> None:
-    """Plain-loop epochs with a model option off and on (AB_OPTIONS), alternating, as the median
+    """Plain-loop epochs with an option off and on (AB_OPTIONS), alternating, as the median
     ms per step of each and their ratio; `batches` of `kind` (labels: CLINC150, pairs: STS-B)."""
     key, off, on = AB_OPTIONS[option]
+    in_model = key != "kept_gradients"  # the one plain_train switches
     modules = {
-        name: EmbeddingFineTuner({**MODEL, key: name == on}, LOSS, OPTIM, data_kind=kind)
+        name: EmbeddingFineTuner(
+            {**MODEL, key: name == on} if in_model else MODEL, LOSS, OPTIM, data_kind=kind
+        )
         for name in (off, on)
     }
-    for module in modules.values():
-        plain_train(copy.deepcopy(module), batches[:2], precision, device)  # warm-up
+    extra = {name: {} if in_model else {key: name == on} for name in modules}
+    for name, module in modules.items():
+        plain_train(copy.deepcopy(module), batches[:2], precision, device, **extra[name])
     ms: dict[str, list[float]] = {name: [] for name in modules}
     for r in range(2 * repeats):  # ABBA...: neither side always runs first
         for name in modules if r % 2 == 0 else reversed(modules):
-            seconds = plain_train(copy.deepcopy(modules[name]), batches, precision, device)
+            seconds = plain_train(
+                copy.deepcopy(modules[name]), batches, precision, device, **extra[name]
+            )
             ms[name].append(seconds / len(batches) * 1e3)
     median = {name: statistics.median(v) for name, v in ms.items()}
     print(
@@ -405,6 +424,11 @@ def main() -> None:
     )
     parser.add_argument(
         "--compare-unpad", action="store_true", help="the padded BERT vs model.unpad"
+    )
+    parser.add_argument(
+        "--compare-embedding-grad",
+        action="store_true",
+        help="torch's dense word-embedding gradient vs the kept one (embedding_grad.py)",
     )
     args = parser.parse_args()
     keep_freed_memory()  # as train.py: this process only, not sentence-transformers' child
@@ -488,16 +512,13 @@ def main() -> None:
         compare_option("dropout", list(train_batches), precision, args.repeats)
     if args.compare_unpad:
         compare_option("unpad", list(train_batches), precision, args.repeats, args.device)
-        pairs = TextRetrievalDataModule(
-            load_stsb(stsb_dir(args.data)),
-            load_tokenizer(MODEL["pretrained"]),
-            n=args.n,
-            batch_size=args.batch_size,
-            max_length=128,
-            length_bucket_pool=args.pool,
-        )
-        batches = list(pairs.train_dataloader())
+        batches = stsb_batches(args)
         compare_option("unpad", batches, precision, args.repeats, args.device, kind="pairs")
+    if args.compare_embedding_grad:
+        if args.device != "cpu":
+            parser.error("--compare-embedding-grad measures the CPU's path: drop --device cuda")
+        compare_option("embedding_grad", list(train_batches), precision, args.repeats)
+        compare_option("embedding_grad", stsb_batches(args), precision, args.repeats, kind="pairs")
     if not args.skip_st:
         compare_st(args, precision, rate)
     print(
@@ -508,6 +529,19 @@ def main() -> None:
             if v is not False
         )
     )
+
+
+def stsb_batches(args) -> list:
+    """--n STS-B training pairs in this project's batches (bucketed by length as ours)."""
+    pairs = TextRetrievalDataModule(
+        load_stsb(stsb_dir(args.data)),
+        load_tokenizer(MODEL["pretrained"]),
+        n=args.n,
+        batch_size=args.batch_size,
+        max_length=128,
+        length_bucket_pool=args.pool,
+    )
+    return list(pairs.train_dataloader())
 
 
 def stsb_dir(clinc_path: str) -> str:

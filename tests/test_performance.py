@@ -572,3 +572,148 @@ def test_clip_grad_norm_clips_as_torch_does_and_leaves_gradients_within_the_norm
             assert all(torch.equal(p.grad, g) for p, g in zip(params, grads, strict=True))
     params[0].grad[0, 0] = float("nan")  # as torch: a non-finite norm reaches every gradient
     assert clip_grad_norm(params, 1.0).isnan() and params[1].grad.isnan().all()
+
+
+def test_clip_grad_norm_over_the_nonzero_rows_equals_the_full_clip():
+    """A gradient that is zero outside some rows (a kept word-embedding gradient): reading and
+    scaling only those rows gives torch's clip to float rounding, and the zero rows stay zero."""
+    from finetune_budget.optim import clip_grad_norm
+
+    torch.manual_seed(0)
+    table, other = torch.nn.Parameter(torch.zeros(1000, 16)), torch.nn.Parameter(torch.zeros(40))
+    rows = torch.tensor([3, 17, 512, 999])
+    grad = torch.zeros(1000, 16)
+    grad[rows] = torch.randn(4, 16) * 10
+    other_grad = torch.randn(40)
+    for max_norm in (1e3, 0.5):  # within the norm, then clipped
+        refs = [torch.nn.Parameter(torch.zeros_like(p)) for p in (table, other)]
+        for p, ref, g in zip((table, other), refs, (grad, other_grad), strict=True):
+            p.grad, ref.grad = g.clone(), g.clone()
+        expected = torch.nn.utils.clip_grad_norm_(refs, max_norm)
+        total = clip_grad_norm([table, other], max_norm, {id(table): rows})
+        torch.testing.assert_close(total, expected)
+        torch.testing.assert_close(table.grad, refs[0].grad, rtol=1e-6, atol=0)
+        torch.testing.assert_close(other.grad, refs[1].grad, rtol=1e-6, atol=0)
+        untouched = torch.ones(1000, dtype=torch.bool).index_fill_(0, rows, False)
+        assert not table.grad[untouched].any()
+
+
+# -- the kept word-embedding gradient (embedding_grad.py) -----------------------------------------
+class _Lookup(torch.nn.Module):
+    """A word embedding (vocabulary 5000, padding id 0) and a layer on top of it."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.words = torch.nn.Embedding(5000, 8, padding_idx=0)
+        self.out = torch.nn.Linear(8, 1)
+
+    def forward(self, ids: torch.Tensor) -> torch.Tensor:
+        return (self.out(torch.tanh(self.words(ids))) ** 2).sum()
+
+
+def test_a_kept_embedding_gradient_equals_torchs_dense_one_step_after_step():
+    """Reference: a copy with torch's dense embedding gradient. One lookup a step: equal to the
+    bit, each step, with zero_grad setting gradients to None or zeroing them, and where a window
+    accumulates two batches; the gradient stays one buffer (no fresh table a step)."""
+    import copy
+
+    from finetune_budget.embedding_grad import keep_embedding_gradients
+
+    torch.manual_seed(0)
+    kept_model = _Lookup()
+    dense_model = copy.deepcopy(kept_model)
+    kept = keep_embedding_gradients(kept_model)
+    assert [k.embedding for k in kept] == [kept_model.words]
+    steps = [  # (batches of the window, zero_grad's set_to_none); ids repeat within and across
+        ([torch.tensor([[5, 9, 9, 0], [5, 4000, 7, 0]])], True),
+        ([torch.tensor([[11, 12, 5, 0]])], True),  # row 9, 4000 and 7 of step 1 back to zero
+        ([torch.tensor([[6, 6, 2]]), torch.tensor([[2, 4999, 1]])], True),  # accumulated
+        ([torch.tensor([[8, 3, 3]])], False),
+    ]
+    buffers = set()
+    for batches, set_to_none in steps:
+        for model in (kept_model, dense_model):
+            model.zero_grad(set_to_none=set_to_none)
+            for ids in batches:
+                model(ids).backward()
+        kept_grad, dense_grad = kept_model.words.weight.grad, dense_model.words.weight.grad
+        assert kept_grad.layout == torch.strided
+        assert torch.equal(kept_grad, dense_grad)
+        assert torch.equal(kept_model.out.weight.grad, dense_model.out.weight.grad)
+        rows, touched = kept[0].nonzero_rows(), torch.cat([ids.flatten() for ids in batches])
+        assert torch.isin(touched[touched != 0], rows).all()  # 0: the padding id
+        assert not kept_grad[~torch.isin(torch.arange(5000), rows)].any()  # zero elsewhere
+        if set_to_none:  # torch's zero_grad() zeroes the buffer but leaves the rows listed
+            assert len(rows) == len(torch.unique(touched[touched != 0]))
+        buffers.add(kept_grad.data_ptr())
+    assert len(buffers) == 1
+    kept[0].remove()
+    kept_model.zero_grad()
+    kept_model(torch.tensor([[1, 2]])).backward()
+    assert not kept_model.words.sparse and kept_model.words.weight.grad.layout == torch.strided
+
+
+def test_training_with_kept_embedding_gradients_equals_torchs_dense_gradients():
+    """Fused AdamW with weight decay and clipping over 5 steps, one model with kept gradients
+    (and the clip over their nonzero rows), one with torch's: the same weights to rounding."""
+    import copy
+
+    from finetune_budget.embedding_grad import keep_embedding_gradients, nonzero_rows
+    from finetune_budget.optim import clip_grad_norm
+
+    torch.manual_seed(0)
+    models = {"kept": _Lookup(), "dense": None}
+    models["dense"] = copy.deepcopy(models["kept"])
+    kept = keep_embedding_gradients(models["kept"])
+    optimizers = {
+        name: torch.optim.AdamW(m.parameters(), lr=0.01, weight_decay=0.1, fused=True)
+        for name, m in models.items()
+    }
+    for _ in range(5):
+        ids = torch.randint(0, 200, (4, 6))
+        for name, model in models.items():
+            optimizers[name].zero_grad()
+            (model(ids) * 100).backward()  # large: the clip scales
+            clip_grad_norm(model.parameters(), 1.0, nonzero_rows(kept) if name == "kept" else None)
+            optimizers[name].step()
+    for (name, a), b in zip(
+        models["kept"].named_parameters(), models["dense"].parameters(), strict=True
+    ):
+        torch.testing.assert_close(a, b, rtol=1e-6, atol=1e-7, msg=name)
+    assert not torch.equal(models["kept"].words.weight[250:], _Lookup().words.weight[250:])
+
+
+def test_only_large_untied_trainable_cpu_embeddings_keep_their_gradient():
+    from finetune_budget.embedding_grad import keep_embedding_gradients
+
+    tied = _Lookup()
+    decoder = torch.nn.Linear(8, 5000, bias=False)
+    decoder.weight = tied.words.weight  # a masked-LM head's tying
+    tied.decoder = decoder
+    frozen = _Lookup()
+    frozen.words.requires_grad_(False)
+    small = torch.nn.Embedding(512, 8)  # position embeddings: torch's dense gradient
+    for model in (tied, frozen, small):
+        assert keep_embedding_gradients(model) == []
+        assert all(not m.sparse for m in model.modules() if isinstance(m, torch.nn.Embedding))
+
+
+def test_a_text_fit_on_the_cpu_keeps_the_word_embedding_gradient_and_releases_it(tiny_text_cfg):
+    """During fit the tiny BERT's word embedding sends sparse gradients into its kept buffer;
+    after fit the module is torch's again (a later backward gets a fresh dense gradient)."""
+    import lightning as L
+
+    seen = {}
+
+    class Look(L.Callback):
+        def on_before_optimizer_step(self, trainer, pl_module, optimizer):
+            words = pl_module.encoder.transformer.embeddings.word_embeddings
+            seen.setdefault("sparse", words.sparse)
+            seen.setdefault("rows", len(pl_module.kept_gradients[0].nonzero_rows()))
+
+    cfg = tiny_text_cfg("data.n=32", "trainer.max_epochs=1", "budget.rerun=true")
+    result = train(cfg, callbacks=[Look()])
+    module = result.objects["module"]
+    assert seen["sparse"] and 0 < seen["rows"] < 30522
+    assert module.kept_gradients == []
+    assert not module.encoder.transformer.embeddings.word_embeddings.sparse

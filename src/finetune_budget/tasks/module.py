@@ -19,8 +19,10 @@ from typing import Any
 
 import lightning as L
 import torch
+from lightning.pytorch.strategies import SingleDeviceStrategy
 
 from finetune_budget import losses
+from finetune_budget.embedding_grad import KeptEmbeddingGradient, keep_embedding_gradients
 from finetune_budget.errors import ConfigError
 from finetune_budget.matryoshka import matryoshka_loss
 from finetune_budget.metrics import retrieval_metrics
@@ -71,6 +73,7 @@ class FineTuner(L.LightningModule):
         # Optional extra evaluations: hook(module, emb (N, D), groups (N,)) -> {"probe/...": ...}
         self.eval_hooks: list[Callable[..., dict[str, float]]] = []
         self._eval_parts: dict[str, list[tuple[torch.Tensor, torch.Tensor]]] = {}
+        self.kept_gradients: list[KeptEmbeddingGradient] = []
 
     # -- what a task defines ---------------------------------------------------------------------
     def embed_train(self, batch: dict[str, Any]) -> dict[str, torch.Tensor]:
@@ -111,6 +114,20 @@ class FineTuner(L.LightningModule):
             self.loss_fn = ClipLoss(
                 local_loss=world > 1, gather_with_grad=world > 1, rank=rank, world_size=world
             )
+
+    def on_fit_start(self) -> None:
+        # One CPU, no DDP: word-embedding gradients without a 47 MB zero-fill a step.
+        self._release_kept_gradients()
+        if isinstance(self.trainer.strategy, SingleDeviceStrategy) and self.device.type == "cpu":
+            self.kept_gradients = keep_embedding_gradients(self)
+
+    def on_fit_end(self) -> None:
+        self._release_kept_gradients()
+
+    def _release_kept_gradients(self) -> None:
+        for kept in self.kept_gradients:
+            kept.remove()
+        self.kept_gradients = []
 
     def contrastive_loss(self, out: dict[str, torch.Tensor]) -> torch.Tensor:
         """`loss_name` on `embed_train`'s output (over every rank's batch under DDP)."""

@@ -693,7 +693,8 @@ def test_only_large_untied_trainable_cpu_embeddings_keep_their_gradient():
     frozen = _Lookup()
     frozen.words.requires_grad_(False)
     small = torch.nn.Embedding(512, 8)  # position embeddings: torch's dense gradient
-    for model in (tied, frozen, small):
+    elsewhere = torch.nn.Embedding(5000, 8, device="meta")  # not on the CPU (a GPU's, say)
+    for model in (tied, frozen, small, elsewhere):
         assert keep_embedding_gradients(model) == []
         assert all(not m.sparse for m in model.modules() if isinstance(m, torch.nn.Embedding))
 

@@ -436,6 +436,8 @@ def main() -> None:
         parser.error("--device cuda: torch sees no CUDA device here; drop it to run on the CPU")
     if args.device == "cuda" and args.compare_dropout:
         parser.error("--compare-dropout measures the CPU's dropout: drop --device cuda")
+    if args.device == "cuda" and args.compare_embedding_grad:
+        parser.error("--compare-embedding-grad measures the CPU's path: drop --device cuda")
     precision = resolve_precision(args.precision, args.device)
     torch.manual_seed(0)
     if args.skip_lightning:
@@ -515,8 +517,6 @@ def main() -> None:
         batches = stsb_batches(args)
         compare_option("unpad", batches, precision, args.repeats, args.device, kind="pairs")
     if args.compare_embedding_grad:
-        if args.device != "cpu":
-            parser.error("--compare-embedding-grad measures the CPU's path: drop --device cuda")
         compare_option("embedding_grad", list(train_batches), precision, args.repeats)
         compare_option("embedding_grad", stsb_batches(args), precision, args.repeats, kind="pairs")
     if not args.skip_st:

@@ -47,7 +47,7 @@ from finetune_budget.allocator import keep_freed_memory  # noqa: E402
 from finetune_budget.config import resolve_precision  # noqa: E402
 from finetune_budget.data.text import load_clinc150, load_stsb  # noqa: E402
 from finetune_budget.data.text_datamodule import TextRetrievalDataModule  # noqa: E402
-from finetune_budget.embedding_grad import keep_embedding_gradients, nonzero_rows  # noqa: E402
+from finetune_budget.embedding_grad import keep_embedding_gradients, rows_by_weight  # noqa: E402
 from finetune_budget.models.text import load_tokenizer  # noqa: E402
 from finetune_budget.optim import clip_grad_norm, lr_lambda, use_fused  # noqa: E402
 from finetune_budget.tasks.text_text import EmbeddingFineTuner  # noqa: E402
@@ -112,7 +112,7 @@ def plain_train(
         optimizer.zero_grad(set_to_none=True)
         scaler.scale(loss).backward()
         scaler.unscale_(optimizer)
-        clip_grad_norm(module.parameters(), 1.0, nonzero_rows(kept))  # as our Lightning path
+        clip_grad_norm(module.parameters(), 1.0, rows_by_weight(kept))  # as our Lightning path
         scaler.step(optimizer)
         scaler.update()
         scheduler.step()
@@ -353,12 +353,12 @@ def profile_steps(
         print(f"  {group:44s}{us / total:7.1%}  {us / len(batches) / 1e3:7.1f} ms/step")
 
 
-# what --compare-dropout, --compare-unpad and --compare-embedding-grad switch: (model config key
-# or plain_train's keyword, off's name, on's name)
+# what --compare-dropout, --compare-unpad and --compare-embedding-grad switch: (where: a model
+# config key or a plain_train keyword, the key, off's name, on's name)
 AB_OPTIONS = {
-    "dropout": ("fast_dropout", "torch", "fast"),
-    "unpad": ("unpad", "padded", "unpadded"),
-    "embedding_grad": ("kept_gradients", "dense", "kept"),
+    "dropout": ("model", "fast_dropout", "torch", "fast"),
+    "unpad": ("model", "unpad", "padded", "unpadded"),
+    "embedding_grad": ("plain_train", "kept_gradients", "dense", "kept"),
 }
 
 
@@ -372,8 +372,8 @@ def compare_option(
 ) -> None:
     """Plain-loop epochs with an option off and on (AB_OPTIONS), alternating, as the median
     ms per step of each and their ratio; `batches` of `kind` (labels: CLINC150, pairs: STS-B)."""
-    key, off, on = AB_OPTIONS[option]
-    in_model = key != "kept_gradients"  # the one plain_train switches
+    where, key, off, on = AB_OPTIONS[option]
+    in_model = where == "model"
     modules = {
         name: EmbeddingFineTuner(
             {**MODEL, key: name == on} if in_model else MODEL, LOSS, OPTIM, data_kind=kind

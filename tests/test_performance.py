@@ -658,7 +658,7 @@ def test_training_with_kept_embedding_gradients_equals_torchs_dense_gradients():
     (and the clip over their nonzero rows), one with torch's: the same weights to rounding."""
     import copy
 
-    from finetune_budget.embedding_grad import keep_embedding_gradients, nonzero_rows
+    from finetune_budget.embedding_grad import keep_embedding_gradients, rows_by_weight
     from finetune_budget.optim import clip_grad_norm
 
     torch.manual_seed(0)
@@ -674,7 +674,9 @@ def test_training_with_kept_embedding_gradients_equals_torchs_dense_gradients():
         for name, model in models.items():
             optimizers[name].zero_grad()
             (model(ids) * 100).backward()  # large: the clip scales
-            clip_grad_norm(model.parameters(), 1.0, nonzero_rows(kept) if name == "kept" else None)
+            clip_grad_norm(
+                model.parameters(), 1.0, rows_by_weight(kept) if name == "kept" else None
+            )
             optimizers[name].step()
     for (name, a), b in zip(
         models["kept"].named_parameters(), models["dense"].parameters(), strict=True

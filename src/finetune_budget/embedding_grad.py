@@ -9,7 +9,7 @@ gradient sparse (its rows and their values) and adds those rows into one dense b
 `.grad` from then on; the next window's first backward re-zeroes only the rows the last one
 touched. The optimiser and checkpoints still see a dense `.grad` (as before), and
 `optimizer.zero_grad(set_to_none=True)` still works as before; gradient clipping
-(`optim.clip_grad_norm`) reads and scales only the touched rows (`nonzero_rows`).
+(`optim.clip_grad_norm`) reads and scales only the touched rows (`rows_by_weight`).
 
 The values equal the dense backward's where each table is looked up once a step (labelled items:
 bitwise); where it is looked up twice (pairs: queries and positives), a token on both sides has
@@ -66,8 +66,9 @@ class KeptEmbeddingGradient:
         # The window's first backward: .grad was None, autograd stored the sparse gradient.
         if self.buffer is None:
             self.buffer = torch.zeros_like(weight)
-        elif self.touched:
-            self.buffer.index_fill_(0, torch.cat(self.touched), 0.0)
+        elif self.touched:  # the clip's unique rows where it asked for them, else the list's
+            stale = self._unique if self._unique is not None else torch.cat(self.touched)
+            self.buffer.index_fill_(0, stale, 0.0)
         self.buffer.index_add_(0, grad._indices()[0], grad._values())
         self.touched, self._unique = rows, None
         weight.grad = self.buffer
@@ -90,7 +91,7 @@ class KeptEmbeddingGradient:
         self.buffer, self.touched, self._unique = None, [], None
 
 
-def nonzero_rows(kept: list[KeptEmbeddingGradient]) -> dict[int, torch.Tensor]:
+def rows_by_weight(kept: list[KeptEmbeddingGradient]) -> dict[int, torch.Tensor]:
     """{id(weight): the rows outside which its gradient is zero} for `optim.clip_grad_norm`."""
     rows = {id(k.weight): k.nonzero_rows() for k in kept}
     return {key: r for key, r in rows.items() if r is not None}

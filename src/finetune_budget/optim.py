@@ -12,7 +12,6 @@ import lightning as L
 import torch
 from hydra.utils import instantiate
 
-from finetune_budget.embedding_grad import nonzero_rows
 from finetune_budget.errors import ConfigError, DivergedError
 
 
@@ -79,12 +78,18 @@ def use_fused(module: L.LightningModule, make: Any, optim: dict[str, Any], group
     return all(p.is_floating_point() and p.device.type in ("cpu", "cuda") for p in params)
 
 
-def clip_for_fused(module: L.LightningModule, optimizer, clip_val, algorithm) -> bool:
+def clip_for_fused(
+    module: L.LightningModule,
+    optimizer,
+    clip_val,
+    algorithm,
+    nonzero_rows: dict[int, torch.Tensor] | None = None,
+) -> bool:
     """Clip the gradients of a fused optimizer here (Lightning's mixed-precision plugin refuses
     to, as a fused step unscales by itself). Under a gradient scaler (16-mixed) they are unscaled
     first, as torch's AMP recipe for clipping does; the scaler's step then passes the fused
-    kernel only its inf check, so a step with inf/NaN gradients is still skipped. Returns False
-    when Lightning should clip."""
+    kernel only its inf check, so a step with inf/NaN gradients is still skipped. nonzero_rows:
+    as clip_grad_norm's. Returns False when Lightning should clip."""
     if not clip_val or not getattr(optimizer, "_step_supports_amp_scaling", False):
         return False
     scaler = getattr(getattr(module._trainer, "precision_plugin", None), "scaler", None)
@@ -92,8 +97,7 @@ def clip_for_fused(module: L.LightningModule, optimizer, clip_val, algorithm) ->
         scaler.unscale_(optimizer)
     params = [p for g in optimizer.param_groups for p in g["params"] if p.grad is not None]
     if (algorithm or "norm") == "norm":
-        rows = nonzero_rows(getattr(module, "kept_gradients", []))  # FineTuner's
-        clip_grad_norm(params, float(clip_val), rows)
+        clip_grad_norm(params, float(clip_val), nonzero_rows)
     else:
         torch.nn.utils.clip_grad_value_(params, float(clip_val))
     return True

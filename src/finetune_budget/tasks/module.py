@@ -22,7 +22,11 @@ import torch
 from lightning.pytorch.strategies import SingleDeviceStrategy
 
 from finetune_budget import losses
-from finetune_budget.embedding_grad import KeptEmbeddingGradient, keep_embedding_gradients
+from finetune_budget.embedding_grad import (
+    KeptEmbeddingGradient,
+    keep_embedding_gradients,
+    rows_by_weight,
+)
 from finetune_budget.errors import ConfigError
 from finetune_budget.matryoshka import matryoshka_loss
 from finetune_budget.metrics import retrieval_metrics
@@ -166,7 +170,8 @@ class FineTuner(L.LightningModule):
     def configure_gradient_clipping(
         self, optimizer, gradient_clip_val=None, gradient_clip_algorithm=None
     ) -> None:
-        if not clip_for_fused(self, optimizer, gradient_clip_val, gradient_clip_algorithm):
+        rows = rows_by_weight(self.kept_gradients)  # the kept embedding gradients' nonzero rows
+        if not clip_for_fused(self, optimizer, gradient_clip_val, gradient_clip_algorithm, rows):
             super().configure_gradient_clipping(
                 optimizer, gradient_clip_val, gradient_clip_algorithm
             )

@@ -11,7 +11,9 @@
    its GROUP_BY_LABEL batch sampler: the loss its docs pair with labelled items).
 3. Real-token FLOP/s of our training and evaluation against the bf16 (fp16, fp32) matmul rate of
    this machine measured in the same run (FLOPs: 6 x non-embedding parameters x real tokens, plus
-   attention 12 x layers x hidden x T^2 per sequence; forward only for evaluation: a third).
+   attention 12 x layers x hidden x T^2 per sequence; forward only for evaluation: a third):
+   the best repeat against the best rate of the run, and each repeat against the rate measured
+   just before and after it.
 Paths alternate within each repeat so machine noise hits both alike; the best repeat is kept.
 Our side runs as train.py does, with freed memory kept (allocator.keep_freed_memory);
 sentence-transformers' trainer runs as its users run it, in a child process with glibc's defaults.
@@ -463,6 +465,7 @@ def main() -> None:
     base = EmbeddingFineTuner(MODEL, LOSS, OPTIM, data_kind="labels")
     times = {k: [] for k in ("lightning_train", "plain_train", "lightning_eval", "plain_eval")}
     dev = args.device
+    rates = [matmul_rate(precision, dev)]  # before the first repeat, then after each one's
     for _ in range(args.repeats):
         times["plain_train"].append(
             plain_train(copy.deepcopy(base), train_batches, precision, dev)
@@ -470,6 +473,7 @@ def main() -> None:
         times["lightning_train"].append(
             lightning_run(copy.deepcopy(base), dm, precision, "train", dev)
         )
+        rates.append(matmul_rate(precision, dev))
         times["plain_eval"].append(plain_eval(base, eval_batches, precision, dev))
         times["lightning_eval"].append(lightning_run(base, dm, precision, "eval", dev))
     best = {k: min(v) for k, v in times.items()}  # least-disturbed repeat of each
@@ -490,18 +494,22 @@ def main() -> None:
         lt, pt = best[f"lightning_{key}"], best[f"plain_{key}"]
         print(f"{what:18s}{n / lt:12.1f}{n / pt:12.1f}{pt / lt:8.3f}")
     print("ratio = Lightning speed / plain-loop speed (>= 0.90: Lightning within 10%)")
-    rate = matmul_rate(precision, args.device)
+    rate = max([*rates, matmul_rate(precision, args.device)])  # the best one of the run
     shape = encoder_shape(base)
     eval_flops = batch_flops(eval_batches, shape, forward_only=True)
     train_flops = batch_flops(train_batches, shape, forward_only=False)
     size = MATMUL_SIZE[args.device]
-    print(f"\nmatmul rate ({precision}, {size}^3, this process): {rate / 1e9:.1f} GFLOP/s")
+    print(
+        f"\nmatmul rate ({precision}, {size}^3, this process, the best of {len(rates) + 1} "
+        f"measurements): {rate / 1e9:.1f} GFLOP/s"
+    )
     print(
         f"train: {n_train / best['lightning_train']:.1f} items/s, real-token "
         f"{train_flops / best['lightning_train'] / 1e9:.1f} GFLOP/s = "
         f"{train_flops / best['lightning_train'] / rate:.1%} of the matmul rate "
         f"(padding {padding_share(train_batches):.1%} of tokens)"
     )
+    print_paired_shares(train_flops, times["lightning_train"], rates)
     print(
         f"eval: {n_eval / best['lightning_eval']:.1f} items/s, real-token "
         f"{eval_flops / best['lightning_eval'] / 1e9:.1f} GFLOP/s = "
@@ -562,7 +570,8 @@ def compare_st(args, precision: str, rate: float) -> None:
     with ProcessPoolExecutor(max_workers=1, mp_context=spawn) as st_process:
         for kind, data, what in cases:
             n = min(args.st_items, len(data))
-            ours, st, rates = [], [], [rate]
+            # the matmul rate before this case's first repeat, then after each one's training
+            ours, st, rates = [], [], [matmul_rate(precision, args.device)]
             for _ in range(args.repeats):
                 seconds, batches, module, items = ours_train(
                     kind, data, n, precision, args.pool, args.device
@@ -573,7 +582,7 @@ def compare_st(args, precision: str, rate: float) -> None:
                 st.append(
                     st_process.submit(st_train, kind, data, items, precision, args.device).result()
                 )
-            _print_st_row(kind, what, ours, st, rates, batches, module, args.pool)
+            _print_st_row(kind, what, ours, st, rate, rates, batches, module, args.pool)
     print("ratio = our items/s / sentence-transformers' items/s (best run of each side; goal")
     print(">= 1.25), each repeat's: its two runs side by side; FLOP/s share =")
     print(
@@ -581,11 +590,23 @@ def compare_st(args, precision: str, rate: float) -> None:
     )
 
 
-def _print_st_row(kind, what, ours, st, rates, batches, module, pool) -> None:
+def print_paired_shares(flops: float, seconds: list[float], rates: list[float]) -> None:
+    """Each training repeat's real-token FLOP/s share against the matmul rate measured next to
+    it (rates[i] before repeat i, rates[i + 1] after it; the faster of the two), side by side as
+    the ratios are: the headline share divides the best repeat by the best rate of the whole run,
+    which a minute of load on this shared machine can pull down."""
+    shares = sorted(flops / t / max(rates[i], rates[i + 1]) for i, t in enumerate(seconds))
+    print(
+        f"{'':8s}each repeat's FLOP/s share against the matmul rate measured before and after "
+        f"it: {' '.join(f'{s:.1%}' for s in shares)} (median {statistics.median(shares):.1%})"
+    )
+
+
+def _print_st_row(kind, what, ours, st, rate, rates, batches, module, pool) -> None:
     flops = batch_flops(batches, encoder_shape(module), forward_only=False)
     trained = sum(len(next(iter(b.values()))["input_ids"]) for b in batches)
     o, s = trained / min(ours), max(st)
-    share = flops / min(ours) / max(rates)
+    share = flops / min(ours) / max([rate, *rates])
     print(f"{kind:8s}{trained:6d}{o:9.1f}{s:9.1f}{o / s:7.3f}{share:13.1%}  {what}")
     # each repeat's two adjacent runs
     paired = sorted(trained / o_i / s_i for o_i, s_i in zip(ours, st, strict=True))
@@ -593,6 +614,7 @@ def _print_st_row(kind, what, ours, st, rates, batches, module, pool) -> None:
         f"{'':8s}each repeat's ratio: {' '.join(f'{r:.3f}' for r in paired)} "
         f"(median {paired[len(paired) // 2]:.3f})"
     )
+    print_paired_shares(flops, ours, rates)
     print(f"{'':8s}padding {padding_share(batches):.1%} of our tokens (pool {pool})")
 
 

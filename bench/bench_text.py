@@ -612,7 +612,7 @@ def _print_st_row(kind, what, ours, st, rate, rates, batches, module, pool) -> N
     paired = sorted(trained / o_i / s_i for o_i, s_i in zip(ours, st, strict=True))
     print(
         f"{'':8s}each repeat's ratio: {' '.join(f'{r:.3f}' for r in paired)} "
-        f"(median {paired[len(paired) // 2]:.3f})"
+        f"(median {statistics.median(paired):.3f})"
     )
     print_paired_shares(flops, ours, rates)
     print(f"{'':8s}padding {padding_share(batches):.1%} of our tokens (pool {pool})")

@@ -701,9 +701,13 @@ def test_only_large_untied_trainable_cpu_embeddings_keep_their_gradient():
         assert all(not m.sparse for m in model.modules() if isinstance(m, torch.nn.Embedding))
 
 
-def test_a_text_fit_on_the_cpu_keeps_the_word_embedding_gradient_and_releases_it(tiny_text_cfg):
-    """During fit the tiny BERT's word embedding sends sparse gradients into its kept buffer;
-    after fit the module is torch's again (a later backward gets a fresh dense gradient)."""
+@pytest.mark.parametrize("clip", ["1.0", "0"])
+def test_a_text_fit_on_the_cpu_keeps_the_word_embedding_gradient_and_releases_it(
+    tiny_text_cfg, clip
+):
+    """During fit the tiny BERT's word embedding sends sparse gradients into its kept buffer,
+    with gradient clipping and without; after fit the module is torch's again (a later backward
+    gets a fresh dense gradient)."""
     import lightning as L
 
     seen = {}
@@ -714,7 +718,12 @@ def test_a_text_fit_on_the_cpu_keeps_the_word_embedding_gradient_and_releases_it
             seen.setdefault("sparse", words.sparse)
             seen.setdefault("rows", len(pl_module.kept_gradients[0].nonzero_rows()))
 
-    cfg = tiny_text_cfg("data.n=32", "trainer.max_epochs=1", "budget.rerun=true")
+    cfg = tiny_text_cfg(
+        "data.n=32",
+        "trainer.max_epochs=1",
+        "budget.rerun=true",
+        f"trainer.gradient_clip_val={clip}",
+    )
     result = train(cfg, callbacks=[Look()])
     module = result.objects["module"]
     assert seen["sparse"] and 0 < seen["rows"] < 30522

@@ -170,7 +170,8 @@ class FineTuner(L.LightningModule):
     def configure_gradient_clipping(
         self, optimizer, gradient_clip_val=None, gradient_clip_algorithm=None
     ) -> None:
-        rows = rows_by_weight(self.kept_gradients)  # the kept embedding gradients' nonzero rows
+        # the kept embedding gradients' nonzero rows (a sort of them: only when there is a clip)
+        rows = rows_by_weight(self.kept_gradients) if gradient_clip_val else None
         if not clip_for_fused(self, optimizer, gradient_clip_val, gradient_clip_algorithm, rows):
             super().configure_gradient_clipping(
                 optimizer, gradient_clip_val, gradient_clip_algorithm

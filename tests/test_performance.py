@@ -525,7 +525,20 @@ def test_unpadded_bert_runs_its_per_token_layers_on_the_real_tokens_only():
             linear.register_forward_hook(lambda m, args, out: rows.append(args[0].shape[0]))
     mask = torch.tensor([[1] * 8, [1, 1, 0, 0, 0, 0, 0, 0], [1, 1, 1, 0, 0, 0, 0, 0]])
     unpadded(input_ids=torch.randint(1, 100, (3, 8)) * mask, attention_mask=mask)
-    assert rows == [13] * 4  # 8 + 2 + 3 real tokens, never 3 x 8
+    assert rows == [16] * 4  # 8 + 2 + 3 real tokens and 3 copies (a multiple of 16), never 3 x 8
+
+
+def test_unpadded_row_counts_are_few_per_doubling_and_add_at_most_a_sixteenth():
+    """A batch's real-token count is rounded so a run meets few matrix shapes (models/unpadded.py:
+    oneDNN builds a kernel per shape), at a small cost in rows."""
+    from finetune_budget.models.unpadded import row_count
+
+    assert row_count(0) == 0
+    for low in (1, 16, 256, 512, 4096):  # every count of one doubling [low, 2 low)
+        counts = {row_count(n) for n in range(low, 2 * low)}
+        assert len(counts) <= 17
+        for n in range(low, 2 * low):
+            assert n <= row_count(n) <= max(n + 15, n * 17 / 16)
 
 
 def test_model_unpad_where_the_model_cannot_falls_back_or_names_the_fix():

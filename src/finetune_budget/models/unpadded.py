@@ -7,7 +7,8 @@ in the order `BertModel.forward` calls them, with the position ids it uses (`ara
 so right or left padding alike). Padding rows never influence a real token in BERT (their keys are
 masked), so the real tokens' hidden states equal the padded model's up to float rounding; what
 is saved is the padding's share of the FLOPs (a quarter of a CLINC150 training batch's tokens
-after length bucketing, docs/performance.md).
+after length bucketing, docs/performance.md). The real tokens are followed by a few copies of the
+first one, up to `row_count`, so that a run meets few matrix shapes (see there).
 """
 
 from __future__ import annotations
@@ -19,6 +20,18 @@ from transformers import BertModel
 from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
 
 from finetune_budget.models.dropout import ATTENTION
+
+
+def row_count(tokens: int) -> int:
+    """The rows the per-token layers run on for `tokens` real tokens: rounded up to a multiple of
+    16, or of a 32nd of the power of two above where that is more (at most 16 counts per doubling).
+
+    On the CPU oneDNN builds a kernel (a "primitive", JIT-compiled) for each matrix shape it has
+    not met and keeps the last 1024. A batch's real-token count is a new shape nearly every step,
+    and each builds a dozen (a BERT layer's products forward and backward), ~0.8 ms each
+    (docs/performance.md). Rounded, a run's few shapes stay built, for 1-3% more rows."""
+    step = max(16, 1 << max(tokens.bit_length() - 5, 0))
+    return -(-tokens // step) * step
 
 
 def unpadded_unsupported(transformer: nn.Module) -> str | None:
@@ -48,10 +61,14 @@ def unpadded_hidden_states(
     heads = config.num_attention_heads
     real = attention_mask.reshape(-1) != 0
     keep = real.nonzero().squeeze(1)  # real tokens' flat positions
+    tokens = len(keep)
+    # the rows the per-token layers run on: the real tokens, then copies of the first one up to
+    # row_count (never attended to, their results dropped: their gradients are zero)
+    rows = torch.cat([keep, keep[:1].expand(row_count(tokens) - tokens)])
     pads = (~real).nonzero().squeeze(1)
-    positions = keep % length
+    positions = rows % length
     emb = bert.embeddings
-    x = emb.word_embeddings(input_ids.reshape(-1).index_select(0, keep))
+    x = emb.word_embeddings(input_ids.reshape(-1).index_select(0, rows))
     x = x + emb.token_type_embeddings(torch.zeros_like(positions))
     x = emb.dropout(emb.LayerNorm(x + emb.position_embeddings(positions)))
     attend = ALL_ATTENTION_FUNCTIONS[config._attn_implementation]
@@ -68,7 +85,7 @@ def unpadded_hidden_states(
         # a fresh buffer: zeros in the padding rows only (attention masks their keys, but their
         # values must be finite), the real rows copied in place (3.4 -> 1.9 ms a layer, pairs)
         padded = qkv.new_empty(batch * length, qkv.shape[1]).index_fill_(0, pads, 0.0)
-        padded.index_copy_(0, keep, qkv)
+        padded.index_copy_(0, keep, qkv[:tokens])
         q, k, v = padded.view(batch, length, 3, heads, -1).permute(2, 0, 3, 1, 4).unbind(0)
         out, _ = attend(
             self_attention,
@@ -79,14 +96,14 @@ def unpadded_hidden_states(
             dropout=self_attention.dropout.p if self_attention.training else 0.0,
             scaling=self_attention.scaling,
         )  # (B, T, heads, d)
-        attended = out.reshape(batch * length, -1).index_select(0, keep)
+        attended = out.reshape(batch * length, -1).index_select(0, rows)
         attention_out, feed_forward_out = layer.attention.output, layer.output
         x_attended = attention_out.LayerNorm(
             attention_out.dropout(attention_out.dense(attended)) + x
         )
         hidden = feed_forward_out.dense(layer.intermediate(x_attended))
         x = feed_forward_out.LayerNorm(feed_forward_out.dropout(hidden) + x_attended)
-    return x, keep // length
+    return x[:tokens], keep // length
 
 
 def pool_unpadded(

@@ -399,6 +399,22 @@ def test_fast_dropout_is_seeded_by_torch_and_its_gradient_is_the_mask():
     assert torch.equal(fast_dropout(x, 0.1, training=False), x)
 
 
+def test_a_half_precision_dropout_mask_is_the_float_mask_rounded_to_its_dtype():
+    """Under bf16 autocast the mask is written as bf16 bits directly: the same draws and values
+    as the float32 mask cast to the tensor's dtype."""
+    from finetune_budget.models.dropout import dropout_mask
+
+    shape = torch.Size([37, 3, 11])
+    for dtype in (torch.bfloat16, torch.float16):
+        for p in (0.1, 0.3):
+            torch.manual_seed(5)
+            half = dropout_mask(shape, p, dtype)
+            torch.manual_seed(5)
+            reference = dropout_mask(shape, p, torch.float32).to(dtype)
+            assert half.dtype == dtype and half.shape == shape
+            assert torch.equal(half, reference)
+
+
 def _tiny_bert():
     from transformers import BertConfig, BertModel
 

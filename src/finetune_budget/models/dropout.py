@@ -37,6 +37,11 @@ def dropout_mask(shape: torch.Size, p: float, dtype: torch.dtype) -> torch.Tenso
     count = int(np.prod(shape))
     words = np.random.SFC64(seed).random_raw(-(-count // 4))  # 4 x 16 bits a word
     bits = words.view(np.uint16)[:count]
+    scale = torch.tensor(LEVELS / kept, dtype=torch.float32).to(dtype)
+    if scale.element_size() == 2:  # bf16, fp16: the scale's bit pattern written directly
+        pattern = np.uint16(scale.view(torch.int16).item() & 0xFFFF)
+        mask = np.multiply(bits < kept, pattern, dtype=np.uint16)
+        return torch.from_numpy(mask).view(dtype).view(shape)
     mask = np.multiply(bits < kept, np.float32(LEVELS / kept), dtype=np.float32)
     return torch.from_numpy(mask).view(shape).to(dtype)
 

@@ -32,12 +32,7 @@ def child(n: int) -> None:
     import bench_text as B
 
     torch.manual_seed(0)
-    data = B.load_clinc150("../shared/data/clinc150/data_full.json")
-    dm = B.TextRetrievalDataModule(
-        data, B.load_tokenizer(B.MODEL["pretrained"]), n=n, batch_size=32, samples_per_class=4,
-        max_length=128, length_bucket_pool=8,
-    )  # fmt: skip
-    batches = list(dm.train_dataloader())
+    batches = B.clinc150_batches(n)
     base = B.EmbeddingFineTuner(B.MODEL, B.LOSS, B.OPTIM, data_kind="labels")
     B.plain_train(copy.deepcopy(base), batches[:2], "bf16-mixed")  # warm-up
     usage = lambda: resource.getrusage(resource.RUSAGE_SELF)  # noqa: E731

@@ -36,12 +36,7 @@ def child(n: int, epochs: int, exact: bool, precision: str) -> None:
     if exact:
         unpadded.row_count = lambda tokens: tokens
     torch.manual_seed(0)
-    data = B.load_clinc150("../shared/data/clinc150/data_full.json")
-    dm = B.TextRetrievalDataModule(
-        data, B.load_tokenizer(B.MODEL["pretrained"]), n=n, batch_size=32, samples_per_class=4,
-        max_length=128, length_bucket_pool=8,
-    )  # fmt: skip
-    batches = list(dm.train_dataloader())
+    batches = B.clinc150_batches(n)
     sets = [batches[i::epochs] for i in range(epochs)]  # each an epoch's new batches
     tokens = [  # real tokens a step encodes (labelled items: one text a row)
         sum(int(v["attention_mask"].sum()) for v in b.values() if isinstance(v, dict))

@@ -37,8 +37,8 @@ def dropout_mask(shape: torch.Size, p: float, dtype: torch.dtype) -> torch.Tenso
     count = int(np.prod(shape))
     words = np.random.SFC64(seed).random_raw(-(-count // 4))  # 4 x 16 bits a word
     bits = words.view(np.uint16)[:count]
-    scale = torch.tensor(LEVELS / kept, dtype=torch.float32).to(dtype)
-    if scale.element_size() == 2:  # bf16, fp16: the scale's bit pattern written directly
+    if dtype in (torch.bfloat16, torch.float16):  # the scale's half-precision bits, directly
+        scale = torch.tensor(LEVELS / kept, dtype=torch.float32).to(dtype)
         pattern = np.uint16(scale.view(torch.int16).item() & 0xFFFF)
         mask = np.multiply(bits < kept, pattern, dtype=np.uint16)
         return torch.from_numpy(mask).view(dtype).view(shape)

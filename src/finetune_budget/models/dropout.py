@@ -19,6 +19,8 @@ torch's, so a run's numbers move within seed-to-seed noise, not to the digit. On
 
 from __future__ import annotations
 
+import functools
+
 import numpy as np
 import torch
 import torch.nn.functional as F
@@ -27,6 +29,14 @@ from torch import nn
 BITS = 16
 LEVELS = 1 << BITS
 ATTENTION = "sdpa_fast_dropout"  # the attention implementation name registered in transformers
+
+
+@functools.cache
+def _half_bits(kept: int, dtype: torch.dtype) -> np.uint16:
+    """The bit pattern of the scale 2^16 / kept rounded to `dtype` (bf16 or fp16), as torch
+    rounds a float32 to it."""
+    scale = torch.tensor(LEVELS / kept, dtype=torch.float32).to(dtype)
+    return np.uint16(scale.view(torch.int16).item() & 0xFFFF)
 
 
 def dropout_mask(shape: torch.Size, p: float, dtype: torch.dtype) -> torch.Tensor:
@@ -38,9 +48,7 @@ def dropout_mask(shape: torch.Size, p: float, dtype: torch.dtype) -> torch.Tenso
     words = np.random.SFC64(seed).random_raw(-(-count // 4))  # 4 x 16 bits a word
     bits = words.view(np.uint16)[:count]
     if dtype in (torch.bfloat16, torch.float16):  # the scale's half-precision bits, directly
-        scale = torch.tensor(LEVELS / kept, dtype=torch.float32).to(dtype)
-        pattern = np.uint16(scale.view(torch.int16).item() & 0xFFFF)
-        mask = np.multiply(bits < kept, pattern, dtype=np.uint16)
+        mask = np.multiply(bits < kept, _half_bits(kept, dtype), dtype=np.uint16)
         return torch.from_numpy(mask).view(dtype).view(shape)
     mask = np.multiply(bits < kept, np.float32(LEVELS / kept), dtype=np.float32)
     return torch.from_numpy(mask).view(shape).to(dtype)

@@ -22,6 +22,7 @@ from finetune_budget.export import apply_weights, config_of_run, export_mode, we
 from finetune_budget.external_baseline import evaluate_external
 from finetune_budget.report import advise_mode, report_mode
 from finetune_budget.tasks import build_task
+from finetune_budget.tracking.audit import check_mode
 from finetune_budget.tracking.mlflow_run import tracked_run
 from finetune_budget.training import run_config
 
@@ -127,6 +128,7 @@ MODES: dict[str, Callable[[DictConfig], Any]] = {"eval": evaluate, "report": rep
 MODES["export"] = export_mode
 MODES["external_baseline"] = evaluate_external
 MODES["advise"] = advise_mode
+MODES["check"] = check_mode
 
 
 def run_mode(cfg: DictConfig) -> Any:

@@ -306,13 +306,16 @@ def log_model(
     tracking_uri: str,
     run_id: str,
     module: L.LightningModule,
-    metrics: Mapping[str, float] | None = None,
+    step: int,
     params: Mapping[str, Any] | None = None,
     registered_name: str | None = None,
 ) -> str:
     """Log `module`'s model to MLflow run `run_id` (sentence_transformers flavor for text, pytorch
-    for CLIP and images) with the run's budget metrics and params; optionally register it.
+    for CLIP and images) with the params of the budget it was trained on; optionally register it.
 
+    step: the epoch whose weights these are. MLflow links the run's metrics at that step to the
+    model (the Models tab shows them); nothing is written to the run's metric history, and the
+    run's status and end time are not touched (the run is not resumed).
     Returns the model URI (models:/<model_id>), also set as the run's `logged_model` tag.
     """
     import mlflow
@@ -324,38 +327,25 @@ def log_model(
         "name": MODEL_NAME,
         "params": {k: str(v) for k, v in (params or {}).items()},
         "registered_model_name": registered_name,
+        "run_id": run_id,
+        "step": int(step),
     }
-    active = mlflow.active_run()
-    resume = active is None or active.info.run_id != run_id
-    client = mlflow.tracking.MlflowClient(tracking_uri)
-    before = client.get_run(run_id).info if resume else None
-    run = mlflow.start_run(run_id=run_id) if resume else active
-    try:
-        if kind == "text":
-            info = mlflow.sentence_transformers.log_model(
-                sentence_transformer(module),
-                pip_requirements=_requirements("sentence-transformers", "torch", "transformers"),
-                **common,
-            )
-        else:
-            library = {"clip": ("open_clip_torch", "timm"), "image": ("timm",)}[kind]
-            net = module.clip if kind == "clip" else library_image_model(module)
-            info = mlflow.pytorch.log_model(
-                net,
-                serialization_format="pickle",
-                pip_requirements=_requirements("torch", *library),
-                **common,
-            )
-        if metrics:
-            finite = {k: float(v) for k, v in metrics.items() if v == v}
-            mlflow.log_metrics(finite, model_id=info.model_id, run_id=run.info.run_id)
-        mlflow.set_tag(LOGGED_MODEL_TAG, info.model_uri)
-    finally:
-        if resume:
-            # end_run marks the run FINISHED; the caller's tracked_run sets the final status.
-            mlflow.end_run()
-            if before is not None and before.end_time:  # a finished run keeps its own end time
-                client.set_terminated(run_id, before.status, end_time=before.end_time)
+    if kind == "text":
+        info = mlflow.sentence_transformers.log_model(
+            sentence_transformer(module),
+            pip_requirements=_requirements("sentence-transformers", "torch", "transformers"),
+            **common,
+        )
+    else:
+        library = {"clip": ("open_clip_torch", "timm"), "image": ("timm",)}[kind]
+        net = module.clip if kind == "clip" else library_image_model(module)
+        info = mlflow.pytorch.log_model(
+            net,
+            serialization_format="pickle",
+            pip_requirements=_requirements("torch", *library),
+            **common,
+        )
+    mlflow.tracking.MlflowClient(tracking_uri).set_tag(run_id, LOGGED_MODEL_TAG, info.model_uri)
     log.info("logged %s model %s to run %s", kind, info.model_uri, run_id)
     return info.model_uri
 
@@ -406,19 +396,6 @@ def module_embeddings(module: L.LightningModule, inputs: Any) -> torch.Tensor:
                 return module.encode_text(inputs)
             return module.encode_image(inputs)
         return F.normalize(module.embedder(inputs).float(), dim=-1)
-
-
-def budget_summary(history: list[Mapping[str, float]], metric: str) -> dict[str, float]:
-    """The metrics logged with a model: the final epoch's values of the study's metrics."""
-    if not history:
-        return {}
-    last = history[-1]
-    keep = ("val/", "gain/", "gain_abs/", "roi_label/", "roi_s/", "time/train_s", "data/n")
-    out = {k: v for k, v in last.items() if k.startswith(keep)}
-    out["epoch"] = last.get("epoch", float("nan"))
-    if metric in last:
-        out[metric] = last[metric]
-    return out
 
 
 def check_log_model_option(value: Any, key: str = "tracking.log_model") -> str:
@@ -546,13 +523,8 @@ def log_model_of_run(tracking_uri: str, run_id: str, registered_name: str | None
     model_uri = run.data.tags.get(LOGGED_MODEL_TAG)
     if model_uri is None:
         module = module_of_run(tracking_uri, run_id)
-        history = _history_of_run(run)
         model_uri = log_model(
-            tracking_uri,
-            run_id,
-            module,
-            budget_summary(history, cfg.budget.metric),
-            model_params(cfg, run_id),
+            tracking_uri, run_id, module, last_epoch(tracking_uri, run), model_params(cfg, run_id)
         )
     if registered_name:
         mlflow.set_tracking_uri(tracking_uri)
@@ -576,11 +548,15 @@ def model_params(cfg, run_id: str) -> dict[str, Any]:
     }
 
 
-def _history_of_run(run) -> list[dict[str, float]]:
-    """The last epoch's metrics of a run, as one history row."""
-    row = dict(run.data.metrics)
-    row.setdefault("epoch", float(run.data.params.get("trainer.max_epochs", "nan")))
-    return [row]
+def last_epoch(tracking_uri: str, run) -> int:
+    """The last epoch a finished run recorded (the step of its final per-epoch metrics)."""
+    from mlflow.tracking import MlflowClient
+
+    steps = [
+        m.step
+        for m in MlflowClient(tracking_uri).get_metric_history(run.info.run_id, "time/train_s")
+    ]
+    return max(steps, default=0)
 
 
 def logged_at_sweep_end(cfg, parent_run_id: str | None) -> bool:

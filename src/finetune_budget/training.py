@@ -22,7 +22,6 @@ from finetune_budget.config import resolve_precision
 from finetune_budget.continuation import Continuation
 from finetune_budget.distributed import is_main_process
 from finetune_budget.export import (
-    budget_summary,
     check_log_model_option,
     log_model,
     logged_at_sweep_end,
@@ -199,13 +198,14 @@ def keep_weights(tracking: DictConfig, key: str, in_sweep: bool) -> bool:
 def log_run_model(
     cfg: DictConfig, run_id: str, module: L.LightningModule, history: list[dict[str, float]]
 ) -> str | None:
-    """Log the run's model to MLflow with its budget metrics and the budget it was trained on."""
+    """Log the run's model to MLflow, linked to its last epoch's metrics, with the budget it was
+    trained on."""
     try:
         return log_model(
             cfg.tracking.uri,
             run_id,
             module,
-            budget_summary(history, cfg.budget.metric),
+            int(history[-1]["epoch"]) if history else 0,
             model_params(cfg, run_id),
             registered_name=cfg.tracking.get("registered_model"),
         )
@@ -246,9 +246,6 @@ def evaluate_baseline(
         run.set_tags(tracker.baseline_tags)
         return
     trainer.validate(parts.module, datamodule=parts.datamodule, verbose=False)
-    # Lightning finalises its loggers after validate(); the run goes on.
-    if run.writer:
-        run.client.update_run(run.run_id, status="RUNNING")
     seen, total = tracker.eval_items_seen, tracker.eval_items_total
     if cache is not None and trainer.is_global_zero:  # only rank 0 records history rows
         if tracker.eval_complete:

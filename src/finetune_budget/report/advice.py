@@ -27,7 +27,7 @@ import numpy as np
 import pandas as pd
 from scipy import stats
 
-from finetune_budget.report.curves import CurveFit, fit_learning_curve
+from finetune_budget.report.curves import CurveFit, fit_learning_curve, quiet_numerics
 from finetune_budget.report.knee import drop_point
 from finetune_budget.report.table import GROUP, data_curve, items_seen
 from finetune_budget.roi import lower_is_better, metric_name, relative_gain
@@ -478,12 +478,16 @@ def advise(
     roi = means / means.index
     why = ""
     n_rec: float | None = None
+    unreached = ""  # a target the curve does not reach: the card then shows what is reachable
     if labels_answer is not None and (s.target_gain is not None or s.target_value is not None):
         if math.isfinite(labels_answer.value):
             n_rec = float(math.ceil(labels_answer.value))
             why = f"the labels to reach {what}"
         else:
-            why = f"{what} is not reached: {labels_answer.text}"
+            answer = labels_answer.text.removeprefix("not reached: ")
+            unreached = f"{what} is not reached: {answer}; reachable instead: "
+    if n_rec is not None:
+        pass
     elif len(means) and not _pays_somewhere(data, gain, s.level):
         from finetune_budget.budget_search import NO_GAIN
 
@@ -497,6 +501,7 @@ def advise(
         )
     else:
         why = "fine-tuning did not improve on the pretrained model at any measured budget"
+    why = unreached + why
     if n_rec is None:
         return Advice(
             key,
@@ -617,6 +622,7 @@ def answers_frame(advices: Sequence[Advice]) -> pd.DataFrame:
     return pd.DataFrame(rows)
 
 
+@quiet_numerics
 def experiment_advice(
     df: pd.DataFrame, points: pd.DataFrame, metric: str, s: AdviceSettings
 ) -> list[Advice]:

@@ -26,7 +26,7 @@ from finetune_budget.report.advice import (
     answers_frame,
     epochs_lines,
 )
-from finetune_budget.report.curves import CurveFit
+from finetune_budget.report.curves import CurveFit, quiet_numerics
 from finetune_budget.report.figures import cost_figures, data_figures, time_figures
 from finetune_budget.report.forked import Task, in_two_processes
 from finetune_budget.report.knee import best_epochs, drop_point, worse_with_time
@@ -313,6 +313,7 @@ def _time_answer(
     return lines
 
 
+@quiet_numerics
 def build_report(
     tracking_uri: str,
     experiment: str,

@@ -29,9 +29,11 @@ a family's parameters + 1) nothing is extrapolated and `reason` says what to run
 
 from __future__ import annotations
 
+import functools
 import logging
 import math
-from collections.abc import Sequence
+import warnings
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -44,6 +46,26 @@ TRUST = ("high", "medium", "low", "untested")
 N_GRID = 240  # shape parameters tried by a fit (then refined)
 N_GRID_BOOT = 64  # ... by each bootstrap refit and leave-one-budget-out fold
 N_BOOT = 300
+
+
+def quiet_numerics(fn: Callable) -> Callable:
+    """Run `fn` with numpy's floating-point warnings off and RuntimeWarnings sent to the debug
+    log: fits try parameters that overflow or divide by zero on purpose, and every answer checks
+    its numbers for finiteness itself, so the console shows answers, not numpy's chatter."""
+
+    @functools.wraps(fn)
+    def quiet(*args, **kwargs):
+        with np.errstate(all="ignore"), warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always", RuntimeWarning)
+            result = fn(*args, **kwargs)
+        for w in caught:
+            if issubclass(w.category, RuntimeWarning):
+                log.debug("%s: %s (%s:%s)", fn.__name__, w.message, w.filename, w.lineno)
+            else:
+                warnings.warn_explicit(w.message, w.category, w.filename, w.lineno)
+        return result
+
+    return quiet
 
 
 @dataclass(frozen=True)
@@ -460,6 +482,7 @@ def _lobo(fam: _Family, xs: np.ndarray, y_rows: np.ndarray, w: np.ndarray, cap) 
     return np.sqrt(np.nanmean(np.square(np.stack(errs, axis=1)), axis=1))
 
 
+@quiet_numerics
 def fit_learning_curve(
     x: Sequence[float],
     y: Sequence[float],

@@ -30,6 +30,7 @@ from mlflow.tracking import MlflowClient
 
 from finetune_budget.errors import BudgetError, ConfigError, DataError
 from finetune_budget.roi import gains, metric_name
+from finetune_budget.tracking.history import read_epochs
 from finetune_budget.tracking.mlflow_run import mark_stale_runs, mlflow_client
 from finetune_budget.tracking.resume import REUSED_TAG_PREFIX, config_key
 
@@ -162,12 +163,11 @@ def run_rows(client: MlflowClient, run: Run, metrics: Sequence[str] | None = Non
     names = logged_names(list(run.data.metrics))
     keys = [k for k in names if k.startswith("val/")] if metrics is None else list(metrics)
     wanted = [*keys, "time/train_s", "time/eval_s", "data/n", *COST_KEYS]
-    by_step: dict[int, dict[str, float]] = {}
-    for key in wanted:
-        if key not in names:
-            continue
-        for m in client.get_metric_history(run.info.run_id, names[key]):
-            by_step.setdefault(int(m.step), {})[key] = m.value
+    logged = {names[key]: key for key in wanted if key in names}
+    by_step = {
+        step: {logged[k]: v for k, v in values.items()}
+        for step, values in read_epochs(client, run.info.run_id, logged).items()
+    }
     if not by_step:
         return []
     tags = run.data.tags

@@ -7,9 +7,9 @@ Valid only when the learning-rate schedule does not depend on `trainer.max_epoch
 (`optim.schedule=warmup_constant`): then a k-epoch run is exactly the first k epochs of any longer
 run. The state (model, optimizer, scheduler, loops, the BudgetTracker's history and training time,
 the RNG states and the train sampler's generator) is a Lightning checkpoint keyed by a hash of
-everything that changes what is computed (the resolved config without `trainer.max_epochs` and
-bookkeeping keys, the resolved precision, package versions, data file fingerprints); only the
-latest epoch's state per key is kept.
+everything that changes what is computed (the resolved config without `trainer.max_epochs`, run
+options and bookkeeping keys: identity.continuation_key; the resolved precision, package
+versions, data file fingerprints); only the latest epoch's state per key is kept.
 
 Where states live (`budget.continuation_store`):
 - `memory` (what `auto` picks when the jobs run in this process: Hydra's basic launcher, a single
@@ -24,7 +24,6 @@ conf/hydra/default.yaml). `budget.continue_shorter_runs=false` turns continuatio
 from __future__ import annotations
 
 import copy
-import hashlib
 import json
 import logging
 import os
@@ -45,9 +44,9 @@ from lightning.pytorch.callbacks import Callback
 from lightning.pytorch.plugins.io import TorchCheckpointIO
 from omegaconf import DictConfig
 
-from finetune_budget.config import flatten, installed_versions, resolve_precision
+from finetune_budget import identity
+from finetune_budget.config import installed_versions, resolve_precision
 from finetune_budget.errors import ConfigError
-from finetune_budget.tracking.baseline_cache import with_fingerprints
 from finetune_budget.tracking.budget_tracker import BudgetTracker
 from finetune_budget.tracking.mlflow_run import TrackedRun
 
@@ -55,22 +54,6 @@ log = logging.getLogger(__name__)
 
 # Schedules whose learning rate at step s does not depend on the total number of steps.
 EPOCH_FREE_SCHEDULES = ("warmup_constant",)
-# Config keys that do not change what the first epochs of a run compute.
-IGNORED_PREFIXES = (
-    "trainer.max_epochs",
-    "trainer.enable_progress_bar",
-    "trainer.enable_model_summary",
-    "trainer.enable_checkpointing",
-    "trainer.default_root_dir",
-    "trainer.log_every_n_steps",
-    "paths.",
-    "tracking.",
-    "logger.",
-    "eval.cache_baseline",
-    "budget.continue_shorter_runs",
-    "budget.continuation_",
-    "hydra.",
-)
 # Packages whose version changes what a run computes.
 KEY_PACKAGES = ("finetune-budget", "torch", "transformers", "lightning", "open_clip_torch", "timm")
 STORES = ("auto", "memory", "disk")
@@ -79,22 +62,13 @@ MEMORY_SCHEME = "memory://"
 
 
 def continuation_key(config: dict[str, Any]) -> str:
-    """A hash of everything that changes what a run computes, except `trainer.max_epochs`:
-    the resolved run config (bookkeeping keys left out), the resolved precision (`auto` differs
-    by machine), package versions, and fingerprints (names, sizes, mtimes) of the data files and
-    folders and the weights packages the config names."""
-    flat = {k: v for k, v in flatten(config).items() if not k.startswith(IGNORED_PREFIXES)}
+    """A hash of everything that changes what a run computes, except `trainer.max_epochs` (the
+    keys and roles are in identity.py): the resolved run config, the resolved precision (`auto`
+    differs by machine), package versions, and fingerprints (names, sizes, mtimes) of the data
+    files and folders and the weights packages the config names."""
     trainer = config.get("trainer", {})
-    flat["resolved.precision"] = resolve_precision(
-        trainer.get("precision"), trainer.get("accelerator", "auto")
-    )
-    flat["resolved.versions"] = installed_versions(KEY_PACKAGES)
-    # names, sizes and mtimes of the data files and folders and the weights packages named
-    flat["resolved.files"] = with_fingerprints(
-        {"data": config.get("data", {}), "model": config.get("model", {})}
-    )
-    blob = json.dumps(flat, sort_keys=True, default=str)
-    return hashlib.sha256(blob.encode()).hexdigest()[:20]
+    precision = resolve_precision(trainer.get("precision"), trainer.get("accelerator", "auto"))
+    return identity.continuation_key(config, precision, installed_versions(KEY_PACKAGES))
 
 
 def why_not_continuable(cfg: DictConfig) -> str | None:

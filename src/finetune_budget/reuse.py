@@ -11,11 +11,12 @@ is always a copy of the cached one, never the cached one).
 
 from __future__ import annotations
 
-import json
 import logging
 from collections import OrderedDict
 from collections.abc import Callable
 from typing import Any, TypeVar
+
+from finetune_budget import identity
 
 log = logging.getLogger(__name__)
 
@@ -26,7 +27,9 @@ STATS = {"hits": 0, "misses": 0}
 
 
 def cache_key(*parts: Any) -> str:
-    return json.dumps(parts, sort_keys=True, default=str)
+    """`parts` as JSON text (identity.process_key). A config group's part is what it reads,
+    identity.loaded_from(group, tree): `cached("text_data", loaded_from("data", cfg), load)`."""
+    return identity.process_key(*parts)
 
 
 def cached(kind: str, key: Any, load: Callable[[], T], copy: Callable[[T], T] | None = None) -> T:

@@ -18,6 +18,7 @@ import numpy as np
 import pandas as pd
 
 from finetune_budget.errors import DataError
+from finetune_budget.identity import loaded_from
 from finetune_budget.reuse import cached
 
 log = logging.getLogger(__name__)
@@ -300,9 +301,6 @@ def load_table(
     )
 
 
-# Data config keys that choose the training subset and batches, not what is read from disk.
-TRAINING_KEYS = ("n", "subset_seed", "batch_size", "samples_per_class", "num_workers")
-
 TEXT_LOADERS = {
     "clinc150": load_clinc150,
     "stsb": load_stsb,
@@ -319,7 +317,7 @@ def load_text_data(data_cfg: Mapping[str, Any]) -> TextRetrievalData:
             f"data.format={fmt!r} is not a text format; use one of {sorted(TEXT_LOADERS)}"
         )
     kwargs = {k: v for k, v in data_cfg.items() if k != "format"}
-    what = {k: v for k, v in kwargs.items() if k not in TRAINING_KEYS}
+    what = loaded_from("data", kwargs)
     files = {k: _stat(v) for k, v in kwargs.items() if "path" in k}
     # Read once per process for the jobs of a sweep; each job gets its own (shallow) copy.
     return cached(

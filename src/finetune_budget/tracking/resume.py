@@ -4,71 +4,40 @@ again; the finished run is reused.
     python train.py -m data.n=100,500 trainer.max_epochs=1..3   # again: only what is missing
     python train.py data.n=500 budget.rerun=true                # train this point again anyway
 
-A point is the resolved config without bookkeeping keys (BOOKKEEPING_PREFIXES: where runs are
-stored and named, progress bars, ...), plus this package's version. Each training run carries its
-hash as the tag `point_key`; the config part alone (`config_key`, computed from a run's params so
-older runs have it too) is what the ROI table deduplicates on: each (config, seed) counts once.
+A point is the resolved config without bookkeeping keys (where runs are stored and named,
+progress bars, ...: the roles in identity.py), plus this package's version. Each training run
+carries its hash as the tag `point_key`; the config part alone (`config_key`, computed from a
+run's params so older runs have it too) is what the ROI table deduplicates on: each (config,
+seed) counts once.
 """
 
 from __future__ import annotations
 
-import hashlib
-import json
 import logging
 import os
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
-from finetune_budget import __version__
-from finetune_budget.config import flatten
+from finetune_budget import __version__, identity
+from finetune_budget.tracking.history import read_epochs
 
 log = logging.getLogger(__name__)
 
 POINT_TAG = "point_key"
 REUSED_TAG_PREFIX = "reused_in."  # + a sweep parent's run id: the run counted in that sweep
-MAX_PARAM_CHARS = 6000  # a param is logged as str(value)[:MAX_PARAM_CHARS] (mlflow_run.py)
-# Keys that do not change what a run measures: where it is stored and named, how it is shown.
-BOOKKEEPING_PREFIXES = (
-    "tracking.",
-    "paths.",
-    "hydra.",
-    "logger.",
-    "callbacks.lr_monitor",
-    "trainer.enable_progress_bar",
-    "trainer.enable_model_summary",
-    "trainer.default_root_dir",
-    "trainer.log_every_n_steps",
-    "budget.rerun",
-    "budget.continuation_max_configs",
-    "mode",
-    "run_id",
-    "checkpoint",
-)
-
-
-def _point_params(params: Mapping[str, Any]) -> dict[str, str]:
-    return {
-        k: str(v)[:MAX_PARAM_CHARS]
-        for k, v in params.items()
-        if not (k.startswith(BOOKKEEPING_PREFIXES) or k in ("hydra", "tracking", "paths"))
-    }
 
 
 def config_key(params: Mapping[str, Any]) -> str:
-    """A hash of a run's flattened config (or logged params) without the bookkeeping keys."""
-    blob = json.dumps(_point_params(params), sort_keys=True)
-    return hashlib.sha256(blob.encode()).hexdigest()[:20]
+    """A hash of a run's flattened config (or logged params) over the point's keys: without
+    bookkeeping keys (identity.py)."""
+    return identity.config_key(params)
 
 
 def point_key(config: Mapping[str, Any], version: str = __version__) -> str:
     """config_key of the resolved run config, with the package version and the fingerprints of
     the data and model files it names (an edited CSV is a new point): what resume looks up."""
-    from finetune_budget.tracking.baseline_cache import with_fingerprints
-
-    files = with_fingerprints({k: config.get(k) for k in ("data", "model")})
-    blob = json.dumps([config_key(flatten(config)), version, files], default=str)
-    return hashlib.sha256(blob.encode()).hexdigest()[:20]
+    return identity.point_key(config, version)
 
 
 def finished_run(client: Any, experiment_id: str, key: str) -> Any | None:
@@ -97,13 +66,9 @@ def history_of(client: Any, run: Any) -> list[dict[str, float]]:
         last = int(run.data.params.get("trainer.max_epochs", ""))
     except ValueError:
         last = None
-    by_step: dict[int, dict[str, float]] = {}
-    for key in run.data.metrics:
-        if not key.startswith(EPOCH_PREFIXES) or key == "time/total_train_s":
-            continue
-        for m in client.get_metric_history(run.info.run_id, key):
-            if last is None or 0 <= m.step <= last:
-                by_step.setdefault(int(m.step), {})[key] = m.value
+    keys = [k for k in run.data.metrics if k.startswith(EPOCH_PREFIXES)]
+    keys = [k for k in keys if k != "time/total_train_s"]
+    by_step = read_epochs(client, run.info.run_id, keys, max_step=last)
     return [{**by_step[step], "epoch": step} for step in sorted(by_step)]
 
 

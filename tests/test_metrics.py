@@ -1,5 +1,6 @@
-"""Retrieval metrics: small cases worked out by hand from the definitions, and the fast candidate-
-list implementation against brute-force references on random embeddings."""
+"""Retrieval metrics: small cases worked out by hand from the definitions, the fast candidate-
+list implementation against brute-force references on random embeddings, and the chunked,
+bounded-memory scoring against the (Q, G) relevance matrix it replaced (`reference_metrics`)."""
 
 from __future__ import annotations
 
@@ -17,7 +18,7 @@ from torchmetrics.retrieval import (
     RetrievalRecall,
 )
 
-from finetune_budget.metrics import retrieval_metrics
+from finetune_budget.metrics import chunk_rows, relevant_counts, retrieval_metrics
 
 
 def _ranked(query_groups: list[int], gallery_groups: list[int], top_k: int, recall_at=(1,)):
@@ -201,3 +202,162 @@ def test_perfect_and_query_gallery_retrieval():
     )
     assert out["recall_at_1"] == pytest.approx(1.0) and out["mrr_at_5"] == pytest.approx(1.0)
     assert out["hit_at_1"] == pytest.approx(1.0)
+
+
+def reference_metrics(
+    queries: torch.Tensor,
+    gallery: torch.Tensor | None = None,
+    query_groups: torch.Tensor | None = None,
+    gallery_groups: torch.Tensor | None = None,
+    top_k: int = 20,
+    recall_at: tuple[int, ...] = (1, 5, 10),
+    chunk_size: int = 1024,
+) -> dict[str, float]:
+    """`retrieval_metrics` as it was before the chunked relevance (until issue 32): a full (Q, G)
+    relevance matrix, everything on the CPU. Kept verbatim as the oracle of the new one."""
+    exclude_self = gallery is None
+    if gallery is None:
+        gallery, gallery_groups = queries, query_groups
+    assert query_groups is not None and gallery_groups is not None
+    relevant = query_groups[:, None].cpu() == gallery_groups[None, :].cpu()
+    queries, gallery = queries.cpu(), gallery.cpu()
+    k = min(top_k, gallery.shape[0] - int(exclude_self))
+    hits_out, n_rel_out = [], []
+    for start in range(0, queries.shape[0], chunk_size):
+        q = queries[start : start + chunk_size].float()
+        sims = q @ gallery.float().T
+        rel = relevant[start : start + chunk_size].clone()
+        if exclude_self:
+            rows = torch.arange(q.shape[0])
+            sims[rows, rows + start] = float("-inf")
+            rel[rows, rows + start] = False
+        top_idx = sims.topk(k, dim=1).indices
+        hits_out.append(rel.gather(1, top_idx))
+        n_rel_out.append(rel.sum(dim=1))
+    all_hits, all_r = torch.cat(hits_out), torch.cat(n_rel_out)
+    names = [f"{m}_at_{top_k}" for m in ("mrr", "recall", "map", "map_hits", "ndcg")]
+    names += [f"{m}_at_{c}" for c in recall_at if c < top_k for m in ("recall", "hit")]
+    answered = all_r > 0
+    if not bool(answered.any()):
+        return dict.fromkeys(names, 0.0)
+    hits, n_rel = all_hits[answered].float(), all_r[answered]
+    r = n_rel.float()
+    ranks = torch.arange(1, hits.shape[1] + 1, dtype=torch.float32)
+    found = hits.sum(dim=1)
+    first = hits.argmax(dim=1).float() + 1
+    precision_sum = (hits.cumsum(dim=1) / ranks * hits).sum(dim=1)
+    gains = 1.0 / torch.log2(ranks + 1)
+    ideal = gains.cumsum(dim=0)[n_rel.clamp(max=hits.shape[1]) - 1]
+    out = {
+        f"mrr_at_{top_k}": torch.where(found > 0, 1.0 / first, 0.0),
+        f"recall_at_{top_k}": found / r,
+        f"map_hits_at_{top_k}": precision_sum / found.clamp(min=1),
+        f"ndcg_at_{top_k}": (hits * gains).sum(dim=1) / ideal,
+        f"map_at_{top_k}": precision_sum / r.clamp(max=top_k),
+    }
+    for c in recall_at:
+        if c < top_k:
+            out[f"recall_at_{c}"] = hits[:, :c].sum(dim=1) / r
+            out[f"hit_at_{c}"] = hits[:, :c].amax(dim=1)
+    return {name: float(out[name].mean()) for name in names}
+
+
+def _tied(n: int, dim: int, seed: int) -> torch.Tensor:
+    """(n, dim) signed one-hot rows: every similarity is exactly -1, 0 or 1, so most of them tie
+    (whatever the order of the sums), straddling the top-k cut-off."""
+    g = torch.Generator().manual_seed(seed)
+    axis = torch.randint(0, dim, (n,), generator=g)
+    sign = torch.randint(0, 2, (n,), generator=g).float() * 2 - 1
+    return F.one_hot(axis, dim).float() * sign[:, None]
+
+
+def _groups(n: int, seed: int) -> torch.Tensor:
+    """(n,) ids with many singleton groups (no other relevant item) and a few large ones; large,
+    negative and sparse ids."""
+    g = torch.Generator().manual_seed(seed)
+    big = torch.randint(0, 4, (n,), generator=g) * 1000 - 1500
+    single = torch.arange(n) * 7 + 10_000
+    alone = torch.rand(n, generator=g) < 0.3
+    alone[0] = True
+    return torch.where(alone, single, big)
+
+
+def _assert_same(ours: dict[str, float], ref: dict[str, float]) -> None:
+    assert list(ours) == list(ref)
+    for key, value in ref.items():
+        assert ours[key] == pytest.approx(value, abs=1e-6), key
+
+
+@pytest.mark.parametrize("tied", [False, True])
+@pytest.mark.parametrize(
+    ("n", "k", "chunk"), [(97, 20, None), (97, 5, 7), (40, 50, 1), (3, 20, 2)]
+)
+def test_chunked_self_retrieval_equals_the_full_relevance_matrix(n, k, chunk, tied):
+    emb = _tied(n, 4, seed=n) if tied else _random(n, 1, seed=n)[0]
+    groups = _groups(n, seed=k)
+    ours = retrieval_metrics(emb, query_groups=groups, top_k=k, recall_at=(1, 3), chunk_size=chunk)
+    _assert_same(ours, reference_metrics(emb, query_groups=groups, top_k=k, recall_at=(1, 3)))
+
+
+@pytest.mark.parametrize("tied", [False, True])
+@pytest.mark.parametrize(
+    ("q", "g", "k", "chunk"), [(60, 45, 20, None), (60, 45, 3, 8), (5, 4, 20, 2)]
+)
+def test_chunked_query_gallery_retrieval_equals_the_full_relevance_matrix(q, g, k, chunk, tied):
+    # the queries include copies of gallery items (a self-match that counts as a hit), queries
+    # whose group has no gallery item and gallery groups no query asks for
+    gen = torch.Generator().manual_seed(q + g + k)
+    gallery = _tied(g, 3, seed=g) if tied else _random(g, 1, seed=g)[0]
+    gallery_groups = torch.randint(0, 6, (g,), generator=gen)
+    copies = torch.randint(0, g, (q // 2,), generator=gen)
+    queries = torch.cat(
+        [
+            gallery[copies],
+            _tied(q - q // 2, 3, seed=q) if tied else _random(q - q // 2, 1, seed=q)[0],
+        ]
+    )
+    query_groups = torch.cat(
+        [gallery_groups[copies], torch.randint(3, 9, (q - q // 2,), generator=gen)]
+    )
+    assert not torch.isin(query_groups, gallery_groups).all()
+    args = (queries, gallery, query_groups, gallery_groups, k, (1, 3))
+    _assert_same(retrieval_metrics(*args, chunk_size=chunk), reference_metrics(*args))
+
+
+def test_no_query_with_a_relevant_item_gives_zeros_like_the_reference():
+    emb, _ = _random(10, 1)
+    groups = torch.arange(10)  # every group a singleton: nothing to find
+    ours = retrieval_metrics(emb, query_groups=groups, top_k=5, recall_at=(1,))
+    _assert_same(ours, reference_metrics(emb, query_groups=groups, top_k=5, recall_at=(1,)))
+    assert set(ours.values()) == {0.0}
+
+
+def test_relevant_counts_from_group_sizes():
+    query_groups = torch.tensor([5, -2, 7, 5, 100])
+    gallery_groups = torch.tensor([5, 5, 5, -2, 9, 9])
+    expected = [int((gallery_groups == q).sum()) for q in query_groups]  # [3, 1, 0, 3, 0]
+    assert relevant_counts(query_groups, gallery_groups, exclude_self=False).tolist() == expected
+    own = relevant_counts(gallery_groups, gallery_groups, exclude_self=True)
+    assert own.tolist() == [2, 2, 2, 0, 1, 1]
+    assert (
+        relevant_counts(query_groups, gallery_groups[:0], exclude_self=False).tolist() == [0] * 5
+    )
+
+
+def test_chunk_rows_keeps_a_chunk_of_scores_within_the_bound():
+    cpu = torch.device("cpu")
+    for n_gallery in (1, 1000, 100_000, 10_000_000):
+        rows = chunk_rows(n_gallery, cpu, scores_mb=256)
+        assert rows >= 1
+        assert rows == 1 or rows * n_gallery * 4 <= 256 * 2**20
+        assert (rows + 1) * n_gallery * 4 > 256 * 2**20  # the largest chunk within the bound
+    assert chunk_rows(100_000, cpu) == 256 * 2**20 // (4 * 100_000)  # SCORES_MB by default
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_scoring_on_the_gpu_equals_the_cpu_reference():
+    emb, groups = _random(2000, 40, dim=32, seed=3)
+    ref = reference_metrics(emb, query_groups=groups, top_k=20)
+    _assert_same(retrieval_metrics(emb.cuda(), query_groups=groups.cuda(), top_k=20), ref)
+    _assert_same(retrieval_metrics(emb.cuda(), query_groups=groups, top_k=20), ref)

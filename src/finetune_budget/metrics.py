@@ -16,6 +16,8 @@ the queries with R > 0 (BEIR / MTEB / sentence-transformers' InformationRetrieva
     ndcg_at_k      sum_i h_i / log2(i + 1), divided by its value for the ideal ranking
 
 Ties within the top k (identical embeddings) rank in `torch.topk`'s order, for every metric.
+Scores are computed on the embeddings' device, a chunk of queries at a time (`chunk_rows`), and
+relevance only for the top k, from the groups: no (Q, G) tensor is ever made.
 All are computed at once from each query's (k,) hits and R: torchmetrics' retrieval metrics (the
 test oracle, tests/test_metrics.py) loop over the queries in Python, 3.4-3.9 s of CLINC150's ~10 s
 evaluation of 3,000 queries on a 2-core CPU and most of it on a GPU; this takes milliseconds.
@@ -31,35 +33,79 @@ import torch
 METRICS_VERSION = 3
 
 
+# The most memory one chunk of queries' (chunk, G) float32 scores may take on the CPU; on a GPU,
+# a quarter of the free device memory. 100,000 held-out items: 671 queries a chunk, about 0.3 GB
+# in all (bench/bench_eval_scale.py), where a (Q, G) relevance matrix alone took 10 GB.
+SCORES_MB = 256
+
+
+def chunk_rows(n_gallery: int, device: torch.device, scores_mb: float | None = None) -> int:
+    """Queries scored at once so that their (chunk, n_gallery) float32 scores stay within
+    `scores_mb` (default: SCORES_MB on the CPU, a quarter of the free memory on a GPU)."""
+    if scores_mb is not None:
+        budget = scores_mb * 2**20
+    elif device.type == "cuda":
+        free, _ = torch.cuda.mem_get_info(device)
+        cached = torch.cuda.memory_reserved(device) - torch.cuda.memory_allocated(device)
+        budget = (free + cached) / 4
+    else:
+        budget = SCORES_MB * 2**20
+    return max(1, int(budget // (4 * max(n_gallery, 1))))
+
+
+def relevant_counts(
+    query_groups: torch.Tensor, gallery_groups: torch.Tensor, exclude_self: bool
+) -> torch.Tensor:
+    """(Q,): the number of gallery items in each query's group (less the query itself when
+    exclude_self), from the gallery's group sizes. *_groups: (Q,), (G,) ids."""
+    dtype = torch.promote_types(query_groups.dtype, gallery_groups.dtype)
+    query_groups = query_groups.to(dtype)
+    ids, sizes = torch.unique(gallery_groups.to(dtype), return_counts=True)  # ids sorted
+    if ids.numel() == 0:
+        return torch.zeros(query_groups.shape, dtype=torch.long, device=query_groups.device)
+    at = torch.searchsorted(ids, query_groups).clamp(max=ids.numel() - 1)
+    counts = torch.where(ids[at] == query_groups, sizes[at], 0)
+    return counts - int(exclude_self)
+
+
 @torch.no_grad()
 def top_k_hits(
     queries: torch.Tensor,
     gallery: torch.Tensor,
-    relevant: torch.Tensor,
+    query_groups: torch.Tensor,
+    gallery_groups: torch.Tensor,
     top_k: int,
     exclude_self: bool,
-    chunk_size: int = 1024,
+    chunk_size: int | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """(Q, k) bool: the relevance of each query's top k in rank order; (Q,): its number of
-    relevant gallery items R. Scored a chunk of queries at a time.
+    relevant gallery items R. Scored on the embeddings' device a chunk of queries at a time
+    (chunk_size, default from `chunk_rows`); no (Q, G) tensor is made.
 
-    queries: (Q, D), gallery: (G, D), L2-normalised; relevant: (Q, G) bool.
+    queries: (Q, D), gallery: (G, D), L2-normalised; *_groups: (Q,), (G,) ids, same = relevant.
     exclude_self: query i is gallery item i and is not its own result (Q == G).
     """
+    device = queries.device
+    gallery = gallery.to(device).float()
+    query_groups, gallery_groups = query_groups.to(device), gallery_groups.to(device)
     k = min(top_k, gallery.shape[0] - int(exclude_self))
-    hits_out, n_rel_out = [], []
-    for start in range(0, queries.shape[0], chunk_size):
-        q = queries[start : start + chunk_size].float()
-        sims = q @ gallery.float().T
-        rel = relevant[start : start + chunk_size].clone()
+    step = chunk_size or chunk_rows(gallery.shape[0], device)
+    hits_out = []
+    # one buffer for every chunk's scores: a fresh 256 MB a chunk costs page faults (CPU)
+    buffer = torch.empty(min(step, queries.shape[0]), gallery.shape[0], device=device)
+    for start in range(0, queries.shape[0], step):
+        q = queries[start : start + step].float()
+        sims = torch.mm(q, gallery.T, out=buffer[: q.shape[0]])
         if exclude_self:
-            rows = torch.arange(q.shape[0])
+            rows = torch.arange(q.shape[0], device=device)
             sims[rows, rows + start] = float("-inf")
-            rel[rows, rows + start] = False
         top_idx = sims.topk(k, dim=1).indices
-        hits_out.append(rel.gather(1, top_idx))
-        n_rel_out.append(rel.sum(dim=1))
-    return torch.cat(hits_out), torch.cat(n_rel_out)
+        # scored -inf and k <= G - 1, the query itself is never among its own top k
+        hits_out.append(gallery_groups[top_idx] == query_groups[start : start + step, None])
+    n_rel = relevant_counts(query_groups, gallery_groups, exclude_self)
+    if not hits_out:
+        return torch.zeros(0, max(k, 0), dtype=torch.bool, device=device), n_rel
+    return torch.cat(hits_out), n_rel
 
 
 def retrieval_metrics(
@@ -69,12 +115,13 @@ def retrieval_metrics(
     gallery_groups: torch.Tensor | None = None,
     top_k: int = 20,
     recall_at: tuple[int, ...] = (1, 5, 10),
-    chunk_size: int = 1024,
+    chunk_size: int | None = None,
 ) -> dict[str, float]:
     """Metrics of retrieving `gallery` items with `queries`; same group = relevant.
 
     With gallery=None each query searches all other queries (itself excluded).
     queries: (Q, D), gallery: (G, D), L2-normalised; *_groups: (Q,), (G,) integer ids.
+    Scored on the queries' device, in chunks of `chunk_size` queries (default: see `chunk_rows`).
     Queries without any relevant item are skipped. Returns {"mrr_at_20": ..., "map_at_20": ...,
     "hit_at_1": ..., ...} (definitions in the module docstring).
     """
@@ -82,9 +129,8 @@ def retrieval_metrics(
     if gallery is None:
         gallery, gallery_groups = queries, query_groups
     assert query_groups is not None and gallery_groups is not None
-    relevant = query_groups[:, None].cpu() == gallery_groups[None, :].cpu()
     all_hits, all_r = top_k_hits(
-        queries.cpu(), gallery.cpu(), relevant, top_k, exclude_self, chunk_size
+        queries, gallery, query_groups, gallery_groups, top_k, exclude_self, chunk_size
     )
     names = [f"{m}_at_{top_k}" for m in ("mrr", "recall", "map", "map_hits", "ndcg")]
     names += [f"{m}_at_{c}" for c in recall_at if c < top_k for m in ("recall", "hit")]
@@ -93,7 +139,7 @@ def retrieval_metrics(
         return dict.fromkeys(names, 0.0)
     hits, n_rel = all_hits[answered].float(), all_r[answered]  # (Q, k') in rank order; R
     r = n_rel.float()
-    ranks = torch.arange(1, hits.shape[1] + 1, dtype=torch.float32)
+    ranks = torch.arange(1, hits.shape[1] + 1, dtype=torch.float32, device=hits.device)
     found = hits.sum(dim=1)
     first = hits.argmax(dim=1).float() + 1  # rank of the first hit (where there is one)
     precision_sum = (hits.cumsum(dim=1) / ranks * hits).sum(dim=1)

@@ -96,6 +96,7 @@ class FineTuner(L.LightningModule):
         (the DataModule's `eval_groups`), then the module's `eval_hooks`."""
         index, emb = parts["items"]
         groups = self.trainer.datamodule.eval_groups[index]
+        emb = emb.to(self.device)  # gathered on the CPU (validation_step); scored on the device
         scores = retrieval_metrics(emb, query_groups=groups, top_k=self.hparams.top_k)
         out = {f"val/{k}": v for k, v in scores.items()}
         for hook in self.eval_hooks:

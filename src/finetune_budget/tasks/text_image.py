@@ -132,8 +132,8 @@ class ClipFineTuner(FineTuner):
                 "drop trainer.limit_val_batches and use data.eval_subset=<images> for a shorter "
                 "eval"
             )
-        images = self._stack(img_i, img_e, n_img)
-        texts = self._stack(cap_i, cap_e, n_cap)
+        images = self._stack(img_i, img_e, n_img).to(self.device)  # scored on the device
+        texts = self._stack(cap_i, cap_e, n_cap).to(self.device)
         return score_both_directions(
             texts, images, dm.caption_image, self.hparams.top_k, tuple(self.hparams.recall_at)
         )

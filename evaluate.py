@@ -13,6 +13,7 @@ from omegaconf import DictConfig
 
 from finetune_budget.cli import evaluate_job, exit_code, exit_now, expand_argv, guarded_job
 from finetune_budget.collector import pause_during_startup
+from finetune_budget.console import quiet_console
 
 
 @hydra.main(version_base="1.3", config_path="conf", config_name="evaluate")
@@ -21,6 +22,7 @@ def main(cfg: DictConfig) -> None:
 
 
 if __name__ == "__main__":
+    quiet_console()  # library chatter to the job's log file, not the console
     pause_during_startup()  # on again, the start-up's objects frozen, once a job has imported
     sys.argv = expand_argv(sys.argv)
     main()

@@ -1,5 +1,6 @@
 """What the entry points share: argv rewriting, error reporting, the run table, the exit code, the
-allocator setting (allocator.keep_freed_memory, once per process).
+allocator setting (allocator.keep_freed_memory, once per process), and a console without the
+libraries' chatter (console.py: it goes to the job's log file).
 
 A job's config is checked first (config.check_config: types, ranges, files, the tracking store, the
 device), before the heavy imports, so a typo is reported in about a second. A job that fails is
@@ -22,6 +23,7 @@ from omegaconf import DictConfig
 from finetune_budget.allocator import keep_freed_memory
 from finetune_budget.collector import resume_after_startup
 from finetune_budget.config import check_config, expand_range_overrides
+from finetune_budget.console import quiet_libraries
 from finetune_budget.distributed import is_main_process
 from finetune_budget.errors import BudgetError, one_line
 
@@ -60,6 +62,7 @@ DEBUG_ENV = "FINETUNE_BUDGET_DEBUG"
 def guarded_job(job: Callable[[DictConfig], Any], cfg: DictConfig) -> Any:
     """Check the config, then run one Hydra job; report a failure instead of aborting the sweep."""
     JOBS.append(1)
+    quiet_libraries()  # those imported so far; each job again after its heavy imports
     keep_freed_memory()  # once per process: no page faults for the tensors freed every step
     try:
         check_config(cfg)
@@ -160,6 +163,7 @@ def train_job(cfg: DictConfig) -> float:
     from finetune_budget.tuning.objectives import sweep_objective
 
     resume_after_startup()  # the heavy modules are imported: collect what is created from here
+    quiet_libraries()  # their chatter to the job's log file (console.py)
     result = train(cfg, parent_run_id=current_parent())
     if is_main_process(cfg.trainer):  # ranks 1.. of a multi-process run print nothing
         if result.reused:
@@ -177,6 +181,7 @@ def evaluate_job(cfg: DictConfig) -> Any:
     from finetune_budget.evaluation import run_mode
 
     resume_after_startup()
+    quiet_libraries()  # their chatter to the job's log file (console.py)
     result = run_mode(cfg)
     if isinstance(result, dict):
         for key, value in result.items():
@@ -189,6 +194,7 @@ def tune_job(cfg: DictConfig) -> float:
     from finetune_budget.tuning import run_search
 
     resume_after_startup()
+    quiet_libraries()  # their chatter to the job's log file (console.py)
     result = run_search(cfg)
     study = result.study.study_name
     print(f"\nstudy {study}: {result.counts}; MLflow parent run {result.parent_run_id}")

@@ -1,18 +1,49 @@
 """Config helpers shared by the entry points: flattening, the `a..b` sweep syntax, precision,
-installed package versions, and the checks run before the heavy imports (check_config). Imports
-nothing heavy at module level."""
+installed package versions, the `${checkout:...}` resolver (conf/paths/default.yaml) and the checks
+run before the heavy imports (check_config). Imports nothing heavy at module level."""
 
 from __future__ import annotations
 
 import functools
 import logging
+import os
 import re
 from collections.abc import Mapping, Sequence
 from importlib.metadata import PackageNotFoundError, version
 from pathlib import Path
 from typing import Any
 
+from omegaconf import OmegaConf
+
 log = logging.getLogger(__name__)
+
+
+def checkout() -> Path:
+    """The project checkout, the folder holding conf/ and train.py: the package's own checkout
+    (`<checkout>/src/finetune_budget`, installed editable by `make install`); for a package
+    installed elsewhere, the folder of the running Hydra app's conf/ (train.py's folder)."""
+    here = Path(__file__).resolve().parents[2]
+    if (here / "conf").is_dir():
+        return here
+    try:
+        from hydra.core.hydra_config import HydraConfig
+
+        if HydraConfig.initialized():
+            for source in HydraConfig.get().runtime.config_sources:
+                if source.provider == "main" and source.schema == "file":
+                    return Path(source.path).resolve().parent
+    except Exception as e:  # noqa: BLE001 - no Hydra job: the working directory
+        log.debug("no Hydra config source: %s", e)
+    return Path.cwd()
+
+
+def checkout_path(relative: str = "") -> str:
+    """`${checkout:../shared/data}`: a path relative to the checkout, whatever the working
+    directory (the default data folder sits beside the checkout, in ../shared/data)."""
+    return os.path.normpath(checkout() / relative)
+
+
+OmegaConf.register_new_resolver("checkout", checkout_path, replace=True)
 
 
 @functools.cache
@@ -333,8 +364,8 @@ def data_errors(data: Any) -> list[str]:
         if not path.exists():
             raw = str(OmegaConf.to_container(data, resolve=False).get(key))
             fix = (
-                "set paths.data_dir=<folder with the data sets> (or FINETUNE_BUDGET_DATA_DIR) "
-                f"or data.{key}=<path>"
+                "set paths.data_dir=<folder with the data sets> (or FINETUNE_BUDGET_DATA_DIR="
+                f"<folder>) or data.{key}=<path>"
                 if "paths.data_dir" in raw
                 else f"give data.{key}=<an existing path>"
             )

@@ -11,9 +11,9 @@ import sys
 import hydra
 from omegaconf import DictConfig
 
-from finetune_budget.cli import evaluate_job, exit_code, exit_now, expand_argv, guarded_job
-from finetune_budget.collector import pause_during_startup
+from finetune_budget.app.cli import evaluate_job, exit_code, exit_now, expand_argv, guarded_job
 from finetune_budget.console import quiet_console
+from finetune_budget.speed.collector import pause_during_startup
 
 
 @hydra.main(version_base="1.3", config_path="conf", config_name="evaluate")

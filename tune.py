@@ -12,9 +12,9 @@ from __future__ import annotations
 import hydra
 from omegaconf import DictConfig
 
-from finetune_budget.cli import exit_code, exit_now, guarded_job, tune_job
-from finetune_budget.collector import pause_during_startup
+from finetune_budget.app.cli import exit_code, exit_now, guarded_job, tune_job
 from finetune_budget.console import quiet_console
+from finetune_budget.speed.collector import pause_during_startup
 
 
 @hydra.main(version_base="1.3", config_path="conf", config_name="train")

@@ -25,7 +25,7 @@ def child(n: int) -> None:
 
     import torch
 
-    from finetune_budget.allocator import keep_freed_memory
+    from finetune_budget.speed.allocator import keep_freed_memory
 
     kept = keep_freed_memory()
     sys.path.insert(0, os.path.dirname(__file__))

@@ -33,9 +33,9 @@ ROOT = Path(__file__).resolve().parents[1]
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
-from finetune_budget.allocator import keep_freed_memory  # noqa: E402
 from finetune_budget.data.image_text import ImageTextDataModule, load_flickr8k  # noqa: E402
 from finetune_budget.models.vision import image_transforms  # noqa: E402
+from finetune_budget.speed.allocator import keep_freed_memory  # noqa: E402
 from finetune_budget.tasks.text_image import ClipFineTuner, score_both_directions  # noqa: E402
 
 log = logging.getLogger("bench_clip")

@@ -50,7 +50,7 @@ def child(n: int, dim: int, group_size: int, top_k: int) -> dict[str, float]:
     import torch
     import torch.nn.functional as F
 
-    from finetune_budget.metrics import chunk_rows, retrieval_metrics
+    from finetune_budget.retrieval.metrics import chunk_rows, retrieval_metrics
 
     gen = torch.Generator().manual_seed(0)
     emb = torch.empty(n, dim)

@@ -31,10 +31,10 @@ from hydra.utils import instantiate
 from omegaconf import open_dict
 from torch.utils.data import DataLoader
 
-from finetune_budget import losses
-from finetune_budget.allocator import keep_freed_memory
 from finetune_budget.config import resolve_precision
-from finetune_budget.optim import lr_lambda
+from finetune_budget.retrieval import losses
+from finetune_budget.retrieval.optim import lr_lambda
+from finetune_budget.speed.allocator import keep_freed_memory
 from finetune_budget.tasks.image_image import build
 
 ROOT = Path(__file__).resolve().parents[1]

@@ -26,7 +26,7 @@ from torchmetrics.retrieval import (
     RetrievalRecall,
 )
 
-from finetune_budget.metrics import retrieval_metrics
+from finetune_budget.retrieval.metrics import retrieval_metrics
 
 
 def _median_s(fn, repeats: int) -> tuple[float, object]:

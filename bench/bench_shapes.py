@@ -26,8 +26,8 @@ def child(n: int, epochs: int, exact: bool, precision: str) -> None:
     import torch
 
     import finetune_budget.models.unpadded as unpadded
-    from finetune_budget.allocator import keep_freed_memory
     from finetune_budget.config import resolve_precision
+    from finetune_budget.speed.allocator import keep_freed_memory
 
     keep_freed_memory()
     sys.path.insert(0, os.path.dirname(__file__))

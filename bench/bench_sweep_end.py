@@ -32,9 +32,10 @@ def one_call(way: str, store: str, work: str) -> float:
     from hydra import compose, initialize_config_dir
     from mlflow.tracking import MlflowClient
 
-    from finetune_budget import reuse
-    from finetune_budget.export import config_of_run, log_sweep_choice, sweep_choices
-    from finetune_budget.report import ReportSettings, build_report
+    from finetune_budget.app.runs import config_of_run
+    from finetune_budget.app.sweep_end import log_sweep_choice, sweep_choices
+    from finetune_budget.report.build import ReportSettings, build_report
+    from finetune_budget.speed import reuse
     from finetune_budget.tasks import build_task
 
     shutil.copytree(store, work, ignore=shutil.ignore_patterns("multirun", "cache"))

@@ -45,13 +45,13 @@ import torch  # noqa: E402
 from hydra.utils import instantiate  # noqa: E402
 from lightning.fabric.utilities.apply_func import move_data_to_device  # noqa: E402
 
-from finetune_budget.allocator import keep_freed_memory  # noqa: E402
 from finetune_budget.config import resolve_precision  # noqa: E402
 from finetune_budget.data.text import load_clinc150, load_stsb  # noqa: E402
 from finetune_budget.data.text_datamodule import TextRetrievalDataModule  # noqa: E402
-from finetune_budget.embedding_grad import keep_embedding_gradients, rows_by_weight  # noqa: E402
 from finetune_budget.models.text import load_tokenizer  # noqa: E402
-from finetune_budget.optim import clip_grad_norm, lr_lambda, use_fused  # noqa: E402
+from finetune_budget.retrieval.optim import clip_grad_norm, lr_lambda, use_fused  # noqa: E402
+from finetune_budget.speed.allocator import keep_freed_memory  # noqa: E402
+from finetune_budget.speed.embedding_grad import keep_embedding_gradients, rows_by_weight  # noqa: E402
 from finetune_budget.tasks.text_text import EmbeddingFineTuner  # noqa: E402
 
 MODEL = {

@@ -5,7 +5,7 @@
 
 Prints, for the runs of one experiment (every data.n x seed at one epoch count):
 1. the measured curve: mean gain over seeds per data.n with its `level` interval, and the cost;
-2. predictions: the learning curve fitted on data.n <= pilot-max (report.curves, seeds as
+2. predictions: the learning curve fitted on data.n <= pilot-max (study.curves, seeds as
    groups) at every larger measured n, the interval, the measured values and whether each was
    covered; the coverage over all of them; and report.curves.backtest (hold out the largest n);
 2b. rolling backtests for every metric of --backtest-metrics: for each measured size from the
@@ -24,8 +24,9 @@ import math
 import numpy as np
 from scipy import stats
 
-from finetune_budget import budget_search as bs
-from finetune_budget.report.curves import backtest, fit_learning_curve
+from finetune_budget.app.budget_search import from_mlflow
+from finetune_budget.study import search as bs
+from finetune_budget.study.curves import backtest, fit_learning_curve
 
 
 def interval(values: list[float], level: float) -> tuple[float, float, float]:
@@ -103,7 +104,7 @@ def main() -> None:
     for metric in dict.fromkeys([args.metric, *args.backtest_metrics]):
         by_metric[metric] = {}
         for uri in args.tracking_uri:
-            by_metric[metric].update(bs.from_mlflow(uri, args.experiment, metric))
+            by_metric[metric].update(from_mlflow(uri, args.experiment, metric))
     found = by_metric[args.metric]
     obs = [o for o in found.values() if o.epochs == args.epochs]
     points = bs.curve_points(obs, args.epochs, args.epoch_rule)

@@ -15,7 +15,7 @@ import time
 
 import numpy as np
 
-from finetune_budget.report.curves import fit_learning_curve
+from finetune_budget.study.curves import fit_learning_curve
 
 A, B, C = 0.30, 2.0, 0.5
 

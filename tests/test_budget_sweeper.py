@@ -11,18 +11,18 @@ from conftest import CONF, TINY, run_train_py
 from mlflow.tracking import MlflowClient
 from omegaconf import OmegaConf
 
-from finetune_budget.budget_search import (
+from finetune_budget.app.budget_search import from_mlflow
+from finetune_budget.errors import ConfigError
+from finetune_budget.study.search import (
     Batch,
     Job,
     Observation,
     SearchSettings,
-    from_mlflow,
     grid_advice,
     marginal_roi_bound,
     replay,
     run_search,
 )
-from finetune_budget.errors import ConfigError
 from hydra_plugins.budget_sweeper.budget_sweeper import fixed_overrides
 
 # The stub's curve: gain(n) = A (1 - exp(-n / SCALE)), marginal ROI A / SCALE exp(-n / SCALE).

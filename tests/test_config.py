@@ -122,7 +122,7 @@ def test_the_grid_sweeper_checks_a_job_for_every_group_option():
 
 def test_a_grids_derived_job_configs_equal_hydras_own_composition(monkeypatch, tmp_path):
     """The grid sweeper's launcher derives a job's config from an earlier job's where the two
-    differ only in plain keys' values (finetune_budget.sweep_configs); Hydra composing every job
+    differ only in plain keys' values (speed.sweep_configs); Hydra composing every job
     from the YAML files is the reference: every job's config, its `hydra` node included, equal
     to the node. Jobs with another group option, a `+key` or a non-scalar value are composed."""
     from hydra import initialize_config_dir
@@ -130,7 +130,7 @@ def test_a_grids_derived_job_configs_equal_hydras_own_composition(monkeypatch, t
     from hydra.types import RunMode
     from omegaconf import OmegaConf
 
-    from finetune_budget.sweep_configs import DerivedSweepConfigs
+    from finetune_budget.speed.sweep_configs import DerivedSweepConfigs
 
     monkeypatch.chdir(tmp_path)
     GlobalHydra.instance().clear()

@@ -83,11 +83,11 @@ def test_library_chatter_goes_to_the_log_file_and_problems_to_the_console(job_lo
         "`isinstance(treespec, LeafSpec)` is deprecated", DeprecationWarning, lib, 21
     )
     # what the user must see: the project's lines and warnings, the libraries' real problems
-    logging.getLogger("finetune_budget.training").info("epoch 0 embedded 1024 held-out items")
+    logging.getLogger("finetune_budget.training.run").info("epoch 0 embedded 1024 held-out items")
     logging.getLogger("mlflow.tracking").warning("the artifact store cannot be reached")
     logging.getLogger("lightning.pytorch.trainer").error("the checkpoint cannot be written")
     warnings.warn_explicit("tokenizer has no pad token", UserWarning, lib, 30)
-    ours = f"{PACKAGE_DIR}/training.py"
+    ours = f"{PACKAGE_DIR}/training/run.py"
     warnings.warn_explicit("budget.max_train_s is deprecated", DeprecationWarning, ours, 9)
 
     shown, kept = console.getvalue(), log_file.read_text()

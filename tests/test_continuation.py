@@ -10,15 +10,15 @@ from pathlib import Path
 import pytest
 from mlflow.tracking import MlflowClient
 
-from finetune_budget import continuation
-from finetune_budget.continuation import (
+from finetune_budget.training import continuation
+from finetune_budget.training.continuation import (
     MEMORY,
     EpochStore,
     SweepStates,
     continuation_key,
     why_not_continuable,
 )
-from finetune_budget.training import run_config, train
+from finetune_budget.training.run import run_config, train
 
 METRICS = ("val/mrr_at_20", "val/recall_at_20", "val/map_at_20")
 
@@ -133,7 +133,7 @@ def test_after_a_job_that_continued_a_state_fails_the_next_one_trains_from_the_s
 
 
 def test_a_continued_run_takes_epoch_0_from_the_state_it_continues(tiny_text_cfg, monkeypatch):
-    from finetune_budget import training
+    from finetune_budget.training import run as training
 
     common = ("data.n=48", "trainer.limit_val_batches=1")
     short = train(tiny_text_cfg(*common, "trainer.max_epochs=1"))
@@ -242,7 +242,7 @@ def test_memory_states_past_the_limit_move_to_disk_and_still_continue(tiny_text_
 
 
 def test_runs_with_loader_workers_and_augmentation_are_tagged_not_exact(make_cfg):
-    from finetune_budget.continuation import why_not_exact
+    from finetune_budget.training.continuation import why_not_exact
 
     assert why_not_exact(make_cfg("task=image_image", "data.num_workers=2")) is not None
     assert why_not_exact(make_cfg("task=image_image", "data.num_workers=0")) is None
@@ -296,7 +296,7 @@ def test_auto_store_is_memory_in_process_and_disk_for_launchers_of_other_process
     from hydra.core.hydra_config import HydraConfig
     from omegaconf import open_dict
 
-    from finetune_budget.continuation import store_kind
+    from finetune_budget.training.continuation import store_kind
     from tests.conftest import CONF
 
     GlobalHydra.instance().clear()
@@ -324,7 +324,7 @@ def test_a_kept_state_is_the_finished_jobs_tensors_and_the_job_that_continues_it
     changed afterwards."""
     import torch
 
-    from finetune_budget.continuation import EpochStore, MemoryStore
+    from finetune_budget.training.continuation import EpochStore, MemoryStore
 
     def finished_job(weight: float) -> dict:
         net = torch.nn.Linear(3, 1, bias=False)

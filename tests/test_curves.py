@@ -9,7 +9,7 @@ import math
 import numpy as np
 import pytest
 
-from finetune_budget.report.curves import FAMILIES, backtest, fit_learning_curve
+from finetune_budget.study.curves import FAMILIES, backtest, fit_learning_curve
 
 BUDGETS = np.array([100, 200, 400, 800, 1600, 3200], dtype=float)
 

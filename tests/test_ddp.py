@@ -31,10 +31,10 @@ from test_image_image import _write_classes
 from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 
-from finetune_budget import losses
 from finetune_budget.distributed import RANK_VARIABLES, is_main_process
+from finetune_budget.retrieval import losses
 from finetune_budget.tracking.mlflow_run import tracked_run
-from finetune_budget.training import train
+from finetune_budget.training.run import train
 
 B, D_IN, D = 8, 12, 6  # per-process batch, input and embedding width
 WORLD = 2

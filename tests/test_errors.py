@@ -14,11 +14,11 @@ import pytest
 import torch
 from torch.utils.data import DataLoader
 
+from finetune_budget.app.runs import load_weights
 from finetune_budget.config import device_error
 from finetune_budget.data.images import ImageDataset
 from finetune_budget.data.text import load_table
 from finetune_budget.errors import DataError, ModelError, one_line
-from finetune_budget.evaluation import load_weights
 from finetune_budget.tasks import build_task
 from tests.conftest import DATA_DIR, ROOT
 

@@ -17,18 +17,17 @@ from mlflow.tracking import MlflowClient
 from omegaconf import OmegaConf, open_dict
 from transformers import BertConfig, BertModel
 
+from finetune_budget.app.modes import evaluate, run_mode
+from finetune_budget.app.sweep_parent import SweepParentRun
 from finetune_budget.errors import ConfigError
-from finetune_budget.evaluation import evaluate, run_mode
-from finetune_budget.export import (
-    LOGGED_MODEL_TAG,
+from finetune_budget.export.formats import (
     export_model,
     load_into_module,
-    load_logged_model,
     load_open_clip,
     load_timm_folder,
-    log_model,
     module_embeddings,
 )
+from finetune_budget.export.logged import LOGGED_MODEL_TAG, load_logged_model, log_model
 from finetune_budget.models.text import load_tokenizer
 from finetune_budget.models.vision import backbone_mean_std
 from finetune_budget.tracking.mlflow_run import (
@@ -37,8 +36,8 @@ from finetune_budget.tracking.mlflow_run import (
     experiment_id,
     ui_addresses,
 )
-from finetune_budget.tracking.sweep_parent import SweepParentRun, current_parent
-from finetune_budget.training import train
+from finetune_budget.tracking.parent import current_parent
+from finetune_budget.training.run import train
 
 TEXTS = ["book a flight to paris next monday", "what is my balance", "hi", "set an alarm for 7"]
 
@@ -382,7 +381,7 @@ def test_experiments_are_created_as_model_training_experiments(tmp_path):
 
 
 def test_jobs_whose_sweep_logs_no_model_keep_no_weights_in_memory(tmp_path):
-    from finetune_budget import reuse
+    from finetune_budget.speed import reuse
 
     # a job of an Optuna search (its parent is not a `-m` sweep's) and of a sweep that logs none
     cfg = _text_cfg(tmp_path, "tracking.log_model=auto", "tracking.experiment=search")

@@ -10,14 +10,15 @@ import json
 
 import pytest
 
-from finetune_budget import __version__, identity, reuse
+from finetune_budget import __version__, identity
 from finetune_budget.config import flatten, installed_versions, resolve_precision
-from finetune_budget.continuation import KEY_PACKAGES, continuation_key
 from finetune_budget.identity import with_fingerprints
-from finetune_budget.metrics import METRICS_VERSION
-from finetune_budget.tracking.baseline_cache import baseline_key
+from finetune_budget.retrieval.metrics import METRICS_VERSION
+from finetune_budget.speed import reuse
 from finetune_budget.tracking.resume import config_key, point_key
-from finetune_budget.training import run_config
+from finetune_budget.training.baseline_cache import baseline_key
+from finetune_budget.training.continuation import KEY_PACKAGES, continuation_key
+from finetune_budget.training.run import run_config
 
 
 def _epoch0(config: dict) -> str:

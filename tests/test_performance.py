@@ -17,10 +17,10 @@ import pytest
 import torch
 from torch.utils.data import BatchSampler, RandomSampler
 
-from finetune_budget import reuse
-from finetune_budget.continuation import MEMORY
 from finetune_budget.data.samplers import ClassChunkBatchSampler, LengthBucketBatchSampler
-from finetune_budget.training import train
+from finetune_budget.speed import reuse
+from finetune_budget.training.continuation import MEMORY
+from finetune_budget.training.run import train
 from tests.conftest import requires_data
 
 
@@ -196,7 +196,7 @@ def test_a_fused_step_under_the_gradient_scaler_clips_like_the_plain_loop_and_sk
     inf gradient changes nothing and halves the scale (torch's AMP recipe)."""
     from types import SimpleNamespace
 
-    from finetune_budget.optim import clip_for_fused
+    from finetune_budget.retrieval.optim import clip_for_fused
 
     torch.manual_seed(0)
     w0, x = torch.randn(50, 8), torch.randn(16, 8)
@@ -282,7 +282,7 @@ def test_the_quick_exit_keeps_the_code_output_threads_and_exit_handlers(tmp_path
     proc = _python(
         "import atexit, sys, threading, time\n"
         "from pathlib import Path\n"
-        "from finetune_budget.cli import exit_now\n"
+        "from finetune_budget.app.cli import exit_now\n"
         f"out = Path({str(tmp_path)!r})\n"
         "atexit.register(lambda: (out / 'atexit').write_text('ran'))\n"
         "def late():\n"
@@ -306,7 +306,7 @@ def test_the_collector_is_off_during_start_up_then_on_with_its_objects_frozen(pa
     library caller), the collector is left as it is."""
     proc = _python(
         "import gc, json, weakref\n"
-        "from finetune_budget import collector\n"
+        "from finetune_budget.speed import collector\n"
         "class Node: pass\n"
         f"if {paused}: collector.pause_during_startup()\n"
         "during = gc.isenabled()\n"
@@ -338,7 +338,7 @@ def _refault_pages(keep: str) -> int:
     FINETUNE_BUDGET_KEEP_FREED_MEMORY=`keep`."""
     proc = _python(
         "import resource, torch\n"
-        "from finetune_budget.allocator import keep_freed_memory\n"
+        "from finetune_budget.speed.allocator import keep_freed_memory\n"
         "keep_freed_memory()\n"
         "faults = lambda: resource.getrusage(resource.RUSAGE_SELF).ru_minflt\n"
         "for step in range(16):\n"
@@ -583,7 +583,7 @@ def test_unpadding_changes_metrics_only_within_noise_on_a_tiny_model(tiny_text_c
 
 # -- gradient clipping (optim.clip_grad_norm) -----------------------------------------------------
 def test_clip_grad_norm_clips_as_torch_does_and_leaves_gradients_within_the_norm_alone():
-    from finetune_budget.optim import clip_grad_norm
+    from finetune_budget.retrieval.optim import clip_grad_norm
 
     torch.manual_seed(0)
     params = [torch.nn.Parameter(torch.zeros(s)) for s in ((300, 40), (40,), (7, 3, 2))]
@@ -606,7 +606,7 @@ def test_clip_grad_norm_clips_as_torch_does_and_leaves_gradients_within_the_norm
 def test_clip_grad_norm_over_the_nonzero_rows_equals_the_full_clip():
     """A gradient that is zero outside some rows (a kept word-embedding gradient): reading and
     scaling only those rows gives torch's clip to float rounding, and the zero rows stay zero."""
-    from finetune_budget.optim import clip_grad_norm
+    from finetune_budget.retrieval.optim import clip_grad_norm
 
     torch.manual_seed(0)
     table, other = torch.nn.Parameter(torch.zeros(1000, 16)), torch.nn.Parameter(torch.zeros(40))
@@ -627,7 +627,7 @@ def test_clip_grad_norm_over_the_nonzero_rows_equals_the_full_clip():
         assert not table.grad[untouched].any()
 
 
-# -- the kept word-embedding gradient (embedding_grad.py) -----------------------------------------
+# -- the kept word-embedding gradient (speed/embedding_grad.py) -----------------------------------
 class _Lookup(torch.nn.Module):
     """A word embedding (vocabulary 5000, padding id 0) and a layer on top of it."""
 
@@ -646,7 +646,7 @@ def test_a_kept_embedding_gradient_equals_torchs_dense_one_step_after_step():
     accumulates two batches; the gradient stays one buffer (no fresh table a step)."""
     import copy
 
-    from finetune_budget.embedding_grad import keep_embedding_gradients
+    from finetune_budget.speed.embedding_grad import keep_embedding_gradients
 
     torch.manual_seed(0)
     kept_model = _Lookup()
@@ -687,8 +687,8 @@ def test_training_with_kept_embedding_gradients_equals_torchs_dense_gradients():
     (and the clip over their nonzero rows), one with torch's: the same weights to rounding."""
     import copy
 
-    from finetune_budget.embedding_grad import keep_embedding_gradients, rows_by_weight
-    from finetune_budget.optim import clip_grad_norm
+    from finetune_budget.retrieval.optim import clip_grad_norm
+    from finetune_budget.speed.embedding_grad import keep_embedding_gradients, rows_by_weight
 
     torch.manual_seed(0)
     models = {"kept": _Lookup(), "dense": None}
@@ -715,7 +715,7 @@ def test_training_with_kept_embedding_gradients_equals_torchs_dense_gradients():
 
 
 def test_only_large_untied_trainable_cpu_embeddings_keep_their_gradient():
-    from finetune_budget.embedding_grad import keep_embedding_gradients
+    from finetune_budget.speed.embedding_grad import keep_embedding_gradients
 
     tied = _Lookup()
     decoder = torch.nn.Linear(8, 5000, bias=False)

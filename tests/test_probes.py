@@ -9,10 +9,10 @@ import torch
 import torch.nn.functional as F
 from mlflow.tracking import MlflowClient
 
-from finetune_budget import losses
 from finetune_budget.errors import ConfigError, DataError
-from finetune_budget.matryoshka import TruncationEval, matryoshka_loss, truncation_dims
-from finetune_budget.probes import (
+from finetune_budget.retrieval import losses
+from finetune_budget.retrieval.matryoshka import TruncationEval, matryoshka_loss, truncation_dims
+from finetune_budget.retrieval.probes import (
     LabelledPairs,
     PairProbe,
     best_threshold,
@@ -165,7 +165,7 @@ def test_truncation_eval_keys_and_values():
 # -- external baseline ---------------------------------------------------------------------------
 @requires_data("clinc150")
 def test_external_baseline_of_the_wrong_length_is_refused(make_cfg, tmp_path):
-    from finetune_budget.external_baseline import evaluate_external
+    from finetune_budget.app.external_baseline import evaluate_external
 
     path = tmp_path / "emb.npy"
     np.save(path, np.random.default_rng(0).random((10, 8)).astype(np.float32))
@@ -182,8 +182,8 @@ def test_external_baseline_of_the_wrong_length_is_refused(make_cfg, tmp_path):
 @requires_data("clinc150")
 def test_external_baseline_is_scored_and_logged_as_a_baseline_run(make_cfg, tmp_path):
     """Embeddings that code the held-out labels retrieve perfectly; the run carries the tag."""
+    from finetune_budget.app.external_baseline import evaluate_external
     from finetune_budget.data.text import load_text_data
-    from finetune_budget.external_baseline import evaluate_external
 
     cfg = make_cfg("mode=external_baseline", "data=clinc150", config_name="evaluate")
     texts_csv = tmp_path / "texts.csv"
@@ -223,7 +223,7 @@ def test_external_baseline_is_scored_and_logged_as_a_baseline_run(make_cfg, tmp_
 # -- hooks on text_text runs ---------------------------------------------------------------------
 @requires_data("stsb")
 def test_text_text_run_logs_pair_probe_and_truncated_metrics(tiny_text_cfg):
-    from finetune_budget.training import train
+    from finetune_budget.training.run import train
 
     cfg = tiny_text_cfg(
         "data=stsb", "loss.matryoshka_dims=[8,16]", "eval.pair_probe={name:stsb,max_pairs:200}"
@@ -247,7 +247,7 @@ def test_text_text_run_logs_pair_probe_and_truncated_metrics(tiny_text_cfg):
 
 @requires_data("flickr8k", "stsb")
 def test_pair_sets_are_balanced_and_split_by_image():
-    from finetune_budget.probes import flickr8k_pairs, stsb_pairs
+    from finetune_budget.retrieval.probes import flickr8k_pairs, stsb_pairs
     from tests.conftest import DATA_DIR
 
     train, test = flickr8k_pairs(DATA_DIR / "flickr8k", eval_images=200)

@@ -17,16 +17,17 @@ from mlflow.tracking import MlflowClient
 from omegaconf import open_dict
 from scipy import stats
 
+from finetune_budget.app.modes import run_mode
+from finetune_budget.app.sweep_parent import SweepParentRun
 from finetune_budget.errors import DataError
-from finetune_budget.evaluation import run_mode
-from finetune_budget.report import ReportSettings, build_report
-from finetune_budget.report.advice import gain_ceiling, value_to_gain
-from finetune_budget.report.knee import drop_point, worse_with_time
-from finetune_budget.report.table import budget_points
+from finetune_budget.report.build import ReportSettings, build_report
+from finetune_budget.study.advice import gain_ceiling, value_to_gain
+from finetune_budget.study.knee import drop_point, worse_with_time
+from finetune_budget.study.table import budget_points
 from finetune_budget.tracking import query
-from finetune_budget.tracking.budget_tracker import cost_units
-from finetune_budget.tracking.sweep_parent import SweepParentRun, current_parent
-from finetune_budget.training import train
+from finetune_budget.tracking.parent import current_parent
+from finetune_budget.training.run import train
+from finetune_budget.training.tracker import cost_units
 
 EXPERIMENT = "tiny-sweep"
 
@@ -510,10 +511,10 @@ def test_runs_logged_before_map_hits_existed_show_their_map_as_map_hits(tmp_path
 def test_the_report_drawn_in_two_processes_equals_the_one_drawn_in_one(
     known_store, tmp_path, monkeypatch
 ):
-    """The curve fits and figures run half in a forked process (report/forked.py) where the
+    """The curve fits and figures run half in a forked process (speed/forked.py) where the
     machine has two cores; one process computing everything is the reference: every file the
     same to the byte, the answer the same to the word."""
-    from finetune_budget.report import forked
+    from finetune_budget.speed import forked
 
     if "fork" not in __import__("multiprocessing").get_all_start_methods():
         pytest.skip("no fork here: the report runs in one process anyway")
@@ -531,7 +532,7 @@ def test_the_report_drawn_in_two_processes_equals_the_one_drawn_in_one(
 
 
 def test_a_task_that_fails_in_either_process_fails_the_call():
-    from finetune_budget.report.forked import in_two_processes
+    from finetune_budget.speed.forked import in_two_processes
 
     def fail(x):
         raise ValueError(f"bad {x}")
@@ -559,7 +560,7 @@ def test_alongside_runs_here_while_the_forked_process_takes_the_tasks(cores, mon
     import multiprocessing
     import os
 
-    from finetune_budget.report import forked
+    from finetune_budget.speed import forked
 
     if cores == 2 and "fork" not in multiprocessing.get_all_start_methods():
         pytest.skip("no fork here")

@@ -18,7 +18,7 @@ from finetune_budget import __version__
 from finetune_budget.tracking import query
 from finetune_budget.tracking.mlflow_run import experiment_id, mark_stale_runs, process_tags
 from finetune_budget.tracking.resume import point_key, save_checkpoint_atomically
-from finetune_budget.training import run_config, train
+from finetune_budget.training.run import run_config, train
 from tests.conftest import ROOT
 
 EXPERIMENT = "finetune-budget"

@@ -40,10 +40,10 @@ from omegaconf import DictConfig, OmegaConf
 from submitit.core.utils import UncompletedJobError
 from submitit.slurm.slurm import SlurmExecutor
 
-from finetune_budget import cli, launchers
-from finetune_budget.cli import is_main_process
+from finetune_budget.app import cli, launchers
+from finetune_budget.app.cli import is_main_process
+from finetune_budget.app.launchers import group_epoch_budgets
 from finetune_budget.errors import ConfigError
-from finetune_budget.launchers import group_epoch_budgets
 from hydra_plugins.finetune_budget_launcher.launcher import LocalLauncher, SlurmLauncher
 
 FAST = (

@@ -401,7 +401,7 @@ def test_a_run_is_running_until_everything_is_recorded(tiny_text_cfg, monkeypatc
     moment before the job has recorded everything, and FINISHED after."""
     from lightning import Callback
 
-    from finetune_budget import training
+    from finetune_budget.training import run as training
 
     cfg = tiny_text_cfg("trainer.max_epochs=2", "optim.optimizer.lr=1e-3")
     client = MlflowClient(cfg.tracking.uri)

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from finetune_budget.training import train
+from finetune_budget.training.run import train
 from tests.conftest import requires_data
 
 

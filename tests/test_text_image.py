@@ -14,7 +14,7 @@ from finetune_budget.data.subsets import nested_subset
 from finetune_budget.errors import ConfigError, DataError, ModelError
 from finetune_budget.models.clip import build_clip
 from finetune_budget.tasks.text_image import ClipFineTuner, score_both_directions
-from finetune_budget.training import train
+from finetune_budget.training.run import train
 
 TINY_CLIP = (
     "task=text_image",

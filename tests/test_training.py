@@ -8,9 +8,9 @@ import pytest
 import yaml
 from mlflow.tracking import MlflowClient
 
+from finetune_budget.app.modes import evaluate
 from finetune_budget.errors import DataError, DivergedError
-from finetune_budget.evaluation import evaluate
-from finetune_budget.training import train
+from finetune_budget.training.run import train
 from tests.conftest import run_train_py
 
 METRICS = ("val/mrr_at_20", "val/recall_at_20", "val/map_at_20")
@@ -130,8 +130,8 @@ def test_epoch_0_is_cached_only_when_complete_and_recomputed_when_what_it_comput
 def test_the_baseline_key_follows_file_and_folder_contents_and_the_metrics_version(
     tmp_path, monkeypatch
 ):
-    from finetune_budget.tracking import baseline_cache
-    from finetune_budget.tracking.baseline_cache import baseline_key
+    from finetune_budget.training import baseline_cache
+    from finetune_budget.training.baseline_cache import baseline_key
 
     folder = tmp_path / "images" / "person_a"
     folder.mkdir(parents=True)
@@ -185,7 +185,7 @@ class _Interrupt(L.Callback):
 
 def test_ctrl_c_marks_the_run_killed(tiny_text_cfg):
     cfg = tiny_text_cfg()
-    from finetune_budget import training
+    from finetune_budget.training import run as training
 
     original = training.build_trainer
 

@@ -16,16 +16,16 @@ from hydra.utils import instantiate
 from mlflow.tracking import MlflowClient
 from omegaconf import DictConfig, OmegaConf, open_dict
 
-from finetune_budget.errors import ConfigError, ModelError
-from finetune_budget.models.text import build_sentence_encoder
-from finetune_budget.tuning import (
+from finetune_budget.app.tuning import (
     Objective,
     apply_overrides,
     objective_values,
     parse_search_space,
     run_search,
 )
-from finetune_budget.tuning.search import SearchError, _probe, make_pruner
+from finetune_budget.app.tuning.search import SearchError, _probe, make_pruner
+from finetune_budget.errors import ConfigError, ModelError
+from finetune_budget.models.text import build_sentence_encoder
 
 pytestmark = requires_data("clinc150")
 
@@ -178,7 +178,7 @@ def test_early_stopping_is_off_by_default_and_an_option(make_cfg) -> None:
 
 
 def test_early_stopping_ends_an_ordinary_run_when_the_metric_falls(tiny_text_cfg) -> None:
-    from finetune_budget.training import train
+    from finetune_budget.training.run import train
 
     # lr=1.0 wrecks the tiny model: the metric falls after the first epoch
     cfg = tiny_text_cfg(

@@ -15,6 +15,8 @@ from typing import Any
 
 from omegaconf import OmegaConf
 
+from finetune_budget.errors import ConfigError
+
 log = logging.getLogger(__name__)
 
 
@@ -452,8 +454,6 @@ def config_errors(cfg: Any) -> list[str]:
 
 def check_config(cfg: Any) -> None:
     """Raise ConfigError with the first problem config_errors finds (one line, names the fix)."""
-    from finetune_budget.errors import ConfigError
-
     errors = config_errors(cfg)
     if errors:
         more = f" (and {len(errors) - 1} more problem(s))" if len(errors) > 1 else ""

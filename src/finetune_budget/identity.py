@@ -20,16 +20,16 @@ identity keeps the roles its column marks, so a new key is in all four unless RO
   version, and the `data` and `model` groups with fingerprints of the files they name.
   `config_key` is its config part, from a run's logged params: the ROI table counts each
   (config, seed) once.
-- continuation (`continuation_key`, continuation.py): the config, the resolved precision, package
-  versions and file fingerprints.
-- epoch 0 (`epoch0_key`, tracking/baseline_cache.py): reads only what an evaluation of the
+- continuation (`continuation_key`, training/continuation.py): the config, the resolved
+  precision, package versions and file fingerprints.
+- epoch 0 (`epoch0_key`, training/baseline_cache.py): reads only what an evaluation of the
   pretrained model sees: the task name, the `model`, `data` and `eval` groups, the trainer's
   resolved precision, accelerator and limit_val_batches, the seed (where the model has random
   parts), a digest of the weights, the metrics and package versions. Optim, loss, budget and
   callbacks never shape it; a knob that changes the pretrained model's evaluation belongs in
   `model`, `data` or `eval`.
-- loaded (`loaded_from` + `process_key`, reuse.py): what a group reads from disk or the hub, the
-  key of an object that the jobs of one process load once.
+- loaded (`loaded_from` + `process_key`, speed/reuse.py): what a group reads from disk or the
+  hub, the key of an object that the jobs of one process load once.
 
 Stored runs, states and baselines keep their keys: the serialisation and the keys are those of
 the lists each module kept before issue 29 (tests/test_identity.py checks it against that code),

@@ -18,6 +18,7 @@ import numpy as np
 import pandas as pd
 
 from finetune_budget.data.text import read_table
+from finetune_budget.errors import DataError
 
 log = logging.getLogger(__name__)
 
@@ -63,8 +64,6 @@ def load_listings(
     min_chars: int = 1,
 ) -> Listings:
     """Listings with a description (HTML stripped, at least `min_chars` long) and a price > 0."""
-    from finetune_budget.errors import DataError
-
     frame = read_table(path)
     for option, column in (("text_column", text_column), ("price_column", price_column)):
         if column not in frame.columns:

@@ -19,7 +19,7 @@ import pandas as pd
 
 from finetune_budget.errors import DataError
 from finetune_budget.identity import loaded_from
-from finetune_budget.reuse import cached
+from finetune_budget.speed.reuse import cached
 
 log = logging.getLogger(__name__)
 

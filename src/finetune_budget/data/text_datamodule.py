@@ -7,10 +7,10 @@ from typing import Any
 import torch
 from torch.utils.data import DataLoader, Sampler
 
-from finetune_budget import reuse
 from finetune_budget.data.base import BudgetDataModule
 from finetune_budget.data.samplers import LengthBucketBatchSampler
 from finetune_budget.data.text import TextRetrievalData
+from finetune_budget.speed import reuse
 
 
 class TextRetrievalDataModule(BudgetDataModule):

@@ -18,7 +18,7 @@ from finetune_budget.models.unpadded import (
     unpadded_hidden_states,
     unpadded_unsupported,
 )
-from finetune_budget.reuse import cached
+from finetune_budget.speed.reuse import cached
 
 
 def mean_pool(hidden: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:

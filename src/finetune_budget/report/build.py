@@ -19,18 +19,19 @@ from mlflow.tracking import MlflowClient
 
 from finetune_budget.errors import DataError
 from finetune_budget.report import html
-from finetune_budget.report.advice import (
+from finetune_budget.report.figures import cost_figures, data_figures, time_figures
+from finetune_budget.speed.forked import Task, in_two_processes
+from finetune_budget.study.advice import (
     Advice,
     AdviceSettings,
     advise,
     answers_frame,
     epochs_lines,
 )
-from finetune_budget.report.curves import CurveFit, quiet_numerics
-from finetune_budget.report.figures import cost_figures, data_figures, time_figures
-from finetune_budget.report.forked import Task, in_two_processes
-from finetune_budget.report.knee import best_epochs, drop_point, worse_with_time
-from finetune_budget.report.table import (
+from finetune_budget.study.curves import CurveFit, quiet_numerics
+from finetune_budget.study.knee import best_epochs, drop_point, worse_with_time
+from finetune_budget.study.roi import metric_name
+from finetune_budget.study.table import (
     GROUP,
     POINT,
     budget_points,
@@ -40,7 +41,6 @@ from finetune_budget.report.table import (
     to_markdown,
     with_intervals,
 )
-from finetune_budget.roi import metric_name
 from finetune_budget.tracking.query import roi_table
 
 log = logging.getLogger(__name__)

@@ -18,9 +18,9 @@ import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 import pandas as pd  # noqa: E402
 
-from finetune_budget.report.curves import CurveFit  # noqa: E402
-from finetune_budget.report.table import GROUP, items_seen  # noqa: E402
-from finetune_budget.roi import metric_name  # noqa: E402
+from finetune_budget.study.curves import CurveFit  # noqa: E402
+from finetune_budget.study.roi import metric_name  # noqa: E402
+from finetune_budget.study.table import GROUP, items_seen  # noqa: E402
 
 log = logging.getLogger(__name__)
 

@@ -11,8 +11,8 @@ from pathlib import Path
 
 import pandas as pd
 
-from finetune_budget.report.advice import Advice
-from finetune_budget.roi import metric_name
+from finetune_budget.study.advice import Advice
+from finetune_budget.study.roi import metric_name
 
 STYLE = """
 body { font-family: system-ui, sans-serif; max-width: 1100px; margin: 2em auto; color: #222; }

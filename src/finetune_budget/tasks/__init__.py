@@ -9,7 +9,7 @@
     mlm_price.py    masked-LM domain adaptation judged by a price probe
 
 Data live in `finetune_budget.data` (every task's DataModule derives from `data.base`), models in
-`finetune_budget.models`, losses in `finetune_budget.losses`.
+`finetune_budget.models`, losses in `finetune_budget.retrieval.losses`.
 """
 
 from __future__ import annotations

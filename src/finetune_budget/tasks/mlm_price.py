@@ -30,14 +30,15 @@ from transformers import (
 from finetune_budget.data.airbnb import Listings, load_listings
 from finetune_budget.data.base import BudgetDataModule
 from finetune_budget.errors import ConfigError, ModelError
+from finetune_budget.export.formats import encoder_as_sentence_transformer
 from finetune_budget.models.text import (
     SentenceEncoder,
     build_sentence_encoder,
     load_tokenizer,
     load_transformer,
 )
-from finetune_budget.optim import weight_decay_groups
-from finetune_budget.probes import embed_texts, price_probe
+from finetune_budget.retrieval.optim import weight_decay_groups
+from finetune_budget.retrieval.probes import embed_texts, price_probe
 from finetune_budget.tasks.module import FineTuner
 from finetune_budget.tasks.task import TaskParts
 
@@ -167,10 +168,8 @@ def save_sentence_encoder(
     encoder: SentenceEncoder, tokenizer: Any, folder: str | Path, max_length: int
 ) -> Path:
     """Save a (projection-free) encoder as a sentence-transformers folder
-    (export.encoder_as_sentence_transformer). Loads with `SentenceTransformer(folder)` and
+    (export.formats.encoder_as_sentence_transformer). Loads with `SentenceTransformer(folder)` and
     `build_sentence_encoder(pretrained=folder)`."""
-    from finetune_budget.export import encoder_as_sentence_transformer
-
     if encoder.projection is not None:
         raise ConfigError(
             "saving a sentence encoder with a projection head is not supported here; "

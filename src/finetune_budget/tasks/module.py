@@ -21,21 +21,21 @@ import lightning as L
 import torch
 from lightning.pytorch.strategies import SingleDeviceStrategy
 
-from finetune_budget import losses
-from finetune_budget.embedding_grad import (
-    KeptEmbeddingGradient,
-    keep_embedding_gradients,
-    rows_by_weight,
-)
 from finetune_budget.errors import ConfigError
-from finetune_budget.matryoshka import matryoshka_loss
-from finetune_budget.metrics import retrieval_metrics
-from finetune_budget.optim import (
+from finetune_budget.retrieval import losses
+from finetune_budget.retrieval.matryoshka import matryoshka_loss
+from finetune_budget.retrieval.metrics import retrieval_metrics
+from finetune_budget.retrieval.optim import (
     check_finite_embeddings,
     check_finite_loss,
     clip_for_fused,
     optimizer_with_schedule,
     weight_decay_groups,
+)
+from finetune_budget.speed.embedding_grad import (
+    KeptEmbeddingGradient,
+    keep_embedding_gradients,
+    rows_by_weight,
 )
 
 # kind of training data -> (the loss `loss.name=auto` picks, the losses that fit it)

@@ -17,8 +17,8 @@ import torch
 from omegaconf import DictConfig
 
 from finetune_budget.errors import ConfigError
-from finetune_budget.metrics import retrieval_metrics
 from finetune_budget.models.clip import build_clip
+from finetune_budget.retrieval.metrics import retrieval_metrics
 from finetune_budget.tasks.module import FineTuner
 from finetune_budget.tasks.task import TaskParts
 
@@ -35,7 +35,7 @@ def score_both_directions(
     top_k: int = 20,
     recall_at: tuple[int, ...] = (1, 5, 10),
 ) -> dict[str, float]:
-    """Retrieval metrics of both directions on the held-out split (see finetune_budget.metrics).
+    """Retrieval metrics of both directions on the held-out split (see retrieval.metrics).
 
     texts: (C, D), images: (M, D), L2-normalised; caption_image: (C,) the image of each caption.
     val/<metric>: captions query images (text-to-image, the study's metric), with its cut-off

@@ -15,8 +15,8 @@ from typing import Any
 import torch
 from omegaconf import DictConfig
 
-from finetune_budget.matryoshka import truncation_dims
 from finetune_budget.models.text import build_sentence_encoder
+from finetune_budget.retrieval.matryoshka import truncation_dims
 from finetune_budget.tasks.module import FineTuner, pick_loss
 from finetune_budget.tasks.task import TaskParts, plain
 
@@ -59,7 +59,7 @@ def build(cfg: DictConfig) -> TaskParts:
     from finetune_budget.data.text import load_text_data
     from finetune_budget.data.text_datamodule import TextRetrievalDataModule
     from finetune_budget.models.text import load_tokenizer
-    from finetune_budget.probes import attach_eval_hooks
+    from finetune_budget.retrieval.probes import attach_eval_hooks
 
     model_cfg, data_cfg = plain(cfg.model), plain(cfg.data)
     data = load_text_data(data_cfg)

@@ -1,6 +1,6 @@
 """An audit of an MLflow store's training runs: what every answer of the project rests on.
 
-    python evaluate.py mode=check tracking.experiment=<name>
+    python evaluate.py mode=check tracking.experiment=<name>     (app.modes.check_mode)
 
 One line per problem, and the command fails (exit 1) when there is any:
 - a run's per-epoch history holds a second value at a step, or a step-0 value logged after
@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import logging
 import math
-import sys
 from collections import defaultdict
 from collections.abc import Sequence
 
@@ -27,7 +26,7 @@ from mlflow.entities import Run, ViewType
 from mlflow.tracking import MlflowClient
 
 from finetune_budget.errors import DataError
-from finetune_budget.roi import gains
+from finetune_budget.study.roi import gains
 from finetune_budget.tracking.history import HistoryProblem, epoch_values
 from finetune_budget.tracking.mlflow_run import STALE_AFTER_S, why_stale
 from finetune_budget.tracking.resume import EPOCH_PREFIXES, POINT_TAG
@@ -138,22 +137,3 @@ def audit_experiment(
                 "each point is trained once unless budget.rerun=true"
             )
     return problems
-
-
-def check_mode(cfg) -> list[str]:
-    """evaluate.py mode=check: print the problems of `tracking.experiment`'s runs, one a line;
-    fail when there is any."""
-    problems = audit_experiment(cfg.tracking.uri, cfg.tracking.experiment)
-    report(problems, cfg.tracking.experiment)
-    return problems
-
-
-def report(problems: Sequence[str], experiment: str) -> None:
-    for line in problems:
-        sys.stdout.write(f"{line}\n")
-    if problems:
-        raise DataError(
-            f"{len(problems)} problem(s) in experiment {experiment!r} (listed above); the "
-            "answers skip the values named there"
-        )
-    sys.stdout.write(f"experiment {experiment!r}: no problems found\n")

@@ -29,7 +29,7 @@ from mlflow.exceptions import MlflowException
 from mlflow.tracking import MlflowClient
 
 from finetune_budget.errors import BudgetError, ConfigError, DataError
-from finetune_budget.roi import gains, metric_name
+from finetune_budget.study.roi import gains, metric_name
 from finetune_budget.tracking.history import read_epochs
 from finetune_budget.tracking.mlflow_run import mark_stale_runs, mlflow_client
 from finetune_budget.tracking.resume import REUSED_TAG_PREFIX, config_key
@@ -144,7 +144,7 @@ def _param(run: Run, key: str, cast=int, default=None):
 def logged_names(logged: Sequence[str]) -> dict[str, str]:
     """{metric as this version defines it: the key the run logged it under}.
 
-    Runs from before metrics version 2 (finetune_budget.metrics) logged torchmetrics' mAP, now
+    Runs from before metrics version 2 (retrieval.metrics) logged torchmetrics' mAP, now
     `map_hits_at_k`, as `map_at_k`, and have no `map_hits_at_k`: their `map_at_k` is read as
     `map_hits_at_k`, and they have no `map_at_k` of the current definition.
     """

@@ -5,7 +5,8 @@
 Hydra finds it in the `hydra_plugins` namespace package. The sweeper launches each step's jobs
 (`data.n`, `seed`, `trainer.max_epochs` plus the command line's overrides) through the configured
 launcher, reads their runs from MLflow (children of the sweep's parent run, which
-`tracking.sweep_parent` creates), and leaves every decision to `finetune_budget.budget_search`.
+`app.sweep_parent` creates), and leaves every decision to `finetune_budget.study.search`
+(`finetune_budget.app.budget_search` reads the runs and records the decisions).
 The parent gets the decisions table, the advice and the cost as artifacts and tags.
 """
 
@@ -25,9 +26,10 @@ from hydra.types import HydraContext, TaskFunction
 from mlflow.tracking import MlflowClient
 from omegaconf import DictConfig
 
-from finetune_budget import budget_search
+from finetune_budget.app import budget_search as search_runs
 from finetune_budget.errors import ConfigError
-from finetune_budget.tracking.sweep_parent import current_parent
+from finetune_budget.study import search as budget_search
+from finetune_budget.tracking.parent import current_parent
 
 log = logging.getLogger(__name__)
 
@@ -73,7 +75,7 @@ class BudgetSweeper(Sweeper):
                 for job, ret in zip(jobs, returns, strict=True)
                 if ret.status != JobStatus.COMPLETED
             ]
-            found = budget_search.from_mlflow(uri, experiment, metric, parent)
+            found = search_runs.from_mlflow(uri, experiment, metric, parent)
             keys = [(j.n, j.seed, j.epochs) for j in jobs]
             obs = [found[k] for k in keys if k in found]
             failures += [
@@ -87,7 +89,7 @@ class BudgetSweeper(Sweeper):
         if settings.metric is None:  # the fitted gain is bounded by budget.metric's ceiling
             settings = dataclasses.replace(settings, metric=metric)
         result = budget_search.run_search(measure, settings)
-        budget_search.record(MlflowClient(uri), parent, result)
+        search_runs.record(MlflowClient(uri), parent, result)
         log.info("%s", result.summary())
         return result
 

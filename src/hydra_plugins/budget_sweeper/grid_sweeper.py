@@ -9,7 +9,8 @@ which option a config group gets (`model=...`) can. So `GridSweeper` checks the 
 each job that brings a group option (or top-level key) no checked job had: a missing config still
 fails before the first job starts, the user's grid is checked in one composition.
 
-Its launcher then gets the job configs from `finetune_budget.sweep_configs.DerivedSweepConfigs`:
+Its launcher then gets the job configs from
+`finetune_budget.speed.sweep_configs.DerivedSweepConfigs`:
 a job that differs from an earlier one only in plain keys' values (`trainer.max_epochs=3`) gets a
 copy of that one's composed config with its values, not a composition from the YAML files.
 
@@ -25,7 +26,7 @@ from hydra._internal.core_plugins.basic_sweeper import BasicSweeper
 from hydra.types import HydraContext, TaskFunction
 from omegaconf import DictConfig
 
-from finetune_budget.sweep_configs import DerivedSweepConfigs
+from finetune_budget.speed.sweep_configs import DerivedSweepConfigs
 
 
 def _may_fail_by_value(override: str) -> bool:

@@ -1,2 +1,2 @@
 """Hydra launcher plugins of finetune-budget (conf/hydra/launcher/); the logic is in
-finetune_budget.launchers."""
+finetune_budget.app.launchers."""

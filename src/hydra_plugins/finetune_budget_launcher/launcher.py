@@ -1,9 +1,9 @@
 """The submitit launchers that conf/hydra/launcher/{local,slurm}.yaml name. Hydra instantiates
-launchers from the hydra_plugins package only; what they do is in finetune_budget.launchers."""
+launchers from the hydra_plugins package only; what they do is in finetune_budget.app.launchers."""
 
 from __future__ import annotations
 
-from finetune_budget.launchers import GroupedSubmititLauncher
+from finetune_budget.app.launchers import GroupedSubmititLauncher
 
 
 class LocalLauncher(GroupedSubmititLauncher):

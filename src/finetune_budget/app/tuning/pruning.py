@@ -16,7 +16,7 @@ import lightning as L
 import optuna
 from lightning.pytorch.callbacks import Callback
 
-from finetune_budget.tracking.budget_tracker import BudgetTracker
+from finetune_budget.training.tracker import BudgetTracker
 
 log = logging.getLogger(__name__)
 

@@ -1,7 +1,9 @@
 """train(cfg): one budget-study run, start to finish, as a plain function tests call.
 
-evaluate the pretrained model (epoch 0, cached across runs) -> fine-tune for trainer.max_epochs,
-evaluating after every epoch -> MLflow run with params, per-epoch metrics, gains and ROI.
+reuse a finished run of the same point, or: open the MLflow run -> build the task, tracker,
+continuation and trainer -> epoch 0 (the pretrained model, cached across runs) -> fit for
+trainer.max_epochs, evaluating after every epoch -> save the state and checkpoint -> summarise
+-> keep or log the model. The MLflow run gets params, per-epoch metrics, gains and ROI.
 """
 
 from __future__ import annotations
@@ -17,26 +19,22 @@ from lightning.pytorch.callbacks import LearningRateMonitor
 from mlflow.tracking import MlflowClient
 from omegaconf import DictConfig, OmegaConf
 
-from finetune_budget import reuse
 from finetune_budget.config import resolve_precision
-from finetune_budget.continuation import Continuation
 from finetune_budget.distributed import is_main_process
-from finetune_budget.export import (
-    check_log_model_option,
-    log_model,
-    logged_at_sweep_end,
-    model_params,
-)
-from finetune_budget.tasks import build_task
-from finetune_budget.tracking.baseline_cache import BaselineCache, baseline_key, weights_digest
-from finetune_budget.tracking.budget_tracker import BudgetTracker
+from finetune_budget.export.logged import check_log_model_option, log_model, model_params
+from finetune_budget.speed import reuse
+from finetune_budget.tasks import TaskParts, build_task
 from finetune_budget.tracking.mlflow_run import STALE_AFTER_S, TrackedRun, tracked_run
+from finetune_budget.tracking.parent import current_parent
 from finetune_budget.tracking.resume import (
     POINT_TAG,
     point_key,
     reusable_run,
     save_checkpoint_atomically,
 )
+from finetune_budget.training.baseline_cache import BaselineCache, baseline_key, weights_digest
+from finetune_budget.training.continuation import Continuation
+from finetune_budget.training.tracker import BudgetTracker
 
 log = logging.getLogger(__name__)
 
@@ -124,17 +122,51 @@ def train(
     main_process = is_main_process(cfg.trainer)
     if not main_process:  # ranks 1.. of a multi-process run: rank 0 reports and records
         logging.getLogger("finetune_budget").setLevel(logging.WARNING)
-    tags = {**run_tags(cfg), **(tags or {})}
-    tags[POINT_TAG] = point_key(config)
-    if not (callbacks or cfg.budget.get("rerun", False) or tags["run_type"] != "train"):
-        found = reusable_run(
-            cfg.tracking.uri, cfg.tracking.experiment, tags[POINT_TAG], parent_run_id
+    tags = {**run_tags(cfg), **(tags or {}), POINT_TAG: point_key(config)}
+    found = reused_run(cfg, tags, parent_run_id, callbacks)
+    if found is not None:
+        return found
+    in_sweep = parent_run_id is not None
+    with open_run(cfg, config, tags, parent_run_id, main_process) as run:
+        parts, tracker, cont, trainer = build(cfg, config, run, callbacks)
+        epoch_zero(cfg, trainer, parts, tracker, run, cont)
+        fit(cfg, trainer, parts, cont)
+        checkpoint = save_checkpoint(cfg, trainer, run, in_sweep)
+        summarise(cfg, run, tracker.history)
+        keep_model(cfg, run, parts.module, tracker.history, parent_run_id, checkpoint)
+        return RunResult(
+            run.run_id,
+            tracker.history,
+            checkpoint,
+            {"trainer": trainer, "module": parts.module, "datamodule": parts.datamodule},
         )
-        if found is not None:
-            return RunResult(*found, reused=True)
+
+
+def reused_run(
+    cfg: DictConfig,
+    tags: dict[str, str],
+    parent_run_id: str | None,
+    callbacks: list[L.Callback] | None,
+) -> RunResult | None:
+    """The FINISHED run of the same point (tags[POINT_TAG]), when it may stand for this job: not
+    with budget.rerun=true, extra callbacks, or a run_type other than train."""
+    if callbacks or cfg.budget.get("rerun", False) or tags["run_type"] != "train":
+        return None
+    found = reusable_run(cfg.tracking.uri, cfg.tracking.experiment, tags[POINT_TAG], parent_run_id)
+    return None if found is None else RunResult(*found, reused=True)
+
+
+def open_run(
+    cfg: DictConfig,
+    config: dict[str, Any],
+    tags: dict[str, str],
+    parent_run_id: str | None,
+    main_process: bool,
+):
+    """The job's MLflow run (a child of `parent_run_id` when given), as a context manager."""
     if parent_run_id:
-        tags["mlflow.parentRunId"] = parent_run_id
-    with tracked_run(
+        tags = {**tags, "mlflow.parentRunId": parent_run_id}
+    return tracked_run(
         cfg.tracking.uri,
         cfg.tracking.experiment,
         config,
@@ -143,49 +175,89 @@ def train(
         config_yaml=OmegaConf.to_yaml(config),
         main_process=main_process,
         stale_after_s=cfg.tracking.get("stale_after_s", STALE_AFTER_S),
-    ) as run:
-        L.seed_everything(cfg.seed, workers=True, verbose=False)
-        parts = build_task(cfg)
-        tracker = BudgetTracker(
-            run,
-            parts.n_train,
-            gain_floor=cfg.budget.gain_floor,
-            max_train_s=cfg.budget.get("max_train_s"),
-        )
-        cont = Continuation(cfg, config, tracker, run)
-        trainer = build_trainer(
-            cfg, tracker, run, [*(callbacks or []), *cont.callbacks], plugins=cont.plugins
-        )
-        if cont.source is None:
-            evaluate_baseline(cfg, trainer, parts, tracker, run)
-        else:  # the state it continues brings epoch 0 back (logged by ContinuationState)
-            log.info("epoch 0: from the state of run %s", cont.source.run_id)
-        # rank r draws its own dropout, augmentation and masking (nanoGPT's seed_offset); the
-        # epoch's item order is shared and split across ranks by the DataModule
-        L.seed_everything(cfg.seed + trainer.global_rank, workers=True, verbose=False)
-        trainer.fit(parts.module, datamodule=parts.datamodule, ckpt_path=cont.ckpt_path)
-        if trainer.interrupted:
-            raise KeyboardInterrupt("training interrupted")
-        cont.save(trainer)
-        in_sweep = parent_run_id is not None
-        checkpoint = None
-        if keep_weights(cfg.tracking, "save_checkpoint", in_sweep):
-            path = Path(cfg.paths.output_dir) / "checkpoints" / "last.ckpt"
-            save_checkpoint_atomically(trainer, path, weights_only=True)
-            checkpoint = str(path.resolve())
-            run.set_tags({"checkpoint": checkpoint})
-        summarise(cfg, run, tracker.history)
-        if run.writer and checkpoint is None and logged_at_sweep_end(cfg, parent_run_id):
-            max_mb = cfg.tracking.get("sweep_weights_mb", 0)
-            reuse.keep_final_weights(run.run_id, parts.module, max_mb)
-        if run.writer and keep_weights(cfg.tracking, "log_model", in_sweep):
-            log_run_model(cfg, run.run_id, parts.module, tracker.history)
-        return RunResult(
-            run.run_id,
-            tracker.history,
-            checkpoint,
-            {"trainer": trainer, "module": parts.module, "datamodule": parts.datamodule},
-        )
+    )
+
+
+def build(
+    cfg: DictConfig,
+    config: dict[str, Any],
+    run: TrackedRun,
+    callbacks: list[L.Callback] | None,
+) -> tuple[TaskParts, BudgetTracker, Continuation, L.Trainer]:
+    """The task's module and data, the budget tracker, the continuation of a shorter run (if
+    any) and the Lightning trainer, seeded by `cfg.seed`."""
+    L.seed_everything(cfg.seed, workers=True, verbose=False)
+    parts = build_task(cfg)
+    tracker = BudgetTracker(
+        run,
+        parts.n_train,
+        gain_floor=cfg.budget.gain_floor,
+        max_train_s=cfg.budget.get("max_train_s"),
+    )
+    cont = Continuation(cfg, config, tracker, run)
+    trainer = build_trainer(
+        cfg, tracker, run, [*(callbacks or []), *cont.callbacks], plugins=cont.plugins
+    )
+    return parts, tracker, cont, trainer
+
+
+def epoch_zero(
+    cfg: DictConfig,
+    trainer: L.Trainer,
+    parts: TaskParts,
+    tracker: BudgetTracker,
+    run: TrackedRun,
+    cont: Continuation,
+) -> None:
+    """The pretrained model's metrics: evaluated (or from the baseline cache), or brought back
+    by the state this job continues (logged by ContinuationState)."""
+    if cont.source is None:
+        evaluate_baseline(cfg, trainer, parts, tracker, run)
+    else:
+        log.info("epoch 0: from the state of run %s", cont.source.run_id)
+
+
+def fit(cfg: DictConfig, trainer: L.Trainer, parts: TaskParts, cont: Continuation) -> None:
+    """trainer.max_epochs of fine-tuning (from the continued state, if any); the state saved for
+    a longer job to continue."""
+    # rank r draws its own dropout, augmentation and masking (nanoGPT's seed_offset); the
+    # epoch's item order is shared and split across ranks by the DataModule
+    L.seed_everything(cfg.seed + trainer.global_rank, workers=True, verbose=False)
+    trainer.fit(parts.module, datamodule=parts.datamodule, ckpt_path=cont.ckpt_path)
+    if trainer.interrupted:
+        raise KeyboardInterrupt("training interrupted")
+    cont.save(trainer)
+
+
+def save_checkpoint(
+    cfg: DictConfig, trainer: L.Trainer, run: TrackedRun, in_sweep: bool
+) -> str | None:
+    """The final weights as `last.ckpt` where tracking.save_checkpoint keeps them (its path as
+    the run's `checkpoint` tag); None otherwise."""
+    if not keep_weights(cfg.tracking, "save_checkpoint", in_sweep):
+        return None
+    path = Path(cfg.paths.output_dir) / "checkpoints" / "last.ckpt"
+    save_checkpoint_atomically(trainer, path, weights_only=True)
+    checkpoint = str(path.resolve())
+    run.set_tags({"checkpoint": checkpoint})
+    return checkpoint
+
+
+def keep_model(
+    cfg: DictConfig,
+    run: TrackedRun,
+    module: L.LightningModule,
+    history: list[dict[str, float]],
+    parent_run_id: str | None,
+    checkpoint: str | None,
+) -> None:
+    """The model, where a later step needs it: kept in memory for the sweep's end to log (no
+    checkpoint written), and logged to MLflow where tracking.log_model says so."""
+    if run.writer and checkpoint is None and logged_at_sweep_end(cfg, parent_run_id):
+        max_mb = cfg.tracking.get("sweep_weights_mb", 0)
+        reuse.keep_final_weights(run.run_id, module, max_mb)
+    if run.writer and keep_weights(cfg.tracking, "log_model", parent_run_id is not None):
+        log_run_model(cfg, run.run_id, module, history)
 
 
 def keep_weights(tracking: DictConfig, key: str, in_sweep: bool) -> bool:
@@ -275,3 +347,10 @@ def summarise(cfg: DictConfig, run: TrackedRun, history: list[dict[str, float]])
         "time/total_train_s": history[-1]["time/train_s"],
     }
     run.log_metrics(summary, step=int(best["epoch"]))
+
+
+def logged_at_sweep_end(cfg, parent_run_id: str | None) -> bool:
+    """Whether the sweep this job runs in logs a chosen run's model at its end: a `-m` sweep's
+    parent (app.sweep_parent) with tracking.log_model=auto. (An Optuna search logs none.)"""
+    option = check_log_model_option(cfg.tracking.get("log_model", "auto"))
+    return parent_run_id is not None and parent_run_id == current_parent() and option == "auto"

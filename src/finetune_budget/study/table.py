@@ -14,7 +14,7 @@ import numpy as np
 import pandas as pd
 from scipy import stats
 
-from finetune_budget.roi import metric_name
+from finetune_budget.study.roi import metric_name
 
 GROUP = ["task", "model", "data"]
 POINT = [*GROUP, "n", "epoch"]

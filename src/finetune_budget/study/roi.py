@@ -15,6 +15,7 @@ import math
 from collections.abc import Mapping
 
 LOWER_IS_BETTER_MARKERS = ("loss", "error", "mae", "median_ae", "rmse")
+BOUNDED_ABOVE_BY_1 = ("mrr", "recall", "map", "ndcg", "hit", "precision", "accuracy", "auc", "f1")
 
 
 def lower_is_better(metric: str) -> bool:
@@ -63,3 +64,17 @@ def gains(
         if train_s > 0:
             out[f"roi_s/{name}"] = per_unit(gain, train_s)
     return out
+
+
+def gain_ceiling(metric: str, baseline: float, floor: float = 0.01) -> float | None:
+    """The largest gain a metric allows: (1 - m0) / m0 for scores <= 1 (retrieval metrics,
+    accuracy, AUC), 1 for errors >= 0 (an error cannot fall below 0); None when unknown."""
+    if not math.isfinite(baseline):
+        return None
+    scale = max(abs(baseline), floor)
+    name = metric_name(metric)
+    if lower_is_better(metric):
+        return baseline / scale if baseline >= 0 else None
+    if any(marker in name for marker in BOUNDED_ABOVE_BY_1) and baseline <= 1:
+        return (1.0 - baseline) / scale
+    return None

@@ -18,17 +18,12 @@ from typing import Any
 from hydra.experimental.callback import Callback
 from omegaconf import DictConfig, OmegaConf
 
+from finetune_budget.tracking.parent import PARENT_ENV, current_parent
+
 # mlflow is imported where it is used: Hydra builds this callback before every job, and a job's
 # config check must not wait for mlflow's import.
 
 log = logging.getLogger(__name__)
-
-PARENT_ENV = "FINETUNE_BUDGET_SWEEP_PARENT"
-
-
-def current_parent() -> str | None:
-    """The id of the running sweep's parent run (None outside a sweep)."""
-    return os.environ.get(PARENT_ENV) or None
 
 
 class SweepParentRun(Callback):
@@ -100,7 +95,7 @@ class SweepParentRun(Callback):
             len(reused),
             jobs,
         )
-        from finetune_budget.export import log_sweep_choice
+        from finetune_budget.app.sweep_end import log_sweep_choice
 
         # tracking.log_model=auto: the model of the run the report recommends, logged while a
         # forked process draws the report's figures
@@ -119,7 +114,7 @@ class SweepParentRun(Callback):
             log_choice(report.advice if report is not None else None)
         if outcome[0] is not None:
             raise outcome[0]
-        from finetune_budget import reuse
+        from finetune_budget.speed import reuse
 
         reuse.clear_final_weights()
         client.set_terminated(run_id, "FINISHED")
@@ -131,7 +126,7 @@ class SweepParentRun(Callback):
         if not self.report:
             return None
         from finetune_budget.errors import BudgetError
-        from finetune_budget.report import ReportSettings, build_report
+        from finetune_budget.report.build import ReportSettings, build_report
 
         settings = ReportSettings.from_config(self.report_settings)
         if settings.out_dir is None:

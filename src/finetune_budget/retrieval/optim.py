@@ -113,8 +113,8 @@ def clip_grad_norm(
     (torch's per-tensor norm runs at half that speed on the CPU), and gradients within the norm are
     left alone (torch multiplies them by 1.0 then, a pass over every gradient: the same values).
     nonzero_rows: {id(param): rows} of gradients that are zero outside those rows (a word
-    embedding's kept gradient, embedding_grad.py): only the rows are read and scaled (the norm
-    then differs from the full pass's by float rounding: another summation order).
+    embedding's kept gradient, speed/embedding_grad.py): only the rows are read and scaled (the
+    norm then differs from the full pass's by float rounding: another summation order).
     Gradients on other devices go to torch's own. Returns the total norm."""
     params = [p for p in params if p.grad is not None]
     grads = [p.grad for p in params]

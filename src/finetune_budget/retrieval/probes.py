@@ -296,7 +296,7 @@ def build_pair_probe(
 def attach_eval_hooks(module: Any, cfg: Any, tokenizer: Any) -> None:
     """Add the optional evaluations a text_text config asks for to `module.eval_hooks`:
     `eval.truncate_dims` (retrieval at truncated sizes) and `eval.pair_probe`."""
-    from finetune_budget.matryoshka import TruncationEval, truncation_dims
+    from finetune_budget.retrieval.matryoshka import TruncationEval, truncation_dims
 
     ev = cfg.eval
     dims = truncation_dims(ev.get("truncate_dims"), module.encoder.dim, "eval.truncate_dims")

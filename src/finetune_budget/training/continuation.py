@@ -47,8 +47,8 @@ from omegaconf import DictConfig
 from finetune_budget import identity
 from finetune_budget.config import installed_versions, resolve_precision
 from finetune_budget.errors import ConfigError
-from finetune_budget.tracking.budget_tracker import BudgetTracker
 from finetune_budget.tracking.mlflow_run import TrackedRun
+from finetune_budget.training.tracker import BudgetTracker
 
 log = logging.getLogger(__name__)
 

@@ -6,7 +6,7 @@
 
 The Hydra sweeper (`hydra_plugins/budget_sweeper`) only launches jobs and reads their MLflow runs;
 everything that decides is here, as plain functions over `Observation`s, so a stub objective can
-drive it (tests/test_budget_sweeper.py). The learning curve is `report.curves.fit_learning_curve`
+drive it (tests/test_budget_sweeper.py). The learning curve is `study.curves.fit_learning_curve`
 (gain against labelled items, seeds as groups); its `predict` interval is the stated confidence.
 
 One step of the search (`decide`):
@@ -50,8 +50,10 @@ from typing import Any
 import numpy as np
 from scipy import stats
 
-from finetune_budget.errors import BudgetError, ConfigError
-from finetune_budget.roi import gains, metric_name
+from finetune_budget.errors import ConfigError
+from finetune_budget.study.curves import fit_learning_curve
+from finetune_budget.study.roi import gain_ceiling, gains
+from finetune_budget.study.significance import NO_GAIN, paying_sizes
 
 log = logging.getLogger(__name__)
 
@@ -80,7 +82,7 @@ class SearchSettings:
     epoch_step: int = 2
     max_epochs: int = 10
     compare_grid: tuple[int, ...] = (100, 200, 500, 1000, 2000, 5000)
-    metric: str | None = None  # budget.metric: bounds the fitted gain (report.advice.gain_ceiling)
+    metric: str | None = None  # budget.metric: bounds the fitted gain (study.roi.gain_ceiling)
 
     @classmethod
     def from_config(cls, node: Mapping[str, Any]) -> SearchSettings:
@@ -343,16 +345,12 @@ FitFn = Callable[..., Any]
 
 
 def default_fit() -> FitFn:
-    from finetune_budget.report.curves import fit_learning_curve
-
     return fit_learning_curve
 
 
 def gain_bound(observations: Sequence[Observation], metric: str | None) -> float | None:
     """The largest relative gain `metric` allows over the runs' mean baseline (None: no metric,
     no baseline, or a metric without a known bound): a score <= 1 gains at most (1 - m0) / m0."""
-    from finetune_budget.report.advice import gain_ceiling
-
     base = [o.baseline for o in observations if math.isfinite(o.baseline)]
     if metric is None or not base:
         return None
@@ -600,27 +598,6 @@ def _best_epoch(observations: Sequence[Observation], n: int, epochs: int) -> int
     return max(by_epoch, key=lambda e: (float(np.mean(by_epoch[e])), -e))
 
 
-def paying_sizes(points: Mapping[int, Mapping[int, float]], level: float) -> list[int]:
-    """The measured n whose mean gain over seeds is above 0 with `level` confidence for all of
-    them together: one-sided t lower bounds at 1 - (1 - level) / k for k sizes (Bonferroni; with
-    five sizes of pure noise, one would pass an uncorrected 90% test 41% of the time). One
-    seed: its gain above 0."""
-    out = []
-    each = 1 - (1 - level) / max(len(points), 1)
-    for n, by_seed in points.items():
-        g = np.asarray(list(by_seed.values()), float)
-        if len(g) >= 2:
-            lower = g.mean() - stats.t.ppf(each, len(g) - 1) * g.std(ddof=1) / math.sqrt(len(g))
-        else:
-            lower = float(g.mean()) if len(g) else -math.inf
-        if lower > 0:
-            out.append(n)
-    return out
-
-
-NO_GAIN = "no measured data.n gained over the pretrained model beyond the seed noise"
-
-
 def grid_advice(
     observations: Sequence[Observation], epochs: int, settings: SearchSettings
 ) -> tuple[int | None, str]:
@@ -713,48 +690,6 @@ def run_search(
     )
 
 
-def from_mlflow(
-    uri: str, experiment: str, metric: str, parent: str | None = None
-) -> dict[tuple[int, int, int], Observation]:
-    """Finished training runs (the children of `parent` if given) as observations keyed
-    (n, seed, epochs); cost_s is a run's training plus evaluation seconds."""
-    import pandas as pd
-
-    from finetune_budget.tracking.query import roi_table
-
-    try:
-        table = roi_table(uri, experiment, [metric], parent_run_id=parent)
-    except BudgetError:
-        return {}
-    gain_col = f"gain/{metric_name(metric)}"
-    out = {}
-    for run_id, rows in table.groupby("run_id", sort=False):
-        rows = rows.sort_values("epoch")
-        first = rows.iloc[0]
-        if any(pd.isna(first[k]) for k in ("n", "seed", "epochs")):
-            continue
-        base = rows.loc[rows["epoch"] == 0, metric]
-        trained = rows[rows["epoch"] >= 1]
-        epochs = trained["epoch"].astype(int).tolist()
-
-        def per_epoch(col: str, epochs=epochs, trained=trained) -> dict[int, float]:
-            return dict(zip(epochs, trained[col].astype(float).tolist(), strict=True))
-
-        obs = Observation(
-            n=int(first["n"]),
-            seed=int(first["seed"]),
-            epochs=int(first["epochs"]),
-            gain=per_epoch(gain_col),
-            value=per_epoch(metric),
-            seconds=per_epoch("seconds"),
-            baseline=float(base.iloc[0]) if len(base) else math.nan,
-            run_id=str(run_id),
-            cost_s=float(trained["seconds"].max()) + float(rows["eval_s"].fillna(0).sum()),
-        )
-        out[(obs.n, obs.seed, obs.epochs)] = obs
-    return out
-
-
 # --- recorded on the sweep's parent run ------------------------------------------------------
 
 
@@ -772,24 +707,3 @@ def decisions_table(result: SearchResult) -> str:
     lines = ["| " + " | ".join(cols) + " |", "|" + "---|" * len(cols)]
     lines += ["| " + " | ".join(fmt(r[c]) for c in cols) + " |" for r in rows]
     return "\n".join(lines)
-
-
-def record(client, run_id: str, result: SearchResult) -> None:
-    """Decisions table (`budget_search/decisions.{md,json}`), summary and tags on the parent."""
-    client.log_text(run_id, decisions_table(result) + "\n", "budget_search/decisions.md")
-    client.log_dict(run_id, [d.row() for d in result.decisions], "budget_search/decisions.json")
-    client.log_text(run_id, result.summary() + "\n", "budget_search/summary.txt")
-    tags = {
-        "budget_search.stop_reason": result.stop_reason[:5000],
-        "budget_search.steps": str(len(result.decisions) - 1),
-        "budget_search.jobs": str(result.jobs),
-        "budget_search.cost_s": f"{result.spent_s:.1f}",
-        "budget_search.item_epochs": str(result.item_epochs),
-        "budget_search.grid_item_epochs": str(result.grid_item_epochs),
-    }
-    if result.advice is not None:
-        tags["budget_search.advice"] = result.advice.line()[:5000]
-        tags["budget_search.advice_n"] = str(result.advice.n)
-        tags["budget_search.advice_epochs"] = str(result.advice.epochs)
-    for key, value in tags.items():
-        client.set_tag(run_id, key, value)

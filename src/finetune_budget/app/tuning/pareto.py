@@ -9,7 +9,7 @@ from typing import Any
 
 import optuna
 
-from finetune_budget.tuning.objectives import Objective
+from finetune_budget.app.tuning.objectives import Objective
 
 
 def pareto_rows(study: optuna.Study, objectives: Sequence[Objective]) -> list[dict[str, Any]]:

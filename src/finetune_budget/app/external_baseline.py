@@ -25,9 +25,9 @@ import torch.nn.functional as F
 from omegaconf import DictConfig, OmegaConf
 
 from finetune_budget.errors import ConfigError, DataError
-from finetune_budget.metrics import retrieval_metrics
+from finetune_budget.retrieval.metrics import retrieval_metrics
 from finetune_budget.tracking.mlflow_run import tracked_run
-from finetune_budget.training import run_config
+from finetune_budget.training.run import run_config
 
 log = logging.getLogger(__name__)
 
@@ -111,7 +111,7 @@ def _eval_items(cfg: DictConfig) -> tuple[str, list[str], Any]:
 def score(cfg: DictConfig, emb: np.ndarray, target: Any) -> dict[str, float]:
     """Retrieval metrics (target: groups) or the price probe (target: prices) of (N, D)."""
     if isinstance(target, np.ndarray):
-        from finetune_budget.probes import price_probe
+        from finetune_budget.retrieval.probes import price_probe
 
         probe = OmegaConf.to_container(cfg.eval, resolve=True).get("price_probe") or {}
         return {f"probe/{k}": v for k, v in price_probe(emb, target, **probe).items()}
@@ -120,7 +120,7 @@ def score(cfg: DictConfig, emb: np.ndarray, target: Any) -> dict[str, float]:
         f"val/{k}": v
         for k, v in retrieval_metrics(x, query_groups=target, top_k=int(cfg.eval.top_k)).items()
     }
-    from finetune_budget.matryoshka import TruncationEval, truncation_dims
+    from finetune_budget.retrieval.matryoshka import TruncationEval, truncation_dims
 
     dims = truncation_dims(cfg.eval.get("truncate_dims"), x.shape[1], "eval.truncate_dims")
     out.update(TruncationEval(dims, int(cfg.eval.top_k))(None, x, target))

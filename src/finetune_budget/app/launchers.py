@@ -8,7 +8,7 @@ Configs: conf/hydra/launcher/{local,slurm}.yaml; the classes they name are in
 hydra_plugins.finetune_budget_launcher (Hydra instantiates launchers from that package only).
 docs/scale_out.md. The plugin's
 launchers submit every job of a sweep at once, so the `trainer.max_epochs=k` job would start before
-the job whose epoch-j state it continues (finetune_budget.continuation) has saved it, and every
+the job whose epoch-j state it continues (training.continuation) has saved it, and every
 epoch budget would train from scratch. These launchers submit one submitit job per group instead:
 the sweep's jobs whose configs differ only in `trainer.max_epochs` (and may continue one another),
 run in one process in increasing order of `max_epochs`, so job k finds job j's state. Jobs that do
@@ -16,7 +16,7 @@ not continue (another schedule, several devices, `budget.continue_shorter_runs=f
 submitit job each, as with the plugin.
 
 Each Hydra job stays its own MLflow run; jobs that fail are reported back to the launching process,
-which exits 1 at the end (finetune_budget.cli).
+which exits 1 at the end (finetune_budget.app.cli).
 """
 
 from __future__ import annotations
@@ -35,10 +35,10 @@ from hydra_plugins.hydra_submitit_launcher.config import BaseQueueConf
 from hydra_plugins.hydra_submitit_launcher.submitit_launcher import BaseSubmititLauncher
 from omegaconf import OmegaConf, open_dict
 
-from finetune_budget import cli
-from finetune_budget.continuation import why_not_continuable
+from finetune_budget.app import cli
 from finetune_budget.errors import ConfigError
-from finetune_budget.tracking.sweep_parent import PARENT_ENV, current_parent
+from finetune_budget.tracking.parent import PARENT_ENV, current_parent
+from finetune_budget.training.continuation import why_not_continuable
 
 log = logging.getLogger(__name__)
 

@@ -20,12 +20,12 @@ from typing import Any, NoReturn
 
 from omegaconf import DictConfig
 
-from finetune_budget.allocator import keep_freed_memory
-from finetune_budget.collector import resume_after_startup
 from finetune_budget.config import check_config, expand_range_overrides
 from finetune_budget.console import quiet_libraries
 from finetune_budget.distributed import is_main_process
 from finetune_budget.errors import BudgetError, one_line
+from finetune_budget.speed.allocator import keep_freed_memory
+from finetune_budget.speed.collector import resume_after_startup
 
 log = logging.getLogger("finetune_budget")
 
@@ -158,9 +158,9 @@ def format_table(
 
 def train_job(cfg: DictConfig) -> float:
     """train.py: one run (or a reused finished run of the same point); prints its table."""
-    from finetune_budget.tracking.sweep_parent import current_parent
-    from finetune_budget.training import train
-    from finetune_budget.tuning.objectives import sweep_objective
+    from finetune_budget.app.tuning.objectives import sweep_objective
+    from finetune_budget.tracking.parent import current_parent
+    from finetune_budget.training.run import train
 
     resume_after_startup()  # the heavy modules are imported: collect what is created from here
     quiet_libraries()  # their chatter to the job's log file (console.py)
@@ -178,7 +178,7 @@ def train_job(cfg: DictConfig) -> float:
 
 def evaluate_job(cfg: DictConfig) -> Any:
     """evaluate.py: the mode's result; an evaluation's metrics are printed."""
-    from finetune_budget.evaluation import run_mode
+    from finetune_budget.app.modes import run_mode
 
     resume_after_startup()
     quiet_libraries()  # their chatter to the job's log file (console.py)
@@ -191,7 +191,7 @@ def evaluate_job(cfg: DictConfig) -> Any:
 
 def tune_job(cfg: DictConfig) -> float:
     """tune.py: an Optuna search; prints its trials and the cheapest one near the best."""
-    from finetune_budget.tuning import run_search
+    from finetune_budget.app.tuning import run_search
 
     resume_after_startup()
     quiet_libraries()  # their chatter to the job's log file (console.py)

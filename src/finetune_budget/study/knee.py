@@ -10,7 +10,7 @@ from dataclasses import dataclass
 import numpy as np
 import pandas as pd
 
-from finetune_budget.roi import per_unit
+from finetune_budget.study.roi import per_unit
 
 
 @dataclass

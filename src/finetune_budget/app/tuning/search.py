@@ -21,13 +21,13 @@ from mlflow.tracking import MlflowClient
 from omegaconf import DictConfig, OmegaConf, open_dict
 from optuna.trial import TrialState
 
+from finetune_budget.app.tuning.objectives import Objective, objective_values, objectives_from_cfg
+from finetune_budget.app.tuning.pareto import cheapest_at_share, format_rows, pareto_rows
+from finetune_budget.app.tuning.pruning import EpochPruning
+from finetune_budget.app.tuning.space import apply_overrides, parse_search_space, suggest
 from finetune_budget.errors import BudgetError, ConfigError
 from finetune_budget.tracking.mlflow_run import experiment_id
-from finetune_budget.training import train
-from finetune_budget.tuning.objectives import Objective, objective_values, objectives_from_cfg
-from finetune_budget.tuning.pareto import cheapest_at_share, format_rows, pareto_rows
-from finetune_budget.tuning.pruning import EpochPruning
-from finetune_budget.tuning.space import apply_overrides, parse_search_space, suggest
+from finetune_budget.training.run import train
 
 log = logging.getLogger(__name__)
 

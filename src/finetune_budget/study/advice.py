@@ -27,14 +27,14 @@ import numpy as np
 import pandas as pd
 from scipy import stats
 
-from finetune_budget.report.curves import CurveFit, fit_learning_curve, quiet_numerics
-from finetune_budget.report.knee import drop_point
-from finetune_budget.report.table import GROUP, data_curve, items_seen
-from finetune_budget.roi import lower_is_better, metric_name, relative_gain
+from finetune_budget.study.curves import CurveFit, fit_learning_curve, quiet_numerics
+from finetune_budget.study.knee import drop_point
+from finetune_budget.study.roi import gain_ceiling, metric_name, relative_gain
+from finetune_budget.study.significance import NO_GAIN, paying_sizes
+from finetune_budget.study.table import GROUP, data_curve, items_seen
 
 log = logging.getLogger(__name__)
 
-BOUNDED_ABOVE_BY_1 = ("mrr", "recall", "map", "ndcg", "hit", "precision", "accuracy", "auc", "f1")
 N_SEED_BOOT = 300
 
 
@@ -141,20 +141,6 @@ def _iv(lo: float, hi: float, fmt: Callable[[float], str]) -> str:
     return f"[{fmt(lo)}, {fmt(hi)}]"
 
 
-def gain_ceiling(metric: str, baseline: float, floor: float = 0.01) -> float | None:
-    """The largest gain a metric allows: (1 - m0) / m0 for scores <= 1 (retrieval metrics,
-    accuracy, AUC), 1 for errors >= 0 (an error cannot fall below 0); None when unknown."""
-    if not math.isfinite(baseline):
-        return None
-    scale = max(abs(baseline), floor)
-    name = metric_name(metric)
-    if lower_is_better(metric):
-        return baseline / scale if baseline >= 0 else None
-    if any(marker in name for marker in BOUNDED_ABOVE_BY_1) and baseline <= 1:
-        return (1.0 - baseline) / scale
-    return None
-
-
 def value_to_gain(metric: str, value: float, baseline: float, floor: float = 0.01) -> float:
     """A metric value as a relative gain over the baseline (roi.relative_gain)."""
     return relative_gain(metric, value, baseline, floor)
@@ -226,9 +212,7 @@ def _fewest_epochs(epochs: np.ndarray, means: np.ndarray, share: float) -> float
 
 def _pays_somewhere(data: pd.DataFrame, gain: str, level: float) -> bool:
     """Whether any measured n gained over the pretrained model beyond the seed noise
-    (budget_search.paying_sizes, the search's own test)."""
-    from finetune_budget.budget_search import paying_sizes
-
+    (significance.paying_sizes, the search's own test)."""
     points = {
         int(n): dict(zip(g["seed"], g[gain].astype(float), strict=True))
         for n, g in data.groupby("n")
@@ -489,8 +473,6 @@ def advise(
     if n_rec is not None:
         pass
     elif len(means) and not _pays_somewhere(data, gain, s.level):
-        from finetune_budget.budget_search import NO_GAIN
-
         why = f"{NO_GAIN}: keep the pretrained model"
     elif len(means) and roi.max() > 0:
         paying = means[(roi >= s.drop_fraction * roi.max()) & (means > 0)]

@@ -7,16 +7,16 @@ pruning of trials that fall behind, several objectives (gain against budget), ML
 
 from __future__ import annotations
 
-from finetune_budget.tuning.objectives import (
+from finetune_budget.app.tuning.objectives import (
     Objective,
     objective_values,
     objectives_from_cfg,
     sweep_objective,
 )
-from finetune_budget.tuning.pareto import cheapest_at_share, pareto_rows
-from finetune_budget.tuning.pruning import EpochPruning
-from finetune_budget.tuning.search import SearchResult, run_search
-from finetune_budget.tuning.space import apply_overrides, parse_search_space, suggest
+from finetune_budget.app.tuning.pareto import cheapest_at_share, pareto_rows
+from finetune_budget.app.tuning.pruning import EpochPruning
+from finetune_budget.app.tuning.search import SearchResult, run_search
+from finetune_budget.app.tuning.space import apply_overrides, parse_search_space, suggest
 
 __all__ = [
     "EpochPruning",

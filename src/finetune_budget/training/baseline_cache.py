@@ -22,7 +22,7 @@ from typing import Any
 import torch
 
 from finetune_budget import __version__, identity
-from finetune_budget.metrics import METRICS_VERSION
+from finetune_budget.retrieval.metrics import METRICS_VERSION
 
 log = logging.getLogger(__name__)
 

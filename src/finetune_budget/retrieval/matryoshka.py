@@ -15,7 +15,7 @@ import torch
 import torch.nn.functional as F
 
 from finetune_budget.errors import ConfigError
-from finetune_budget.metrics import retrieval_metrics
+from finetune_budget.retrieval.metrics import retrieval_metrics
 
 
 def truncation_dims(

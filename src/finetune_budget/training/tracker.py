@@ -18,7 +18,7 @@ import torch
 from lightning.pytorch.callbacks import Callback
 from torch.utils.flop_counter import FlopCounterMode
 
-from finetune_budget.roi import gains
+from finetune_budget.study.roi import gains
 from finetune_budget.tracking.mlflow_run import TrackedRun
 
 log = logging.getLogger(__name__)

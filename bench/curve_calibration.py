@@ -5,7 +5,8 @@
 Each repetition draws a sweep from gain(n) = 0.3 - 2 n^-0.5 + N(0, sigma) (sizes 100..1600, or
 50..2000 for the label questions) and checks: the prediction interval of a new measured mean at
 twice the largest size, the curve's own interval there, and the interval of "labels to reach a
-gain" (budget_for). Prints the share of repetitions whose interval held the truth.
+gain" (budget_for). Prints the share of repetitions whose interval held the truth; then the
+calibrated intervals by reach (1-2x, 2-4x, 4-8x) on synthetic studies, leave one study out.
 """
 
 from __future__ import annotations
@@ -15,6 +16,12 @@ import time
 
 import numpy as np
 
+from finetune_budget.study.calibration import (
+    calibrate,
+    coverage_table,
+    curve_predictor,
+    rolling_cases,
+)
 from finetune_budget.study.curves import fit_learning_curve
 
 A, B, C = 0.30, 2.0, 0.5
@@ -28,6 +35,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--reps", type=int, default=200)
     parser.add_argument("--sigma", type=float, default=0.004)
+    parser.add_argument("--studies", type=int, default=20, help="synthetic studies by reach")
     args = parser.parse_args()
     print(f"{args.reps} repetitions, sigma={args.sigma}, 90% intervals")
     print(f"{'seeds':>5} {'families':>10} {'new mean':>9} {'curve':>7} {'s/fit':>7}")
@@ -69,6 +77,29 @@ def main() -> None:
     for target, h in hits.items():
         need = (B / (A - target)) ** (1 / C)
         print(f"  gain {target:.2f} (needs {need:.0f} labels): interval held it {h / reps:.2f}")
+    by_reach(args.studies)
+
+
+def by_reach(n_studies: int) -> None:
+    """Calibrated intervals by reach (study/calibration.py): synthetic studies (power laws with
+    random a, b, c; 7 sizes 100..6400, 3 seeds) backtested on a rolling basis, each study's
+    cases judged by the calibration of the others (leave one study out)."""
+    rng = np.random.default_rng(7)
+    sizes = np.repeat([100, 200, 400, 800, 1600, 3200, 6400], 3).astype(float)
+    seeds = np.tile([0, 1, 2], 7)
+    cases = []
+    for i in range(n_studies):
+        a, b, c = rng.uniform(0.03, 0.12), rng.uniform(0.3, 1.5), rng.uniform(0.3, 0.8)
+        y = a - b * sizes**-c + rng.normal(0, 0.002, sizes.size)
+        cases += rolling_cases(sizes, y, seeds, curve_predictor(1.0), f"s{i}", f"s{i}")
+    loso = {g: calibrate(cases, 0.9, leave_out=g) for g in {c.group for c in cases}}
+    print(f"calibrated 90% intervals by reach ({n_studies} synthetic studies, leave one out):")
+    print(f"{'reach':>7} {'cases':>6} {'coverage':>9} {'err raw':>8} {'err cal':>8}")
+    for r in coverage_table(cases, loso):
+        print(
+            f"{r['reach']:>7} {r['cases']:>6} {r['coverage']:>9.3f} "
+            f"{r['signed_error_raw']:>8.3f} {r['signed_error_corrected']:>8.3f}"
+        )
 
 
 if __name__ == "__main__":

@@ -21,7 +21,7 @@ from finetune_budget.app.modes import run_mode
 from finetune_budget.app.sweep_parent import SweepParentRun
 from finetune_budget.errors import DataError
 from finetune_budget.report.build import ReportSettings, build_report
-from finetune_budget.study.advice import gain_ceiling, value_to_gain
+from finetune_budget.study.advice import AdviceSettings, gain_ceiling, value_to_gain
 from finetune_budget.study.knee import drop_point, worse_with_time
 from finetune_budget.study.table import budget_points
 from finetune_budget.tracking import query
@@ -366,6 +366,7 @@ def test_report_fits_backtests_and_stops_on_runs_with_a_known_curve(tmp_path):
         data_epoch="best",
         predict_n=[20000],
         bootstrap=100,
+        advise=AdviceSettings(calibration="none"),  # the curve's own answers on a known curve
     )
     report = build_report(uri, "known", settings)
     fit = report.fits[(("t", "m", "d"), "val/mrr_at_20")]
@@ -435,6 +436,7 @@ def test_advise_mode_answers_from_a_synthetic_experiment(known_store, tmp_path, 
             "report.metrics=[val/mrr_at_20]",
             "advise.data_epoch=best",
             "advise.extra_labels=1000",
+            "advise.calibration=none",  # the curve's own answers on a known curve
             question,
         ],
         tmp_path,

@@ -27,10 +27,12 @@ import numpy as np
 import pandas as pd
 from scipy import stats
 
+from finetune_budget.study.calibration import CalibratedCurve, load_table
 from finetune_budget.study.curves import CurveFit, fit_learning_curve, quiet_numerics
 from finetune_budget.study.knee import drop_point
 from finetune_budget.study.roi import gain_ceiling, metric_name, relative_gain
 from finetune_budget.study.significance import NO_GAIN, paying_sizes
+from finetune_budget.study.surface import Surface, fit_surface
 from finetune_budget.study.table import GROUP, data_curve, items_seen
 
 log = logging.getLogger(__name__)
@@ -51,6 +53,7 @@ class AdviceSettings:
     drop_fraction: float = 0.3
     data_epoch: str = "final"
     bootstrap: int = 300  # refits per learning curve
+    calibration: str = "shipped"  # intervals beyond the measured labels: shipped | none | <file>
 
     @classmethod
     def from_config(cls, node: Any | None) -> AdviceSettings:
@@ -270,28 +273,61 @@ def _labels_for(fit: CurveFit | None, target: float, data: pd.DataFrame, gain: s
         return Answer(q, f"not answered: {why}", math.nan, math.nan, math.nan, rests, "untested")
     x, lo, hi = fit.budget_for(target)
     if not math.isfinite(x):
+        if isinstance(fit, CalibratedCurve) and math.isfinite(fit.fit.budget_for(target)[0]):
+            text = (
+                f"not within {fit.reach_max:g}x the measured labels, where the calibrated "
+                f"predictions end ({fit.calibration.describe()})"
+            )
+            return Answer(q, text, math.inf, lo, math.inf, rests, "untested")
         text = f"not reached: the fitted curve ({fit.family}) levels off at {_pct(fit.asymptote)}"
         return Answer(q, text, math.inf, lo, math.inf, rests, fit.trust)
     text = f"≈ {_int(x)} labels {_iv(lo, hi, _int)}"
-    return Answer(q, text, x, lo, hi, rests, fit.trust_at(x))
+    return Answer(q, text, x, lo, hi, _with_calibration(rests, fit, x), fit.trust_at(x))
 
 
-def _more_labels(fit: CurveFit | None, n0: float, extra: float, data: pd.DataFrame) -> Answer:
+def _with_calibration(rests: str, fit, x: float) -> str:
+    """What an answer rests on, with the calibration of its interval where it extrapolates."""
+    note = fit.rests_on(x) if isinstance(fit, CalibratedCurve) else ""
+    return f"{rests}; {note}" if note else rests
+
+
+def _more_labels(
+    fit: CurveFit | None, n0: float, extra: float, data: pd.DataFrame, gain: str, level: float
+) -> Answer:
+    """What `extra` more labels buy at n0: measured (seed-paired) where both sizes were run,
+    else predicted by the curve (calibrated beyond the measured sizes)."""
     n1 = n0 + extra
     q = f"{_int(extra)} more labels (data.n={_int(n1)})"
     rests = _rests_on(data, "n")
+    by = data.pivot_table(index="seed", columns="n", values=gain)
+    if n0 in by.columns and n1 in by.columns:
+        diff = (by[n1] - by[n0]).to_numpy(dtype=float)
+        d = float(np.nanmean(diff))
+        half = _t_half(diff, level)
+        seeds = int(np.isfinite(diff).sum())
+        note = "" if seeds > 1 else " (one seed: seed=0,1,2 gives an interval)"
+        text = f"{_pct(d)} more gain {_iv(d - half, d + half, _pct)}, measured{note}"
+        return Answer(q, text, d, d - half, d + half, rests, "measured")
     if fit is None:
         return Answer(q, "not answered: no curve", math.nan, math.nan, math.nan, rests, "untested")
     d, lo, hi = fit.difference(n0, n1)
     if not math.isfinite(d):
         return Answer(q, f"not answered: {fit.reason}", d, lo, hi, rests, "untested")
     text = f"{_pct(d)} more gain {_iv(lo, hi, _pct)}"
-    return Answer(q, text, d, lo, hi, rests, fit.trust_at(n1))
+    return Answer(q, text, d, lo, hi, _with_calibration(rests, fit, n1), fit.trust_at(n1))
 
 
-def _more_time(at_n: pd.DataFrame, gain: str, epochs: int, fit: CurveFit | None, s) -> Answer:
+def _more_time(
+    at_n: pd.DataFrame,
+    gain: str,
+    epochs: int,
+    fit: CurveFit | None,
+    s,
+    surface: Surface | None = None,
+) -> Answer:
     """What doubling the epochs at this n buys: measured (seed-paired) where it was run, else
-    predicted by the gain-vs-items-seen curve."""
+    predicted by the surface over labels and epochs (the whole grid), else by the
+    gain-vs-items-seen curve at this n."""
     e2 = 2 * epochs
     q = f"twice the training ({e2} epochs)"
     rests = _rests_on(at_n, "epoch")
@@ -311,6 +347,14 @@ def _more_time(at_n: pd.DataFrame, gain: str, epochs: int, fit: CurveFit | None,
         half = _t_half(diff, s.level)
         text = f"{_pct(d)} more gain {_iv(d - half, d + half, _pct)}, measured"
         return Answer(q, text, d, d - half, d + half, rests, "measured")
+    if surface is not None:
+        n = float(at_n["n"].iloc[0])
+        d, lo, hi = surface.difference(n, epochs, e2, s.level)
+        text = (
+            f"{_pct(d)} more gain {_iv(lo, hi, _pct)}, predicted (surface over labels and epochs)"
+        )
+        reach = f"; epochs beyond the {surface.e_max:g} measured" if e2 > surface.e_max else ""
+        return Answer(q, text, d, lo, hi, f"{rests}{reach}", "predicted")
     if fit is None:
         return Answer(
             q, "not answered: no time curve", math.nan, math.nan, math.nan, rests, "untested"
@@ -423,6 +467,16 @@ def advise(
         )
     except ValueError as e:
         log.info("%s: no learning curve in data.n: %s", name, e)
+    table_ = load_table(s.calibration)
+    if data_fit is not None and data_fit.extrapolation_ok and table_ is not None:
+        data_fit = CalibratedCurve(data_fit, table_)
+    surface = None
+    try:
+        surface = fit_surface(
+            pts["n"], pts["epoch"], pts[gain], pts["seed"], ceiling, s.level, n_boot=100
+        )
+    except ValueError as e:
+        log.info("%s: no surface over labels and epochs: %s", name, e)
     time_fits: dict[int, CurveFit] = {}
     rows = []
     for n, at_n in pts.groupby("n"):
@@ -519,11 +573,20 @@ def advise(
         g_arr, lo_arr, hi_arr = data_fit.predict([n_rec])
         g, g_lo, g_hi = float(g_arr[0]), float(lo_arr[0]), float(hi_arr[0])
         trust = data_fit.trust_at(n_rec)
-        seconds = float(row["seconds"]) * n_rec / near
-        why += f" (predicted; epochs and seconds scaled from data.n={near})"
+        epochs_near = epochs
+        if surface is not None:
+            epochs = surface.epochs_worth_it(n_rec, s.share)
+        seconds = float(row["seconds"]) * n_rec / near * epochs / epochs_near
+        why += (
+            f" (predicted; epochs from the surface over labels and epochs, seconds scaled from "
+            f"data.n={near})"
+            if surface is not None
+            else f" (predicted; epochs and seconds scaled from data.n={near})"
+        )
+        why += "; " + data_fit.rests_on(n_rec) if isinstance(data_fit, CalibratedCurve) else ""
     extra = s.extra_labels or n_rec
-    more_labels = _more_labels(data_fit, n_rec, extra, data)
-    more_time = _more_time(at_near, gain, epochs, time_fits.get(near), s)
+    more_labels = _more_labels(data_fit, n_rec, extra, data, gain, s.level)
+    more_time = _more_time(at_near, gain, epochs, time_fits.get(near), s, surface)
     for n, at_n in pts.groupby("n"):
         if int(n) == near:
             answers.append(_roi_drop_seconds(at_n, roi_s, s))

@@ -22,32 +22,20 @@ import math
 from collections import defaultdict
 from collections.abc import Sequence
 
-from mlflow.entities import Run, ViewType
+from mlflow.entities import Run
 from mlflow.tracking import MlflowClient
 
 from finetune_budget.errors import DataError
 from finetune_budget.study.roi import gains
 from finetune_budget.tracking.history import HistoryProblem, epoch_values
 from finetune_budget.tracking.mlflow_run import STALE_AFTER_S, why_stale
+from finetune_budget.tracking.query import all_runs
 from finetune_budget.tracking.resume import EPOCH_PREFIXES, POINT_TAG
 
 log = logging.getLogger(__name__)
 
 AUDITED_PREFIXES = (*EPOCH_PREFIXES, "cost/")
 GAIN_TOLERANCE = 1e-9  # relative; the same float64 arithmetic on the same logged values
-
-
-def _all_runs(client: MlflowClient, experiment_id: str) -> list[Run]:
-    runs: list[Run] = []
-    token = None
-    while True:
-        page = client.search_runs(
-            [experiment_id], "", ViewType.ACTIVE_ONLY, max_results=1000, page_token=token
-        )
-        runs.extend(page)
-        token = page.token
-        if not token:
-            return runs
 
 
 def _asked_to_rerun(run: Run) -> bool:
@@ -111,7 +99,7 @@ def audit_experiment(
         )
     problems: list[str] = []
     finished_by_point: dict[str, list[str]] = defaultdict(list)
-    for run in _all_runs(client, found.experiment_id):
+    for run in all_runs(client, found.experiment_id):
         run_id, status = run.info.run_id, run.info.status
         if status == "RUNNING":
             reason = why_stale(run, stale_after_s)

@@ -79,7 +79,8 @@ def _experiment_id(client: MlflowClient, tracking_uri: str, experiment: str) -> 
     return found.experiment_id
 
 
-def _search(client: MlflowClient, exp_id: str, query: str) -> list[Run]:
+def all_runs(client: MlflowClient, exp_id: str, query: str = "") -> list[Run]:
+    """Every active run of the experiment that `query` selects, page by page."""
     runs: list[Run] = []
     token = None
     while True:
@@ -119,14 +120,14 @@ def train_runs(
     exp_id = _experiment_id(client, tracking_uri, experiment)
     query = "tags.run_type = 'train' and attributes.status = 'FINISHED'"
     if parent_run_id:
-        runs = _search(
+        runs = all_runs(
             client, exp_id, f"{query} and tags.`mlflow.parentRunId` = '{parent_run_id}'"
         )
-        runs += _search(
+        runs += all_runs(
             client, exp_id, f"{query} and tags.`{REUSED_TAG_PREFIX}{parent_run_id}` = 'true'"
         )
     else:
-        runs = _search(client, exp_id, query)
+        runs = all_runs(client, exp_id, query)
     runs, skipped = latest_per_config(runs)
     return (runs, skipped) if with_skipped else runs
 

@@ -1,0 +1,141 @@
+"""The calibration of learning-curve predictions by reach, from measured studies in MLflow.
+
+    python scripts/calibrate_curves.py --tracking-uri sqlite:///studies.db \
+        --experiments clinc-epochs stsb-epochs captions-epochs [--write]
+
+For every study (experiment: its data set), metric and epoch count, the data curve (gain against
+data.n at that epoch) is backtested on a rolling basis (study/calibration.py): fitted on its
+first k sizes, each seed alone and all seeds together, every larger size predicted. Prints, per
+reach bin (1-2x, 2-4x, 4-8x, 8-16x): the cases, the coverage of the 90% intervals when each
+study is predicted by a calibration computed without it (leave one study out), and the signed
+error (predicted - measured, in units of the gain measured at the largest fitted size) of the
+raw curve and of the calibrated center; for all fits, and for fits on pilots (<= --pilot-max
+labels). --write stores the calibration of all the studies as the package's table.
+--cells: also the surface over labels and epochs (study/surface.py) of each study and metric,
+fitted without each (data.n, epochs) cell in turn: how often the cell's measured mean fell
+inside its 90% interval.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+from finetune_budget.study.calibration import (
+    SHIPPED,
+    calibrate,
+    coverage_table,
+    curve_predictor,
+    rolling_cases,
+)
+from finetune_budget.study.roi import gain_ceiling
+from finetune_budget.study.surface import held_out_cells
+from finetune_budget.study.table import budget_points
+from finetune_budget.tracking.query import roi_table
+
+METRICS = ("val/mrr_at_20", "val/recall_at_20", "val/map_at_20", "val/ndcg_at_20")
+
+
+def study_cases(uri: str, experiment: str, metrics, level: float):
+    df = roi_table(uri, experiment, list(metrics))
+    points = budget_points(df)
+    cases = []
+    for (data, epoch), at in points.groupby(["data", "epoch"]):
+        base = df[df["epoch"] == 0]
+        for metric in metrics:
+            gain = f"gain/{metric.split('/', 1)[1]}"
+            if gain not in at or at[gain].isna().all():
+                continue
+            ceiling = gain_ceiling(metric, float(base[metric].mean()))
+            cases += rolling_cases(
+                at["n"],
+                at[gain],
+                at["seed"],
+                curve_predictor(ceiling),
+                f"{data} · {metric.split('/', 1)[1]} · epoch {epoch}",
+                str(data),
+            )
+    return cases
+
+
+def cell_coverage(uri: str, experiment: str, metrics, level: float) -> None:
+    df = roi_table(uri, experiment, list(metrics))
+    points = budget_points(df)
+    base = df[df["epoch"] == 0]
+    for metric in metrics:
+        gain = f"gain/{metric.split('/', 1)[1]}"
+        ceiling = gain_ceiling(metric, float(base[metric].mean()))
+        rows = held_out_cells(
+            points["n"], points["epoch"], points[gain], points["seed"], ceiling, level
+        )
+        inside = sum(r["covered"] for r in rows)
+        err = sum(r["predicted"] - r["measured"] for r in rows) / max(len(rows), 1)
+        print(
+            f"{experiment} {metric}: {inside} of {len(rows)} held-out (data.n, epochs) cells "
+            f"inside their {level:.0%} intervals ({inside / max(len(rows), 1):.0%}); mean "
+            f"signed error {err:+.4f}"
+        )
+
+
+def show(title: str, rows) -> None:
+    print(f"\n{title}")
+    print(f"{'reach':>7} {'cases':>6} {'coverage':>9} {'err raw':>8} {'err cal':>8} {'width':>6}")
+    for r in rows:
+        print(
+            f"{r['reach']:>7} {r['cases']:>6} {r['coverage']:>9.3f} "
+            f"{r['signed_error_raw']:>8.3f} {r['signed_error_corrected']:>8.3f} "
+            f"{r['median_width']:>6.2f}"
+        )
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("--tracking-uri", required=True)
+    p.add_argument("--experiments", nargs="+", required=True)
+    p.add_argument("--metrics", nargs="+", default=list(METRICS))
+    p.add_argument("--level", type=float, default=0.9)
+    p.add_argument("--pilot-max", type=float, default=400)
+    p.add_argument("--write", action="store_true", help=f"store the table as {SHIPPED}")
+    p.add_argument("--source", default=None, help="what the table says it was computed from")
+    p.add_argument("--cells", action="store_true", help="held-out cells of the surface too")
+    args = p.parse_args(argv)
+    cases = [
+        c
+        for e in args.experiments
+        for c in study_cases(args.tracking_uri, e, args.metrics, args.level)
+    ]
+    groups = sorted({c.group for c in cases})
+    print(f"{len(cases)} backtests of {len(groups)} studies: {', '.join(groups)}")
+    if len(groups) < 2:
+        sys.stderr.write("leave-one-study-out needs 2 or more studies\n")
+        return 2
+    loso = {g: calibrate(cases, args.level, leave_out=g) for g in groups}
+    show(
+        "all fits, each study predicted by the calibration of the others",
+        coverage_table(cases, loso),
+    )
+    pilots = [c for c in cases if c.x_fit_max <= args.pilot_max]
+    show(
+        f"fits on pilots (<= {args.pilot_max:g} labels), leave one study out",
+        coverage_table(pilots, loso),
+    )
+    for g in groups:
+        mine = [c for c in cases if c.group == g]
+        show(f"{g}, predicted by the calibration of the others", coverage_table(mine, loso))
+    if args.cells:
+        print()
+        for e in args.experiments:
+            cell_coverage(args.tracking_uri, e, args.metrics, args.level)
+    if args.write:
+        source = args.source or f"experiments {', '.join(args.experiments)}"
+        cal = calibrate(cases, args.level, source=source)
+        cal.save(SHIPPED)
+        print(f"\nwrote {SHIPPED}: {cal.describe()}")
+        for b in cal.bins:
+            bounds = f"[{b.q_lo:+.3f}, {b.q_hi:+.3f}] median {b.q_mid:+.3f}"
+            print(f"  {b.label}: {b.cases} cases, {bounds}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

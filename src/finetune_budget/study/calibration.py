@@ -1,0 +1,377 @@
+"""Prediction intervals calibrated by how far they reach.
+
+A learning curve fitted to the budgets measured so far is asked about budgets beyond them. Its own
+bootstrap interval carries the seed noise, not how wrong the curve's shape may be 2x, 4x or 8x
+beyond the largest measured budget; fitted to a few points of one seed it claims a precision
+nothing supports, and power laws fitted to pilots predict too high (Mahmood et al., CVPR 2022).
+
+Here a prediction at reach f = x / x_max (x_max: the largest budget the fit saw) gets its
+interval from split conformal prediction on rolling backtests of measured studies (each study's
+curve fitted on its first k budgets, every larger budget predicted, for every k, each seed alone
+and all seeds together). A backtest's score is its signed error in units of the gain already
+measured:
+
+    r = (measured - predicted) / scale,     scale = max(|fit(x_max)|, SCALE_FLOOR)
+
+Scores are binned by reach, REACH_BINS: (1, 2], (2, 4], (4, 8], (8, 16]. In a bin of m scores, the
+interval of level 1 - alpha is [p + q_lo * scale, p + q_hi * scale] with q_lo the
+floor((m + 1) alpha / 2)-th and q_hi the ceil((m + 1)(1 - alpha / 2))-th smallest score (split
+conformal, each tail at alpha / 2: no bound where m is too small), and the point prediction is
+moved by the median score, p + q_mid * scale, so that a curve family's habit of predicting too
+high is taken out. Beyond the last bin there is no calibrated interval.
+
+The package ships a table (calibration.json beside this module) computed from the project's
+measured studies; `scripts/calibrate_curves.py` refreshes it from MLflow stores. Every
+calibrated answer names the table it rests on (`Calibration.describe`). Pure: no I/O here except
+reading and writing that table.
+"""
+
+from __future__ import annotations
+
+import functools
+import json
+import math
+from collections.abc import Callable, Sequence
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+from finetune_budget.study.curves import CurveFit, fit_learning_curve
+
+REACH_BINS = (1.0, 2.0, 4.0, 8.0, 16.0)
+SCALE_FLOOR = 0.002  # a relative gain of 0.2%: the unit of error where nothing was gained yet
+SHIPPED = Path(__file__).with_name("calibration.json")
+
+
+@dataclass(frozen=True)
+class Case:
+    """One backtest: a curve fitted up to x_fit_max predicted the measured mean at x."""
+
+    study: str  # what was predicted, e.g. "clinc150 · mrr_at_20 · epoch 3 · seed 0"
+    group: str  # the study a leave-one-study-out calibration leaves out (the data set)
+    x_fit_max: float
+    x: float
+    predicted: float
+    measured: float
+    scale: float
+
+    @property
+    def reach(self) -> float:
+        return self.x / self.x_fit_max
+
+    @property
+    def score(self) -> float:
+        return (self.measured - self.predicted) / self.scale
+
+
+@dataclass
+class ReachBin:
+    """The calibrated quantiles of the scores of one reach bin (lo, hi]."""
+
+    lo: float
+    hi: float
+    cases: int
+    q_lo: float
+    q_mid: float
+    q_hi: float
+
+    @property
+    def label(self) -> str:
+        return f"{self.lo:g}-{self.hi:g}x"
+
+
+@dataclass
+class Calibration:
+    """Per reach bin, where measured means fell around the curves' predictions."""
+
+    level: float
+    bins: list[ReachBin]
+    groups: list[str] = field(default_factory=list)  # the studies it was computed from
+    source: str = ""
+
+    def bin_for(self, reach: float) -> ReachBin | None:
+        for b in self.bins:
+            if b.lo < reach <= b.hi + 1e-9:
+                return b
+        return None
+
+    def describe(self, reach: float | None = None) -> str:
+        """What an interval rests on: `calibrated on 412 backtests (2-4x) of clinc150, stsb`."""
+        studies = ", ".join(self.groups) or "no study"
+        if reach is None:
+            total = sum(b.cases for b in self.bins)
+            return f"calibrated on {total} backtests of {studies}"
+        b = self.bin_for(reach)
+        if b is None:
+            return f"{reach:.1f}x the measured labels: beyond every calibrated reach"
+        return f"calibrated on {b.cases} backtests at {b.label} of {studies}"
+
+    def interval(
+        self, predicted: np.ndarray, scale: float, reach: np.ndarray
+    ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """(center, lo, hi) of predictions at `reach` (arrays of one shape); NaN where no bin
+        holds the reach, -inf / inf where a bin has too few cases for a bound."""
+        predicted = np.asarray(predicted, dtype=float)
+        reach = np.broadcast_to(np.asarray(reach, dtype=float), predicted.shape)
+        center, lo, hi = (np.full(predicted.shape, np.nan) for _ in range(3))
+        for b in self.bins:
+            at = (reach > b.lo) & (reach <= b.hi + 1e-9)
+            center[at] = predicted[at] + b.q_mid * scale
+            lo[at] = predicted[at] + b.q_lo * scale
+            hi[at] = predicted[at] + b.q_hi * scale
+        return center, lo, hi
+
+    def to_dict(self) -> dict:
+        return {
+            "level": self.level,
+            "groups": self.groups,
+            "source": self.source,
+            "bins": [asdict(b) for b in self.bins],
+        }
+
+    @classmethod
+    def from_dict(cls, d: dict) -> Calibration:
+        bins = [ReachBin(**b) for b in d["bins"]]
+        return cls(float(d["level"]), bins, list(d.get("groups", [])), d.get("source", ""))
+
+    def save(self, path: str | Path) -> None:
+        Path(path).write_text(json.dumps(self.to_dict(), indent=1) + "\n")
+
+    @classmethod
+    def load(cls, path: str | Path = SHIPPED) -> Calibration:
+        return cls.from_dict(json.loads(Path(path).read_text()))
+
+
+def shipped() -> Calibration | None:
+    """The table shipped with the package (None where it is missing)."""
+    return load_table("shipped")
+
+
+@functools.cache
+def load_table(spec: str = "shipped") -> Calibration | None:
+    """`advise.calibration`: `shipped` (the package's table), `none`, or a table's file."""
+    if spec in (None, "", "none", "None"):
+        return None
+    path = SHIPPED if spec == "shipped" else Path(spec)
+    if not path.is_file():
+        if spec == "shipped":
+            return None
+        raise FileNotFoundError(
+            f"advise.calibration={spec}: no such file; use shipped, none or a table written by "
+            "scripts/calibrate_curves.py"
+        )
+    return Calibration.load(path)
+
+
+def conformal_bounds(scores: Sequence[float], level: float) -> tuple[float, float, float]:
+    """(q_lo, median, q_hi) of split conformal prediction with alpha / 2 in each tail: the
+    floor((m + 1) alpha / 2)-th and ceil((m + 1)(1 - alpha / 2))-th smallest of m scores
+    (-inf / inf where m is too small for that rank)."""
+    s = np.sort(np.asarray(scores, dtype=float))
+    m = len(s)
+    if m == 0:
+        return -math.inf, math.nan, math.inf
+    alpha = 1.0 - level
+    k_lo = math.floor((m + 1) * alpha / 2 + 1e-9)  # 1e-9: (1 - 0.9) / 2 * 20 is 0.99999...
+    k_hi = math.ceil((m + 1) * (1 - alpha / 2) - 1e-9)
+    lo = float(s[k_lo - 1]) if k_lo >= 1 else -math.inf
+    hi = float(s[k_hi - 1]) if k_hi <= m else math.inf
+    return lo, float(np.median(s)), hi
+
+
+def calibrate(
+    cases: Sequence[Case],
+    level: float = 0.9,
+    leave_out: str | None = None,
+    bins: Sequence[float] = REACH_BINS,
+    source: str = "",
+) -> Calibration:
+    """The calibration of `cases` (without those of study group `leave_out`)."""
+    kept = [c for c in cases if c.group != leave_out]
+    out = []
+    for lo, hi in zip(bins[:-1], bins[1:], strict=True):
+        scores = [c.score for c in kept if lo < c.reach <= hi + 1e-9]
+        q_lo, q_mid, q_hi = conformal_bounds(scores, level)
+        out.append(ReachBin(lo, hi, len(scores), q_lo, q_mid, q_hi))
+    groups = sorted({c.group for c in kept})
+    return Calibration(level, out, groups, source)
+
+
+Predictor = Callable[[np.ndarray, np.ndarray, np.ndarray, np.ndarray], tuple[np.ndarray, float]]
+
+
+def rolling_cases(
+    x: Sequence[float],
+    y: Sequence[float],
+    seeds: Sequence[int],
+    predictor: Predictor,
+    study: str,
+    group: str,
+    min_budgets: int = 3,
+    per_seed: bool = True,
+) -> list[Case]:
+    """Rolling backtests of one study's curve: for every k >= min_budgets, the fit on its k
+    smallest budgets predicts the mean measured at every larger budget, for all seeds together
+    and (per_seed) for each seed alone.
+
+    predictor(x_fit, y_fit, seeds_fit, x_new) -> (predictions at x_new, scale): the curve and
+    the scale of its errors (see the module docstring); it raises ValueError where no curve fits.
+    """
+    x, y, g = (np.asarray(v) for v in (x, y, seeds))
+    x, y = x.astype(float), y.astype(float)
+    keep = np.isfinite(x) & np.isfinite(y)
+    x, y, g = x[keep], y[keep], g[keep]
+    samples = [("all seeds", np.ones(len(x), dtype=bool))]
+    if per_seed and len(np.unique(g)) > 1:
+        samples += [(f"seed {s}", g == s) for s in np.unique(g)]
+    cases = []
+    for name, rows in samples:
+        budgets = np.unique(x[rows])
+        for k in range(min_budgets, len(budgets)):
+            fit_rows = rows & (x <= budgets[k - 1])
+            later = budgets[k:]
+            try:
+                pred, scale = predictor(x[fit_rows], y[fit_rows], g[fit_rows], later)
+            except ValueError:
+                continue
+            for xb, p in zip(later, np.atleast_1d(pred), strict=True):
+                if not math.isfinite(float(p)):
+                    continue
+                measured = float(y[rows & (x == xb)].mean())
+                cases.append(
+                    Case(
+                        f"{study} · {name}",
+                        group,
+                        float(budgets[k - 1]),
+                        float(xb),
+                        float(p),
+                        measured,
+                        float(scale),
+                    )
+                )
+    return cases
+
+
+def coverage_table(
+    cases: Sequence[Case], calibrations: dict[str, Calibration] | Calibration
+) -> list[dict]:
+    """Per reach bin: cases, the share inside their calibrated interval, the signed error of the
+    raw and of the corrected point predictions (mean of predicted - measured in units of scale:
+    above 0, the predictions were optimistic),
+    and the median interval width. `calibrations`: one for all cases, or one per study group
+    (leave-one-study-out: each case judged by the calibration that did not see its study)."""
+    rows = []
+    for lo, hi in zip(REACH_BINS[:-1], REACH_BINS[1:], strict=True):
+        inside, raw, fixed, widths, n = 0, [], [], [], 0
+        for c in cases:
+            if not lo < c.reach <= hi + 1e-9:
+                continue
+            cal = calibrations if isinstance(calibrations, Calibration) else calibrations[c.group]
+            center, ilo, ihi = (
+                float(v[0])
+                for v in cal.interval(np.array([c.predicted]), c.scale, np.array([c.reach]))
+            )
+            if not math.isfinite(center):
+                continue
+            n += 1
+            inside += ilo <= c.measured <= ihi
+            raw.append(-c.score)
+            fixed.append((center - c.measured) / c.scale)
+            widths.append((ihi - ilo) / c.scale)
+        rows.append(
+            {
+                "reach": f"{lo:g}-{hi:g}x",
+                "cases": n,
+                "coverage": inside / n if n else math.nan,
+                "signed_error_raw": float(np.mean(raw)) if n else math.nan,
+                "signed_error_corrected": float(np.mean(fixed)) if n else math.nan,
+                "median_width": float(np.median(widths)) if n else math.nan,
+            }
+        )
+    return rows
+
+
+# -- a fitted curve whose answers beyond the measured budgets are calibrated ---------------------
+def curve_predictor(ceiling: float | None = None, n_boot: int = 20) -> Predictor:
+    """The predictor of rolling_cases for report.curves.fit_learning_curve (families chosen by
+    leave-one-budget-out error, as every answer chooses them)."""
+
+    def predict(x_fit, y_fit, seeds_fit, x_new):
+        fit = fit_learning_curve(
+            x_fit, y_fit, seeds_fit, ceiling=ceiling, n_boot=n_boot, check=False
+        )
+        if not fit.extrapolation_ok:
+            raise ValueError(fit.reason)
+        return fit(x_new), error_scale(fit)
+
+    return predict
+
+
+def error_scale(fit: CurveFit) -> float:
+    """The unit of a fit's errors: its gain at its largest budget (at least SCALE_FLOOR)."""
+    return max(abs(float(fit(fit.x_max)[0])), SCALE_FLOOR)
+
+
+class CalibratedCurve:
+    """A CurveFit whose predictions beyond its largest budget take their center and interval from
+    a Calibration (within the measured budgets: the fit's own). Everything else is the fit's."""
+
+    def __init__(self, fit: CurveFit, calibration: Calibration) -> None:
+        self.fit = fit
+        self.calibration = calibration
+        self.scale = error_scale(fit)
+
+    def __getattr__(self, name: str):
+        return getattr(self.fit, name)
+
+    def __call__(self, x) -> np.ndarray:
+        """The fitted curve itself (its calibrated center: `predict`)."""
+        return self.fit(x)
+
+    @property
+    def reach_max(self) -> float:
+        return self.calibration.bins[-1].hi
+
+    def rests_on(self, x: float) -> str:
+        """The calibration an answer at x rests on ("" within the measured budgets)."""
+        if x <= self.fit.x_max * (1 + 1e-9):
+            return ""
+        return self.calibration.describe(x / self.fit.x_max)
+
+    def _calibrated(self, xs: np.ndarray, mean, lo, hi):
+        beyond = xs > self.fit.x_max * (1 + 1e-9)
+        if beyond.any():
+            center, low, high = self.calibration.interval(
+                self.fit(xs[beyond]), self.scale, xs[beyond] / self.fit.x_max
+            )
+            bound = self.fit._bounded
+            mean, lo, hi = (np.array(v, dtype=float) for v in (mean, lo, hi))
+            mean[beyond], lo[beyond], hi[beyond] = bound(center), bound(low), bound(high)
+        return mean, lo, hi
+
+    def predict(self, x, level: float | None = None, seeds: int | None = None):
+        xs = np.atleast_1d(np.asarray(x, dtype=float))
+        return self._calibrated(xs, *self.fit.predict(xs, level, seeds))
+
+    def expected(self, x, level: float | None = None):
+        xs = np.atleast_1d(np.asarray(x, dtype=float))
+        return self._calibrated(xs, *self.fit.expected(xs, level))
+
+    def difference(self, x0: float, x1: float, level: float | None = None):
+        if max(x0, x1) <= self.fit.x_max * (1 + 1e-9):
+            return self.fit.difference(x0, x1, level)
+        mean, lo, hi = self.expected([x0, x1], level)
+        return float(mean[1] - mean[0]), float(lo[1] - hi[0]), float(hi[1] - lo[0])
+
+    def budget_for(self, target: float, level: float | None = None):
+        """x where the calibrated center reaches `target`, with where the interval's upper / lower
+        end reach it (inf: not within the calibrated reach, nor by the curve at all)."""
+        grid = np.geomspace(self.fit.x_min, self.fit.x_max * self.reach_max, 800)
+        mean, lo, hi = self.expected(grid, level)
+
+        def first(values: np.ndarray) -> float:
+            reached = np.flatnonzero(np.nan_to_num(values, nan=-np.inf) >= target)
+            return float(grid[reached[0]]) if len(reached) else math.inf
+
+        return first(mean), first(hi), first(lo)

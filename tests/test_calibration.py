@@ -5,6 +5,7 @@ one seed get, and the answers that use them."""
 from __future__ import annotations
 
 import math
+import pickle
 
 import numpy as np
 import pytest
@@ -128,6 +129,10 @@ def test_three_points_of_one_seed_get_the_width_the_table_gives():
         [v[0] for v in fit.predict([500.0])], nan_ok=True
     )
     assert "calibrated on 150 backtests at 2-4x of a, b" == curve.rests_on(3000.0)
+    # the forked report sends fits between processes: a calibrated one pickles and answers alike
+    again = pickle.loads(pickle.dumps(curve))
+    assert [list(v) for v in again.predict([2000.0, 3000.0])] == [list(v) for v in (mean, lo, hi)]
+    assert again.family == fit.family
 
 
 def test_the_shipped_table_covers_every_reach_it_names():

@@ -323,6 +323,10 @@ class CalibratedCurve:
         self.scale = error_scale(fit)
 
     def __getattr__(self, name: str):
+        # only what the instance lacks reaches here; while unpickling (the forked report sends
+        # fits between processes) it has nothing yet, and asking self.fit would recurse
+        if name.startswith("__") or name in ("fit", "calibration", "scale"):
+            raise AttributeError(name)
         return getattr(self.fit, name)
 
     def __call__(self, x) -> np.ndarray:

@@ -17,6 +17,7 @@ from typing import Any
 
 import optuna
 from hydra.utils import instantiate
+from mlflow.exceptions import MlflowException
 from mlflow.tracking import MlflowClient
 from omegaconf import DictConfig, OmegaConf, open_dict
 from optuna.trial import TrialState
@@ -368,10 +369,10 @@ def _record_results(
         )
         if len(objectives) == 1:
             best = study.best_trial
-            client.set_tag(parent, "best_trial", str(best.number))
-            client.set_tag(parent, "best_run_id", best.user_attrs.get("mlflow_run_id", ""))
-            for key, value in best.params.items():
-                client.set_tag(parent, f"best.{key}", str(value))
+            tags = {"best_trial": str(best.number)}
+            tags["best_run_id"] = best.user_attrs.get("mlflow_run_id", "")
+            tags.update({f"best.{key}": str(value) for key, value in best.params.items()})
+            _set_parent_tags(client, parent, tags)
             client.log_metric(parent, f"best/{objectives[0].metric}", float(best.value))
         else:
             client.set_tag(parent, "pareto_trials", ",".join(str(r["trial"]) for r in rows))
@@ -382,6 +383,21 @@ def _record_results(
                 for o in objectives:
                     client.log_metric(parent, f"cheapest/{o.metric}", float(cheapest[o.metric]))
     return SearchResult(study, parent, list(objectives), rows, counts, cheapest=cheapest)
+
+
+def _set_parent_tags(client: MlflowClient, parent: str, tags: dict[str, str]) -> None:
+    """The parent run's tags, written again once where another worker of the same study wrote
+    the same new tag at the same moment (PostgreSQL: a unique violation); both write the
+    study's own best trial, so the values agree."""
+    for attempt in range(3):
+        try:
+            for key, value in tags.items():
+                client.set_tag(parent, key, value)
+            return
+        except MlflowException:
+            if attempt == 2:
+                raise
+            time.sleep(0.5 + attempt)
 
 
 # -- the search ----------------------------------------------------------------------------------

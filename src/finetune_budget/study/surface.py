@@ -38,20 +38,24 @@ D_GRID = np.array([0.0, 0.3, 1.0, 3.0, 10.0, 30.0, 100.0])  # in units of (n / s
 N_BOOT = 200
 
 
-def effective_data(n: np.ndarray, e: np.ndarray, r: float) -> np.ndarray:
-    """D(n, e): e epochs over n labels as fresh labels (R = 0: repeats add nothing)."""
-    n, e = np.asarray(n, dtype=float), np.asarray(e, dtype=float)
-    if r <= 0:
-        return n.copy()
-    return n * (1.0 + r * (1.0 - np.exp(-(e - 1.0) / r)))
+def effective_data(n, e, r) -> np.ndarray:
+    """D(n, e): e epochs over n labels as fresh labels (R = 0: repeats add nothing). Broadcasts:
+    R may be an array of grid values, (G, 1) against (N,) points."""
+    n, e, r = (np.asarray(v, dtype=float) for v in (n, e, r))
+    with np.errstate(over="ignore", invalid="ignore", divide="ignore"):
+        repeats = r * (1.0 - np.exp(-(e - 1.0) / np.where(r > 0, r, 1.0)))
+    return n * (1.0 + np.where(r > 0, repeats, 0.0))
 
 
 def _design(n, e, shape, scale):
-    """Columns [1, -1 / (d + (D/scale)^c), -(e-1)/(n/scale)] of the model at shape (c, R, d)."""
+    """Columns [1, -1 / (d + (D/scale)^c), -(e-1)/(n/scale)] of the model at shape (c, R, d);
+    each of c, R, d a number or a (G, 1) array of grid values: (..., N, 3)."""
     c, r, dl = shape
     x = effective_data(n, e, r) / scale
-    z = -1.0 / (dl + np.power(x, c))
-    return np.stack([np.ones_like(x), z, -(e - 1.0) / (n / scale)], axis=-1)
+    with np.errstate(over="ignore", invalid="ignore", divide="ignore"):
+        z = -1.0 / (dl + np.power(x, c))
+    overfit = np.broadcast_to(-(np.asarray(e, dtype=float) - 1.0) / (n / scale), x.shape)
+    return np.stack([np.ones_like(x), z, overfit], axis=-1)
 
 
 ACTIVE_SETS = [
@@ -67,27 +71,7 @@ def _fit(n, e, y, w, a_max, scale, grid=None):
         grid = list(itertools.product(C_GRID, R_GRID, D_GRID))
     grid = np.array(grid)
     c, r, dl = grid[:, 0], grid[:, 1], grid[:, 2]
-    with np.errstate(over="ignore", invalid="ignore", divide="ignore"):
-        d = (
-            np.where(
-                r[:, None] > 0,
-                n
-                * (
-                    1.0
-                    + r[:, None] * (1.0 - np.exp(-(e - 1.0) / np.where(r > 0, r, 1.0)[:, None]))
-                ),
-                n,
-            )
-            / scale
-        )
-        x = np.stack(
-            [
-                np.ones_like(d),
-                -1.0 / (dl[:, None] + np.power(d, c[:, None])),
-                np.broadcast_to(-(e - 1.0) / (n / scale), d.shape),
-            ],
-            axis=-1,
-        )  # (G, N, 3)
+    x = _design(n, e, (c[:, None], r[:, None], dl[:, None]), scale)  # (G, N, 3)
     bounds = np.array([a_max if a_max is not None else np.nan, 0.0, 0.0])
     best_sse = np.full(len(grid), np.inf)
     best_beta = np.full((len(grid), 3), np.nan)

@@ -30,6 +30,7 @@ from scipy import stats
 from finetune_budget.study.calibration import CalibratedCurve, load_table
 from finetune_budget.study.curves import CurveFit, fit_learning_curve, quiet_numerics
 from finetune_budget.study.knee import drop_point
+from finetune_budget.study.prices import Prices
 from finetune_budget.study.roi import gain_ceiling, metric_name, relative_gain
 from finetune_budget.study.significance import NO_GAIN, paying_sizes
 from finetune_budget.study.surface import Surface, fit_surface
@@ -54,6 +55,11 @@ class AdviceSettings:
     data_epoch: str = "final"
     bootstrap: int = 300  # refits per learning curve
     calibration: str = "shipped"  # intervals beyond the measured labels: shipped | none | <file>
+    label_cost: float | None = None  # prices (study/prices.py): null = not priced
+    compute_cost_per_hour: float | None = None
+    miss_penalty: float | None = None
+    value_per_gain: float | None = None
+    currency: str = "$"
 
     @classmethod
     def from_config(cls, node: Any | None) -> AdviceSettings:
@@ -61,6 +67,21 @@ class AdviceSettings:
             return cls()
         known = cls.__dataclass_fields__
         return cls(**{k: v for k, v in dict(node).items() if k in known})
+
+    @property
+    def has_target(self) -> bool:
+        return self.target_gain is not None or self.target_value is not None
+
+    @property
+    def prices(self) -> Prices:
+        """The prices, checked (a one-line ConfigError for ones a plan cannot use)."""
+        return Prices(
+            label_cost=self.label_cost,
+            compute_cost_per_hour=self.compute_cost_per_hour,
+            miss_penalty=self.miss_penalty,
+            value_per_gain=self.value_per_gain,
+            currency=self.currency,
+        ).check(self.has_target)
 
 
 @dataclass

@@ -17,13 +17,22 @@ submitit job each, as with the plugin.
 
 Each Hydra job stays its own MLflow run; jobs that fail are reported back to the launching process,
 which exits 1 at the end (finetune_budget.app.cli).
+
+Families in parallel (hydra/launcher=local): the groups are independent chains, so they run at
+once, at most `hydra.launcher.parallel` processes (`auto`: from the free memory of each GPU, or
+from the cores on a CPU-only machine; `family_slots`). On GPUs each family is pinned to one device
+(CUDA_VISIBLE_DEVICES), several families share a device where its free memory holds them; on a CPU
+the cores are split between the processes (OMP_NUM_THREADS), so two families on two cores train
+with one thread each instead of contending for both.
 """
 
 from __future__ import annotations
 
 import logging
+import math
 import os
 import shutil
+import time
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -43,6 +52,10 @@ from finetune_budget.training.continuation import why_not_continuable
 log = logging.getLogger(__name__)
 
 EPOCHS_KEY = "trainer.max_epochs"
+# The GPU a family's process is pinned to: submitit's local controller sets CUDA_VISIBLE_DEVICES
+# from gpus_per_node alone (always from device 0), so the process sets it from this before CUDA
+# starts.
+FAMILY_GPU_ENV = "FINETUNE_BUDGET_FAMILY_GPU"
 
 
 def group_epoch_budgets(
@@ -66,8 +79,59 @@ def group_epoch_budgets(
     return sorted(grouped + alone, key=lambda g: g[0])
 
 
+def family_slots(
+    parallel: int | str,
+    families: int,
+    cores: int,
+    gpu_free_gb: Sequence[float] = (),
+    gpu_memory_per_job_gb: float = 8.0,
+) -> list[tuple[int | None, int]]:
+    """The slots families run in: (GPU index or None, threads) per slot, at most `families`.
+    `parallel` is a number of slots or "auto": on GPUs as many per device as its free memory holds
+    at `gpu_memory_per_job_gb` each (at least one per device), capped by the cores; on a CPU-only
+    machine one slot per core. Threads split the cores evenly between the slots."""
+    if parallel != "auto" and (not isinstance(parallel, int) or parallel < 1):
+        raise ConfigError(
+            f"hydra.launcher.parallel={parallel!r} is not a number of processes: give an "
+            "integer >= 1, or auto"
+        )
+    if gpu_free_gb:
+        per_device = [max(1, math.floor(free / gpu_memory_per_job_gb)) for free in gpu_free_gb]
+        devices = _interleave(per_device)  # the first families spread over the devices
+        limit = len(devices) if parallel == "auto" else parallel
+        limit = min(limit, max(1, cores), families)
+        return [(devices[i % len(devices)], max(1, cores // limit)) for i in range(limit)]
+    limit = max(1, cores) if parallel == "auto" else parallel
+    limit = max(1, min(limit, families))
+    return [(None, max(1, cores // limit)) for _ in range(limit)]
+
+
+def _interleave(per_device: Sequence[int]) -> list[int]:
+    """Device indices, one slot of each device in turn: [0, 1, 0, 1, 0] for (3, 2)."""
+    out: list[int] = []
+    for round_ in range(max(per_device)):
+        out.extend(d for d, k in enumerate(per_device) if round_ < k)
+    return out
+
+
+def _free_gpu_memory_gb() -> list[float]:
+    """Free memory of each visible GPU in GB (none without CUDA)."""
+    import torch
+
+    if not torch.cuda.is_available():
+        return []
+    return [torch.cuda.mem_get_info(d)[0] / 1e9 for d in range(torch.cuda.device_count())]
+
+
 class GroupedSubmititLauncher(BaseSubmititLauncher):
     """BaseSubmititLauncher whose submitit jobs are groups of Hydra jobs (see the module doc)."""
+
+    # keys of conf/hydra/launcher/local.yaml that are this launcher's, not submitit's
+    FAMILY_KEYS = ("parallel", "gpu_memory_per_job_gb")
+
+    def __init__(self, **params: Any) -> None:
+        super().__init__(**params)
+        self.family_params = {k: self.params.pop(k) for k in self.FAMILY_KEYS if k in self.params}
 
     def __call__(  # type: ignore[override]  # runs in the submitit job's process
         self,
@@ -82,6 +146,8 @@ class GroupedSubmititLauncher(BaseSubmititLauncher):
 
         assert self.hydra_context is not None and self.config is not None
         assert self.task_function is not None
+        if FAMILY_GPU_ENV in os.environ:
+            os.environ["CUDA_VISIBLE_DEVICES"] = os.environ.pop(FAMILY_GPU_ENV)
         if parent_run_id:
             os.environ[PARENT_ENV] = parent_run_id
         Singleton.set_state(singleton_state)
@@ -169,7 +235,10 @@ class GroupedSubmititLauncher(BaseSubmititLauncher):
             for overrides, num in jobs:
                 log.info("\t#%d : %s", num, " ".join(filter_overrides(overrides)))
             args.append((jobs, "hydra.sweep.dir", state, parent))
-        submitted = executor.map_array(self, *zip(*args, strict=True))
+        if self._EXECUTOR == "local":
+            submitted = self._run_families(executor, args)
+        else:  # SLURM schedules the array itself (hydra.launcher.array_parallelism)
+            submitted = executor.map_array(self, *zip(*args, strict=True))
         returns: list[JobReturn | None] = [None] * len(job_overrides)
         for group, job in zip(groups, submitted, strict=True):
             for i, (ret, failures) in zip(group, _group_results(job, group), strict=True):
@@ -178,6 +247,57 @@ class GroupedSubmititLauncher(BaseSubmititLauncher):
                     log.error("error in job #%d: %s", initial_job_idx + i, failure)
                 cli.FAILED_JOBS.extend(failures)
         return returns  # type: ignore[return-value]
+
+    def _run_families(self, executor: Any, args: list[tuple]) -> list[Any]:
+        """Submit one local process per family, at most one per slot at a time; return the
+        submitted jobs in the order of `args` once every one has been started."""
+        assert self.config is not None
+        parallel = self.family_params.get("parallel", "auto")
+        # a job on several devices (DDP) holds them all: one family at a time, not pinned
+        pin = str(self.config.trainer.get("devices", 1)) == "1"
+        try:
+            slots = family_slots(
+                parallel if pin else 1,
+                len(args),
+                os.cpu_count() or 1,
+                _free_gpu_memory_gb() if pin else [],
+                float(self.family_params.get("gpu_memory_per_job_gb", 8.0)),
+            )
+        except ConfigError as e:
+            raise SystemExit(f"error: {e}") from None
+        log.info(
+            "%d families in %d processes at a time (%s)",
+            len(args),
+            len(slots),
+            ", ".join(
+                f"GPU {gpu}" if gpu is not None else f"{threads} thread(s)"
+                for gpu, threads in slots
+            ),
+        )
+        submitted: list[Any] = []
+        busy: dict[int, Any] = {}  # slot -> its running job
+        for arg in args:
+            while len(busy) == len(slots):
+                busy = {slot: job for slot, job in busy.items() if not job.done()}
+                if len(busy) == len(slots):
+                    time.sleep(0.2)
+            slot = min(set(range(len(slots))) - set(busy))
+            gpu, threads = slots[slot]
+            family_env = {"OMP_NUM_THREADS": str(threads)}  # the child process inherits them
+            if pin and gpu is not None:
+                family_env[FAMILY_GPU_ENV] = str(gpu)
+            before = {k: os.environ.get(k) for k in family_env}
+            os.environ.update(family_env)
+            try:
+                busy[slot] = executor.submit(self, *arg)
+            finally:
+                for k, v in before.items():
+                    if v is None:
+                        os.environ.pop(k)
+                    else:
+                        os.environ[k] = v
+            submitted.append(busy[slot])
+        return submitted
 
 
 def _group_results(job: Any, group: list[int]) -> list[tuple[JobReturn | None, list[str]]]:

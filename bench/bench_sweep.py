@@ -136,12 +136,12 @@ def main() -> None:
         f"paths.cache_dir={work / 'cache'}",
         f"hydra.sweep.dir={work / 'multirun'}",
         "trainer.enable_progress_bar=false",
+        # cProfile writes its file at a normal exit, not at cli.exit_now's os._exit
+        *(["speed.quick_exit=false"] if args.profile else []),
         *args.overrides,
     ]
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false"}
     env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(ROOT / "src"), env.get("PYTHONPATH")]))
-    if args.profile:  # cProfile writes its file at a normal exit, not at cli.exit_now's os._exit
-        env["FINETUNE_BUDGET_FULL_EXIT"] = "1"
     start = time.time()
     proc = subprocess.run(command, cwd=ROOT, env=env, capture_output=True, text=True)
     end = time.time()

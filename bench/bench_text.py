@@ -20,9 +20,9 @@ sentence-transformers' trainer runs as its users run it, in a child process with
 --device cuda: all of it on the GPU (--precision bf16-mixed or 16-mixed; auto = bf16-mixed there).
 --profile: where a training step's time goes (torch.profiler over the plain loop's steps,
 grouped: matmuls, dropout's random masks, dtype casts, AdamW, the rest).
---compare-dropout, --compare-unpad, --compare-embedding-grad: plain-loop epochs with torch's
-dropout against model.fast_dropout, the padded BERT against model.unpad, torch's dense
-word-embedding gradient against the kept one (embedding_grad.py), alternating (median ms/step).
+--compare-dropout, --compare-unpad: plain-loop epochs with torch's dropout against
+speed.fast_dropout, the padded BERT against speed.unpadded_encoder, alternating (median ms/step);
+bench_switches.py measures every switch of speed/switches.py.
 """
 
 from __future__ import annotations
@@ -51,7 +51,6 @@ from finetune_budget.data.text_datamodule import TextRetrievalDataModule  # noqa
 from finetune_budget.models.text import load_tokenizer  # noqa: E402
 from finetune_budget.retrieval.optim import clip_grad_norm, lr_lambda, use_fused  # noqa: E402
 from finetune_budget.speed.allocator import keep_freed_memory  # noqa: E402
-from finetune_budget.speed.embedding_grad import keep_embedding_gradients, rows_by_weight  # noqa: E402
 from finetune_budget.tasks.text_text import EmbeddingFineTuner  # noqa: E402
 
 MODEL = {
@@ -60,7 +59,6 @@ MODEL = {
     "output_dim": None,
     "normalize": True,
     "name": "all-MiniLM-L6-v2",
-    "fast_dropout": True,  # conf/model/minilm_l6.yaml's default (models/dropout.py)
 }
 OPTIM = {
     "optimizer": {
@@ -93,20 +91,19 @@ def plain_train(
     batches: list,
     precision: str,
     device: str = "cpu",
-    kept_gradients: bool = True,
+    steps: list[float] | None = None,
 ) -> float:
     """The same training steps as Lightning's: autocast, backward, clip (optim.clip_grad_norm),
-    AdamW (fused where our path uses it: optim.fused=auto), LR schedule, the word embedding's
-    gradient kept across steps on the CPU (embedding_grad.py; kept_gradients=False: torch's);
-    16-mixed scales the loss and unscales before clipping, as our path does."""
+    AdamW (fused where our path uses it: optim.fused=auto), LR schedule; the fast paths as
+    speed/switches.py sets them; 16-mixed scales the loss and unscales before clipping, as our
+    path does. `steps`: each step's seconds appended."""
     module.to(device).train()
-    kept = keep_embedding_gradients(module) if kept_gradients and device == "cpu" else []
     scaler = torch.amp.GradScaler(device, enabled=precision == "16-mixed")
     make, groups = instantiate(OPTIM["optimizer"]), [{"params": list(module.parameters())}]
     optimizer = make(groups, fused=use_fused(module, make, OPTIM, groups))
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda("warmup_constant", 10, 0))
     dtype = AUTOCAST.get(precision)
-    start = _now(device)
+    start = last = _now(device)
     for batch in batches:
         batch = move_data_to_device(batch, device)
         with torch.autocast(device, dtype=dtype, enabled=dtype is not None):
@@ -114,14 +111,13 @@ def plain_train(
         optimizer.zero_grad(set_to_none=True)
         scaler.scale(loss).backward()
         scaler.unscale_(optimizer)
-        clip_grad_norm(module.parameters(), 1.0, rows_by_weight(kept))  # as our Lightning path
+        clip_grad_norm(module.parameters(), 1.0)  # as our Lightning path
         scaler.step(optimizer)
         scaler.update()
         scheduler.step()
-    seconds = _now(device) - start
-    for k in kept:
-        k.remove()
-    return seconds
+        if steps is not None:
+            steps.append(-last + (last := _now(device)))
+    return _now(device) - start
 
 
 @torch.no_grad()
@@ -365,12 +361,11 @@ def profile_steps(
         print(f"  {group:44s}{us / total:7.1%}  {us / len(batches) / 1e3:7.1f} ms/step")
 
 
-# what --compare-dropout, --compare-unpad and --compare-embedding-grad switch: (where: a model
-# config key or a plain_train keyword, the key, off's name, on's name)
+# what --compare-dropout and --compare-unpad switch: (the model builder's keyword, off's name,
+# on's name)
 AB_OPTIONS = {
-    "dropout": ("model", "fast_dropout", "torch", "fast"),
-    "unpad": ("model", "unpad", "padded", "unpadded"),
-    "embedding_grad": ("plain_train", "kept_gradients", "dense", "kept"),
+    "dropout": ("fast_dropout", "torch", "fast"),
+    "unpad": ("unpad", "padded", "unpadded"),
 }
 
 
@@ -384,23 +379,17 @@ def compare_option(
 ) -> None:
     """Plain-loop epochs with an option off and on (AB_OPTIONS), alternating, as the median
     ms per step of each and their ratio; `batches` of `kind` (labels: CLINC150, pairs: STS-B)."""
-    where, key, off, on = AB_OPTIONS[option]
-    in_model = where == "model"
+    key, off, on = AB_OPTIONS[option]
     modules = {
-        name: EmbeddingFineTuner(
-            {**MODEL, key: name == on} if in_model else MODEL, LOSS, OPTIM, data_kind=kind
-        )
+        name: EmbeddingFineTuner({**MODEL, key: name == on}, LOSS, OPTIM, data_kind=kind)
         for name in (off, on)
     }
-    extra = {name: {} if in_model else {key: name == on} for name in modules}
-    for name, module in modules.items():
-        plain_train(copy.deepcopy(module), batches[:2], precision, device, **extra[name])
+    for module in modules.values():
+        plain_train(copy.deepcopy(module), batches[:2], precision, device)
     ms: dict[str, list[float]] = {name: [] for name in modules}
     for r in range(2 * repeats):  # ABBA...: neither side always runs first
         for name in modules if r % 2 == 0 else reversed(modules):
-            seconds = plain_train(
-                copy.deepcopy(modules[name]), batches, precision, device, **extra[name]
-            )
+            seconds = plain_train(copy.deepcopy(modules[name]), batches, precision, device)
             ms[name].append(seconds / len(batches) * 1e3)
     median = {name: statistics.median(v) for name, v in ms.items()}
     print(
@@ -432,15 +421,10 @@ def main() -> None:
     parser.add_argument("--skip-lightning", action="store_true", help="only the ST comparison")
     parser.add_argument("--profile", action="store_true", help="a training step by op group")
     parser.add_argument(
-        "--compare-dropout", action="store_true", help="torch's dropout vs model.fast_dropout"
+        "--compare-dropout", action="store_true", help="torch's dropout vs speed.fast_dropout"
     )
     parser.add_argument(
-        "--compare-unpad", action="store_true", help="the padded BERT vs model.unpad"
-    )
-    parser.add_argument(
-        "--compare-embedding-grad",
-        action="store_true",
-        help="torch's dense word-embedding gradient vs the kept one (embedding_grad.py)",
+        "--compare-unpad", action="store_true", help="the padded BERT vs speed.unpadded_encoder"
     )
     args = parser.parse_args()
     keep_freed_memory()  # as train.py: this process only, not sentence-transformers' child
@@ -448,8 +432,6 @@ def main() -> None:
         parser.error("--device cuda: torch sees no CUDA device here; drop it to run on the CPU")
     if args.device == "cuda" and args.compare_dropout:
         parser.error("--compare-dropout measures the CPU's dropout: drop --device cuda")
-    if args.device == "cuda" and args.compare_embedding_grad:
-        parser.error("--compare-embedding-grad measures the CPU's path: drop --device cuda")
     precision = resolve_precision(args.precision, args.device)
     torch.manual_seed(0)
     if args.skip_lightning:
@@ -534,9 +516,6 @@ def main() -> None:
         compare_option("unpad", list(train_batches), precision, args.repeats, args.device)
         batches = stsb_batches(args)
         compare_option("unpad", batches, precision, args.repeats, args.device, kind="pairs")
-    if args.compare_embedding_grad:
-        compare_option("embedding_grad", list(train_batches), precision, args.repeats)
-        compare_option("embedding_grad", stsb_batches(args), precision, args.repeats, kind="pairs")
     if not args.skip_st:
         compare_st(args, precision, rate)
     print(

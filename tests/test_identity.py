@@ -213,6 +213,22 @@ def old_epoch0_key(config: dict) -> str:
     return _sha(json.dumps(payload, sort_keys=True, default=str))
 
 
+def _as_stored_before_targets(config: dict) -> dict:
+    """The config as runs were stored before the task and data groups named their builders and
+    before the speed switchboard: no `speed` group, and the text models' groups (MiniLM, MPNet,
+    the tiny BERT) ending in `fast_dropout: true` and `unpad: auto` (their YAML files then)."""
+    before = {
+        group: {k: v for k, v in node.items() if k != "_target_"}
+        if group in ("task", "data")
+        else node
+        for group, node in config.items()
+        if group != "speed"
+    }
+    if before["model"].get("name") in ("all-MiniLM-L6-v2", "all-mpnet-base-v2", "tiny-bert"):
+        before["model"] = {**before["model"], "fast_dropout": True, "unpad": "auto"}
+    return before
+
+
 @pytest.mark.parametrize(
     "overrides",
     [
@@ -230,9 +246,23 @@ def old_epoch0_key(config: dict) -> str:
 )
 def test_stored_runs_states_and_baselines_keep_their_keys(make_cfg, overrides):
     config = run_config(make_cfg(*overrides))
-    assert point_key(config) == old_point_key(config)
-    assert continuation_key(config) == old_continuation_key(config)
-    assert _epoch0(config) == old_epoch0_key(config)
+    before = _as_stored_before_targets(config)
+    assert config["task"]["_target_"] and config["data"]["_target_"]
+    assert point_key(config) == old_point_key(before)
+    assert continuation_key(config) == old_continuation_key(before)
+    assert _epoch0(config) == old_epoch0_key(before)
+    assert config_key(flatten(config)) == config_key(flatten(before))
+
+
+@pytest.mark.parametrize("switch", ["all", "fast_dropout", "unpadded_encoder"])
+def test_a_fast_path_switched_off_is_another_point(tiny_text_cfg, switch):
+    base = run_config(tiny_text_cfg())
+    off = run_config(tiny_text_cfg(f"speed.{switch}=false"))
+    assert point_key(off) != point_key(base)
+    assert continuation_key(off) != continuation_key(base)
+    assert config_key(flatten(off)) != config_key(flatten(base))
+    # the logged params (strings) give the same config key as the config
+    assert config_key({k: str(v) for k, v in flatten(off).items()}) == config_key(flatten(off))
 
 
 def test_the_continuation_key_no_longer_holds_rerun_or_the_lr_monitor(tiny_text_cfg):
@@ -241,4 +271,5 @@ def test_the_continuation_key_no_longer_holds_rerun_or_the_lr_monitor(tiny_text_
     base = run_config(tiny_text_cfg())
     rerun = run_config(tiny_text_cfg("budget.rerun=true"))
     assert old_continuation_key(rerun) != old_continuation_key(base)
-    assert continuation_key(rerun) == continuation_key(base) == old_continuation_key(base)
+    stored = _as_stored_before_targets(base)
+    assert continuation_key(rerun) == continuation_key(base) == old_continuation_key(stored)

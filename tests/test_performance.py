@@ -18,10 +18,10 @@ import torch
 from torch.utils.data import BatchSampler, RandomSampler
 
 from finetune_budget.data.samplers import ClassChunkBatchSampler, LengthBucketBatchSampler
-from finetune_budget.speed import reuse
+from finetune_budget.speed import reuse, switches
 from finetune_budget.training.continuation import MEMORY
 from finetune_budget.training.run import train
-from tests.conftest import requires_data
+from tests.conftest import requires_data, run_train_py
 
 
 @pytest.fixture(autouse=True)
@@ -29,9 +29,11 @@ def _fresh_process_state(tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)  # MLflow's ./mlruns and Lightning's outputs stay out of the repo
     reuse.clear()
     MEMORY.clear()
+    switches.configure(None)  # a job's switches stay set until the next job
     yield
     reuse.clear()
     MEMORY.clear()
+    switches.configure(None)
 
 
 def _padding(batches: list[list[int]], lengths: np.ndarray) -> int:
@@ -140,31 +142,35 @@ def test_no_lightning_checkpoint_with_optimizer_state_is_written(tiny_text_cfg, 
     assert not list(tmp_path.rglob("*.ckpt"))
 
 
+def _mrr_by_epoch(store: Path) -> list[float]:
+    """val/mrr_at_20 at epochs 0, 1, ... of the one run in the MLflow store `store`."""
+    from mlflow.tracking import MlflowClient
+
+    client = MlflowClient(f"sqlite:///{store}")
+    [run] = client.search_runs([e.experiment_id for e in client.search_experiments()])
+    history = client.get_metric_history(run.info.run_id, "val/mrr_at_20")
+    return [m.value for m in sorted(history, key=lambda m: m.step)]
+
+
 @pytest.mark.slow
 @requires_data("clinc150")
-@pytest.mark.parametrize(
-    "plain, faster",
-    [
-        ("data.length_bucket_pool=0", "data.length_bucket_pool=8"),  # length buckets
-        ("model.fast_dropout=false", "model.fast_dropout=true"),  # models/dropout.py
-        ("model.unpad=false", "model.unpad=auto"),  # models/unpadded.py
-    ],
-    ids=["length_buckets", "fast_dropout", "unpad"],
-)
-def test_faster_paths_on_minilm_clinc150_within_the_stated_tolerance(make_cfg, plain, faster):
-    """Real MiniLM, n=300, 2 epochs: mRR@20 of the plain and the faster path within 0.005
-    (docs/performance.md)."""
-    common = (
-        "trainer.accelerator=cpu",
-        "data.n=300",
-        "trainer.max_epochs=2",
-        "budget.continue_shorter_runs=false",
-        "tracking.save_checkpoint=false",
-    )
-    a, b = train(make_cfg(*common, plain)), train(make_cfg(*common, faster))
-    for epoch in (1, 2):
-        delta = a.history[epoch]["val/mrr_at_20"] - b.history[epoch]["val/mrr_at_20"]
-        assert abs(delta) < 0.005, epoch
+def test_the_main_job_with_every_fast_path_off_gives_the_same_metrics_within_tolerance(tmp_path):
+    """`python train.py` on the real MiniLM, n=300, 2 epochs, once with the defaults and once
+    with every fast path off (speed.all=false) and plain batches (data.length_bucket_pool=0):
+    mRR@20 within 0.005 at epochs 0, 1 and 2 (docs/performance.md's tolerance; dropout masks
+    and batches differ, so not to the digit)."""
+    common = ("trainer.accelerator=cpu", "data.n=300", "trainer.max_epochs=2")
+    plain = ("speed.all=false", "data.length_bucket_pool=0")
+    mrr = {}
+    for side, overrides in (("fast", ()), ("plain", plain)):
+        folder = tmp_path / side
+        folder.mkdir()
+        out = run_train_py(folder, *common, *overrides)
+        assert out.returncode == 0, out.stderr[-3000:]
+        mrr[side] = _mrr_by_epoch(folder / "mlflow.db")
+    assert len(mrr["fast"]) == len(mrr["plain"]) == 3
+    for epoch, (fast, plain) in enumerate(zip(mrr["fast"], mrr["plain"], strict=True)):
+        assert abs(fast - plain) < 0.005, (epoch, fast, plain)
 
 
 @pytest.mark.parametrize("precision", ["32-true", "bf16-mixed"])
@@ -276,13 +282,17 @@ def _python(code: str, **env: str) -> subprocess.CompletedProcess:
     )
 
 
-def test_the_quick_exit_keeps_the_code_output_threads_and_exit_handlers(tmp_path):
+@pytest.mark.parametrize("quick", [True, False])
+def test_the_quick_exit_keeps_the_code_output_threads_and_exit_handlers(tmp_path, quick):
     """train.py ends with cli.exit_now: everything a normal exit does for the user (exit code,
-    all of stdout, threads finished, atexit handlers such as MLflow's) without module teardown."""
+    all of stdout, threads finished, atexit handlers such as MLflow's) without module teardown;
+    speed.quick_exit=false: Python's own exit, the same for the user."""
     proc = _python(
         "import atexit, sys, threading, time\n"
         "from pathlib import Path\n"
         "from finetune_budget.app.cli import exit_now\n"
+        "from finetune_budget.speed import switches\n"
+        f"switches.configure({{'quick_exit': {quick}}})\n"
         f"out = Path({str(tmp_path)!r})\n"
         "atexit.register(lambda: (out / 'atexit').write_text('ran'))\n"
         "def late():\n"
@@ -335,18 +345,19 @@ def test_the_collector_is_off_during_start_up_then_on_with_its_objects_frozen(pa
 def _refault_pages(keep: str) -> int:
     """Minor page faults of the last 4 of 16 steps that each allocate, fill and free a 64 MB
     tensor (above glibc's largest mmap threshold), in a fresh process with
-    FINETUNE_BUDGET_KEEP_FREED_MEMORY=`keep`."""
+    speed.keep_freed_memory=`keep`."""
     proc = _python(
         "import resource, torch\n"
+        "from finetune_budget.speed import switches\n"
         "from finetune_budget.speed.allocator import keep_freed_memory\n"
+        f"switches.configure({{'keep_freed_memory': {keep}}})\n"
         "keep_freed_memory()\n"
         "faults = lambda: resource.getrusage(resource.RUSAGE_SELF).ru_minflt\n"
         "for step in range(16):\n"
         "    if step == 12:\n"
         "        before = faults()\n"
         "    x = torch.ones(16 * 2**20); del x\n"
-        "print(faults() - before)\n",
-        FINETUNE_BUDGET_KEEP_FREED_MEMORY=keep,
+        "print(faults() - before)\n"
     )
     assert proc.returncode == 0, proc.stderr
     return int(proc.stdout.strip())
@@ -355,11 +366,11 @@ def _refault_pages(keep: str) -> int:
 @pytest.mark.skipif(platform.libc_ver()[0] != "glibc", reason="glibc's tunables only")
 def test_a_freed_large_tensor_is_reused_without_faulting_its_pages_in_again():
     """The dense word-embedding gradient is freed and allocated every step: with freed memory
-    kept (train.py's default) its pages are reused; without (=0) the kernel maps and zeroes all
-    16,384 pages of 4 KiB again at every step."""
+    kept (train.py's default) its pages are reused; without (speed.keep_freed_memory=false) the
+    kernel maps and zeroes all 16,384 pages of 4 KiB again at every step."""
     pages = 4 * 64 * 2**20 // 4096
-    assert _refault_pages("0") > pages * 0.9
-    assert _refault_pages("1") < pages * 0.05
+    assert _refault_pages("False") > pages * 0.9
+    assert _refault_pages("True") < pages * 0.05
 
 
 # -- dropout masks drawn at a fifth of torch's cost (models/dropout.py) ---------------------------
@@ -478,19 +489,6 @@ def test_attention_with_fast_dropout_is_softmax_attention_with_that_mask():
     torch.testing.assert_close(plain, reference.transpose(1, 2))
 
 
-def test_fast_dropout_changes_metrics_only_within_noise_on_a_tiny_model(tiny_text_cfg):
-    common = ("data.n=64", "trainer.max_epochs=2", "budget.continue_shorter_runs=false",
-              "optim.optimizer.lr=1e-3")  # fmt: skip
-    plain = train(tiny_text_cfg(*common, "model.fast_dropout=false"))
-    fast = train(tiny_text_cfg(*common, "model.fast_dropout=true"))
-    again = train(tiny_text_cfg(*common, "model.fast_dropout=true", "budget.rerun=true"))
-    a, b = plain.history[-1], fast.history[-1]
-    assert a["train/loss_epoch"] != b["train/loss_epoch"]  # another random stream ...
-    assert abs(a["val/mrr_at_20"] - b["val/mrr_at_20"]) < 0.05  # ... within the seed noise
-    c = again.history[-1]  # seeded: the same run again gives the same numbers
-    assert all(c[k] == v for k, v in b.items() if k.startswith(("val/", "train/")))
-
-
 # -- BERT without its padding (models/unpadded.py) ------------------------------------------------
 def _encoders(pooling: str, implementation: str = "sdpa"):
     """A padded and an unpadded SentenceEncoder over copies of one tiny random BERT."""
@@ -557,28 +555,33 @@ def test_unpadded_row_counts_are_few_per_doubling_and_add_at_most_a_sixteenth():
             assert n <= row_count(n) <= max(n + 15, n * 17 / 16)
 
 
-def test_model_unpad_where_the_model_cannot_falls_back_or_names_the_fix():
-    from finetune_budget.errors import ModelError
+def test_the_unpadded_encoder_runs_only_where_the_model_can_and_its_switch_is_on():
     from finetune_budget.models.text import SentenceEncoder
 
-    _, auto = _encoders("mean", implementation="eager")
-    assert not auto.unpad  # auto: the padded forward
-    eager = _tiny_bert()
-    eager.config._attn_implementation = "eager"
-    with pytest.raises(ModelError, match="model.unpad=true, but attention implementation 'eager'"):
-        SentenceEncoder(eager, unpad=True)
-    with pytest.raises(ModelError, match="model.unpad='yes' is unknown"):
-        SentenceEncoder(_tiny_bert(), unpad="yes")
+    _, eager = _encoders("mean", implementation="eager")
+    assert not eager.unpad  # not SDPA attention: the padded forward
+    assert SentenceEncoder(_tiny_bert()).unpad  # the switchboard's default
+    switches.configure({"unpadded_encoder": False})
+    assert not SentenceEncoder(_tiny_bert()).unpad
+    assert SentenceEncoder(_tiny_bert(), unpad=True).unpad  # a caller may still ask for it
 
 
-def test_unpadding_changes_metrics_only_within_noise_on_a_tiny_model(tiny_text_cfg):
+def test_every_fast_path_off_changes_metrics_only_within_noise_on_a_tiny_model(tiny_text_cfg):
+    """speed.all=false against the defaults on the tiny BERT: epoch 0 equal to float rounding
+    (no dropout at evaluation, the unpadded encoder computes the padded one's values); after
+    training, another dropout stream (a different loss) within the seed noise; and the fast
+    paths seeded: the same run again gives the same numbers."""
     common = ("data.n=64", "trainer.max_epochs=2", "budget.continue_shorter_runs=false",
               "optim.optimizer.lr=1e-3")  # fmt: skip
-    plain = train(tiny_text_cfg(*common, "model.unpad=false"))
-    fast = train(tiny_text_cfg(*common, "model.unpad=auto"))
+    plain = train(tiny_text_cfg(*common, "speed.all=false"))
+    fast = train(tiny_text_cfg(*common))
+    again = train(tiny_text_cfg(*common, "budget.rerun=true"))
     a, b = plain.history, fast.history
-    assert a[0]["val/mrr_at_20"] == pytest.approx(b[0]["val/mrr_at_20"], abs=1e-6)  # no dropout
-    assert abs(a[-1]["val/mrr_at_20"] - b[-1]["val/mrr_at_20"]) < 0.05  # dropout: another stream
+    assert a[0]["val/mrr_at_20"] == pytest.approx(b[0]["val/mrr_at_20"], abs=1e-6)
+    assert a[-1]["train/loss_epoch"] != b[-1]["train/loss_epoch"]  # another random stream ...
+    assert abs(a[-1]["val/mrr_at_20"] - b[-1]["val/mrr_at_20"]) < 0.05  # ... within the noise
+    c = again.history[-1]
+    assert all(c[k] == v for k, v in b[-1].items() if k.startswith(("val/", "train/")))
 
 
 # -- gradient clipping (optim.clip_grad_norm) -----------------------------------------------------
@@ -603,158 +606,91 @@ def test_clip_grad_norm_clips_as_torch_does_and_leaves_gradients_within_the_norm
     assert clip_grad_norm(params, 1.0).isnan() and params[1].grad.isnan().all()
 
 
-def test_clip_grad_norm_over_the_nonzero_rows_equals_the_full_clip():
-    """A gradient that is zero outside some rows (a kept word-embedding gradient): reading and
-    scaling only those rows gives torch's clip to float rounding, and the zero rows stay zero."""
-    from finetune_budget.retrieval.optim import clip_grad_norm
-
-    torch.manual_seed(0)
-    table, other = torch.nn.Parameter(torch.zeros(1000, 16)), torch.nn.Parameter(torch.zeros(40))
-    rows = torch.tensor([3, 17, 512, 999])
-    grad = torch.zeros(1000, 16)
-    grad[rows] = torch.randn(4, 16) * 10
-    other_grad = torch.randn(40)
-    for max_norm in (1e3, 0.5):  # within the norm, then clipped
-        refs = [torch.nn.Parameter(torch.zeros_like(p)) for p in (table, other)]
-        for p, ref, g in zip((table, other), refs, (grad, other_grad), strict=True):
-            p.grad, ref.grad = g.clone(), g.clone()
-        expected = torch.nn.utils.clip_grad_norm_(refs, max_norm)
-        total = clip_grad_norm([table, other], max_norm, {id(table): rows})
-        torch.testing.assert_close(total, expected)
-        torch.testing.assert_close(table.grad, refs[0].grad, rtol=1e-6, atol=0)
-        torch.testing.assert_close(other.grad, refs[1].grad, rtol=1e-6, atol=0)
-        untouched = torch.ones(1000, dtype=torch.bool).index_fill_(0, rows, False)
-        assert not table.grad[untouched].any()
-
-
-# -- the kept word-embedding gradient (speed/embedding_grad.py) -----------------------------------
-class _Lookup(torch.nn.Module):
-    """A word embedding (vocabulary 5000, padding id 0) and a layer on top of it."""
-
-    def __init__(self) -> None:
-        super().__init__()
-        self.words = torch.nn.Embedding(5000, 8, padding_idx=0)
-        self.out = torch.nn.Linear(8, 1)
-
-    def forward(self, ids: torch.Tensor) -> torch.Tensor:
-        return (self.out(torch.tanh(self.words(ids))) ** 2).sum()
-
-
-def test_a_kept_embedding_gradient_equals_torchs_dense_one_step_after_step():
-    """Reference: a copy with torch's dense embedding gradient. One lookup a step: equal to the
-    bit, each step, with zero_grad setting gradients to None or zeroing them, and where a window
-    accumulates two batches; the gradient stays one buffer (no fresh table a step)."""
-    import copy
-
-    from finetune_budget.speed.embedding_grad import keep_embedding_gradients
-
-    torch.manual_seed(0)
-    kept_model = _Lookup()
-    dense_model = copy.deepcopy(kept_model)
-    kept = keep_embedding_gradients(kept_model)
-    assert [k.embedding for k in kept] == [kept_model.words]
-    steps = [  # (batches of the window, zero_grad's set_to_none); ids repeat within and across
-        ([torch.tensor([[5, 9, 9, 0], [5, 4000, 7, 0]])], True),
-        ([torch.tensor([[11, 12, 5, 0]])], True),  # row 9, 4000 and 7 of step 1 back to zero
-        ([torch.tensor([[6, 6, 2]]), torch.tensor([[2, 4999, 1]])], True),  # accumulated
-        ([torch.tensor([[8, 3, 3]])], False),
-    ]
-    buffers = set()
-    for batches, set_to_none in steps:
-        for model in (kept_model, dense_model):
-            model.zero_grad(set_to_none=set_to_none)
-            for ids in batches:
-                model(ids).backward()
-        kept_grad, dense_grad = kept_model.words.weight.grad, dense_model.words.weight.grad
-        assert kept_grad.layout == torch.strided
-        assert torch.equal(kept_grad, dense_grad)
-        assert torch.equal(kept_model.out.weight.grad, dense_model.out.weight.grad)
-        rows, touched = kept[0].nonzero_rows(), torch.cat([ids.flatten() for ids in batches])
-        assert torch.isin(touched[touched != 0], rows).all()  # 0: the padding id
-        assert not kept_grad[~torch.isin(torch.arange(5000), rows)].any()  # zero elsewhere
-        if set_to_none:  # torch's zero_grad() zeroes the buffer but leaves the rows listed
-            assert len(rows) == len(torch.unique(touched[touched != 0]))
-        buffers.add(kept_grad.data_ptr())
-    assert len(buffers) == 1
-    kept[0].remove()
-    kept_model.zero_grad()
-    kept_model(torch.tensor([[1, 2]])).backward()
-    assert not kept_model.words.sparse and kept_model.words.weight.grad.layout == torch.strided
-
-
-def test_training_with_kept_embedding_gradients_equals_torchs_dense_gradients():
-    """Fused AdamW with weight decay and clipping over 5 steps, one model with kept gradients
-    (and the clip over their nonzero rows), one with torch's: the same weights to rounding."""
-    import copy
-
-    from finetune_budget.retrieval.optim import clip_grad_norm
-    from finetune_budget.speed.embedding_grad import keep_embedding_gradients, rows_by_weight
-
-    torch.manual_seed(0)
-    models = {"kept": _Lookup(), "dense": None}
-    models["dense"] = copy.deepcopy(models["kept"])
-    kept = keep_embedding_gradients(models["kept"])
-    optimizers = {
-        name: torch.optim.AdamW(m.parameters(), lr=0.01, weight_decay=0.1, fused=True)
-        for name, m in models.items()
-    }
-    for _ in range(5):
-        ids = torch.randint(0, 200, (4, 6))
-        for name, model in models.items():
-            optimizers[name].zero_grad()
-            (model(ids) * 100).backward()  # large: the clip scales
-            clip_grad_norm(
-                model.parameters(), 1.0, rows_by_weight(kept) if name == "kept" else None
-            )
-            optimizers[name].step()
-    for (name, a), b in zip(
-        models["kept"].named_parameters(), models["dense"].parameters(), strict=True
-    ):
-        torch.testing.assert_close(a, b, rtol=1e-6, atol=1e-7, msg=name)
-    assert not torch.equal(models["kept"].words.weight[250:], _Lookup().words.weight[250:])
-
-
-def test_only_large_untied_trainable_cpu_embeddings_keep_their_gradient():
-    from finetune_budget.speed.embedding_grad import keep_embedding_gradients
-
-    tied = _Lookup()
-    decoder = torch.nn.Linear(8, 5000, bias=False)
-    decoder.weight = tied.words.weight  # a masked-LM head's tying
-    tied.decoder = decoder
-    frozen = _Lookup()
-    frozen.words.requires_grad_(False)
-    small = torch.nn.Embedding(512, 8)  # position embeddings: torch's dense gradient
-    elsewhere = torch.nn.Embedding(5000, 8, device="meta")  # not on the CPU (a GPU's, say)
-    for model in (tied, frozen, small, elsewhere):
-        assert keep_embedding_gradients(model) == []
-        assert all(not m.sparse for m in model.modules() if isinstance(m, torch.nn.Embedding))
-
-
-@pytest.mark.parametrize("clip", ["1.0", "0"])
-def test_a_text_fit_on_the_cpu_keeps_the_word_embedding_gradient_and_releases_it(
-    tiny_text_cfg, clip
-):
-    """During fit the tiny BERT's word embedding sends sparse gradients into its kept buffer,
-    with gradient clipping and without; after fit the module is torch's again (a later backward
-    gets a fresh dense gradient)."""
-    import lightning as L
-
-    seen = {}
-
-    class Look(L.Callback):
-        def on_before_optimizer_step(self, trainer, pl_module, optimizer):
-            words = pl_module.encoder.transformer.embeddings.word_embeddings
-            seen.setdefault("sparse", words.sparse)
-            seen.setdefault("rows", len(pl_module.kept_gradients[0].nonzero_rows()))
-
-    cfg = tiny_text_cfg(
-        "data.n=32",
-        "trainer.max_epochs=1",
-        "budget.rerun=true",
-        f"trainer.gradient_clip_val={clip}",
+# -- the switchboard (speed/switches.py) ---------------------------------------------------------
+def test_the_speed_node_holds_every_switch_at_the_switchboards_default(make_cfg):
+    cfg = make_cfg()
+    assert set(cfg.speed) == {"all", *switches.SWITCHES}
+    assert cfg.speed.all is True
+    for name, switch in switches.SWITCHES.items():
+        assert cfg.speed[name] is switch.default, name
+    assert switches.configure(cfg.speed) == {name: True for name in switches.SWITCHES}
+    assert switches.configure(make_cfg("speed.all=false").speed) == dict.fromkeys(
+        switches.SWITCHES, False
     )
-    result = train(cfg, callbacks=[Look()])
-    module = result.objects["module"]
-    assert seen["sparse"] and 0 < seen["rows"] < 30522
-    assert module.kept_gradients == []
-    assert not module.encoder.transformer.embeddings.word_embeddings.sparse
+    one_off = switches.configure(make_cfg("speed.fast_dropout=false").speed)
+    assert [name for name, on in one_off.items() if not on] == ["fast_dropout"]
+
+
+def test_speed_from_the_environment_and_bad_values_named_in_one_line(make_cfg, monkeypatch):
+    from finetune_budget.errors import ConfigError
+
+    monkeypatch.setenv(switches.ENV, "false")
+    assert make_cfg().speed.all is False  # speed.all's default
+    assert not any(switches.values({"fast_dropout": True}).values())
+    monkeypatch.delenv(switches.ENV)
+    with pytest.raises(ConfigError, match=r"^speed.fast_dropout='yes': use true or false$"):
+        switches.values({"fast_dropout": "yes"})
+    with pytest.raises(ConfigError, match="speed.unpad is not a switch; use speed.all or one of"):
+        switches.values({"unpad": False})
+
+
+def test_with_every_switch_off_each_site_takes_its_plain_path(monkeypatch):
+    """The sites the switchboard names, with speed.all=false: torch's dropout, the padded BERT,
+    torch's clip, one process for the report, every load done again, Hydra's sweeper."""
+    from hydra._internal.core_plugins.basic_sweeper import BasicSweeper
+    from omegaconf import OmegaConf
+
+    from finetune_budget.models.dropout import FastDropout
+    from finetune_budget.models.text import SentenceEncoder, load_transformer
+    from finetune_budget.retrieval.optim import clip_grad_norm
+    from finetune_budget.speed import forked
+    from finetune_budget.speed.sweep_configs import DerivedSweepConfigs
+    from hydra_plugins.budget_sweeper.grid_sweeper import GridSweeper
+
+    tiny = {"hidden_size": 32, "num_hidden_layers": 1, "num_attention_heads": 2,
+            "intermediate_size": 64, "vocab_size": 100}  # fmt: skip
+    clips, loads, contexts = [], [], []
+    monkeypatch.setattr(torch.nn.utils, "clip_grad_norm_", lambda params, norm: clips.append(norm))
+    monkeypatch.setattr(
+        BasicSweeper, "setup", lambda self, hydra_context, **_: contexts.append(hydra_context)
+    )
+    context = type("Context", (), {"config_loader": object(), "callbacks": None})()
+    for on in (True, False):
+        switches.configure({"all": on})
+        transformer = load_transformer(None, tiny)
+        assert any(isinstance(m, FastDropout) for m in transformer.modules()) is on
+        assert SentenceEncoder(transformer).unpad is on
+        weight = torch.nn.Parameter(torch.ones(3))
+        weight.grad = torch.ones(3)
+        clip_grad_norm([weight], 1.0)
+        assert len(clips) == (0 if on else 1)
+        assert forked._forks() is (on and (os.cpu_count() or 1) >= 2)
+        if not on:
+            assert forked.in_two_processes([(os.getpid, ())] * 4) == [os.getpid()] * 4
+        reuse.clear()
+        for _ in range(2):
+            reuse.cached("bench", "key", lambda: loads.append(1))
+        assert len(loads) == (1 if on else 3)
+        sweeper = GridSweeper(max_batch_size=None, params=None)
+        speed = OmegaConf.create({"speed": {"all": on}})
+        sweeper.setup(hydra_context=context, task_function=None, config=speed)
+        assert isinstance(contexts[-1].config_loader, DerivedSweepConfigs) is on
+
+
+@pytest.mark.parametrize("how", ["environment", "config"])
+def test_the_collector_switched_off_is_never_paused_or_never_freezes(how):
+    """FINETUNE_BUDGET_SPEED=false: the entry point's pause does nothing; speed.pause_collector=
+    false: the pause ends at the job's start with nothing frozen."""
+    proc = _python(
+        "import gc, json\n"
+        "from finetune_budget.speed import collector, switches\n"
+        "collector.pause_during_startup()\n"
+        "during = gc.isenabled()\n"
+        "switches.configure({'pause_collector': False})\n"
+        "collector.resume_after_startup()\n"
+        "print(json.dumps([during, gc.isenabled(), gc.get_freeze_count()]))\n",
+        **({switches.ENV: "false"} if how == "environment" else {}),
+    )
+    assert proc.returncode == 0, proc.stderr
+    during, after, frozen = json.loads(proc.stdout)
+    assert during is (how == "environment") and after is True and frozen == 0

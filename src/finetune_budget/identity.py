@@ -74,6 +74,10 @@ ROLES: dict[str, tuple[str, str]] = {
     "mode": (BOOKKEEPING, "evaluate.py: what to do with a run"),
     "run_id": (BOOKKEEPING, "evaluate.py: which run"),
     "checkpoint": (BOOKKEEPING, "evaluate.py: which checkpoint"),
+    # the code that builds a group; its other keys (task.name, data.format) tell builds apart,
+    # and runs stored before the groups named their builder keep their identities
+    "task._target_": (BOOKKEEPING, "the task's builder"),
+    "data._target_": (BOOKKEEPING, "the task's DataModule"),
     "eval.cache_baseline": (RUN_OPTION, "epoch 0 from the cache, or evaluated again"),
     "trainer.enable_checkpointing": (RUN_OPTION, "Lightning's per-epoch checkpoint files"),
     "budget.continue_shorter_runs": (RUN_OPTION, "from a shorter run's state, or from scratch"),
@@ -101,6 +105,13 @@ CONTINUATION_LEGACY = {
     "callbacks.lr_monitor._target_": "lightning.pytorch.callbacks.LearningRateMonitor",
     "callbacks.lr_monitor.logging_interval": "step",
 }
+# The fast paths' switches (speed/switches.py) change how a run computes, not what: its metrics
+# agree within docs/performance.md's tolerance. Switched on (their default) they leave every
+# identity as it was before the switchboard, when the text models' groups carried two of them; a
+# run with a switch off is another point.
+SWITCH_PREFIX = "speed."
+SWITCH_MODEL_KEYS = {"fast_dropout": True, "unpad": "auto"}  # model.* before the switchboard
+SWITCH_MODELS = ("all-MiniLM-L6-v2", "all-mpnet-base-v2", "tiny-bert")
 PARAM_CHARS = 6000  # a param is logged as str(value)[:PARAM_CHARS] (tracking/mlflow_run.py)
 
 
@@ -140,10 +151,38 @@ def digest(payload: Any, sort_keys: bool = True) -> str:
     return hashlib.sha256(blob.encode()).hexdigest()[:20]
 
 
+def _switched_on(value: Any) -> bool:
+    return value is True or str(value) == "True"  # a config's bool, or a logged param
+
+
+def as_stored(flat: Mapping[str, Any]) -> dict[str, Any]:
+    """A flattened config (or logged params) as identities read it: the fast-path switches that
+    are on left out, the text models' former switch keys in (see SWITCH_PREFIX)."""
+    out = {k: v for k, v in flat.items() if not (k.startswith(SWITCH_PREFIX) and _switched_on(v))}
+    if str(flat.get("model.name")) in SWITCH_MODELS:
+        for key, value in SWITCH_MODEL_KEYS.items():
+            out.setdefault(f"model.{key}", value)
+    return out
+
+
+def _stored_model(model: Any) -> Any:
+    """The `model` group as identities read it (as_stored, for the nested group)."""
+    if not isinstance(model, Mapping) or str(model.get("name")) not in SWITCH_MODELS:
+        return model
+    return {**model, **{k: v for k, v in SWITCH_MODEL_KEYS.items() if k not in model}}
+
+
+def _groups(config: Mapping[str, Any], roles: frozenset[str]) -> dict[str, Any]:
+    """The `data` and `model` groups with the keys of `roles`, files fingerprinted."""
+    groups = {"data": config.get("data", {}), "model": _stored_model(config.get("model", {}))}
+    return with_fingerprints({g: select(tree, roles, g) for g, tree in groups.items()})
+
+
 # -- the four identities --------------------------------------------------------------------------
 def config_key(params: Mapping[str, Any]) -> str:
     """A hash of a run's flattened config (or its logged params) over the point's keys."""
-    return digest({k: str(v)[:PARAM_CHARS] for k, v in params.items() if role(k) in POINT})
+    stored = as_stored(params)
+    return digest({k: str(v)[:PARAM_CHARS] for k, v in stored.items() if role(k) in POINT})
 
 
 def point_key(config: Mapping[str, Any], version: str) -> str:
@@ -154,8 +193,7 @@ def point_key(config: Mapping[str, Any], version: str) -> str:
     dropped it by accident; kept, so stored runs keep their keys). Serialised without sorting
     keys, as before."""
     flat = {k: v for k, v in flatten(config).items() if not _matches(k, "model")}
-    files = with_fingerprints({g: select(config.get(g), POINT, g) for g in ("data", "model")})
-    return digest([config_key(flat), version, files], sort_keys=False)
+    return digest([config_key(flat), version, _groups(config, POINT)], sort_keys=False)
 
 
 def continuation_key(
@@ -164,13 +202,11 @@ def continuation_key(
     """What an epoch state is saved under: the config without `epochs` and `run_option` keys,
     the resolved precision (`auto` differs by machine), the package versions, and fingerprints
     (names, sizes, mtimes) of the data files and folders and weights packages the config names."""
-    flat = {k: v for k, v in flatten(config).items() if role(k) in CONTINUATION}
+    flat = {k: v for k, v in as_stored(flatten(config)).items() if role(k) in CONTINUATION}
     flat.update(CONTINUATION_LEGACY)
     flat["resolved.precision"] = precision
     flat["resolved.versions"] = dict(versions)
-    flat["resolved.files"] = with_fingerprints(
-        {g: select(config.get(g, {}), CONTINUATION, g) for g in ("data", "model")}
-    )
+    flat["resolved.files"] = _groups(config, CONTINUATION)
     return digest(flat)
 
 
@@ -188,7 +224,7 @@ def epoch0_key(
     """What the pretrained model's evaluation (epoch 0) is cached under (see the module doc)."""
     payload = {
         "task": task,
-        "model": with_fingerprints(select(model, EPOCH0, "model")),
+        "model": with_fingerprints(select(_stored_model(model), EPOCH0, "model")),
         "weights": weights,
         "data": with_fingerprints(select(data, EPOCH0, "data")),
         "eval": select(eval_settings, EPOCH0, "eval"),

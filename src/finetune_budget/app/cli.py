@@ -24,6 +24,7 @@ from finetune_budget.config import check_config, expand_range_overrides
 from finetune_budget.console import quiet_libraries
 from finetune_budget.distributed import is_main_process
 from finetune_budget.errors import BudgetError, one_line
+from finetune_budget.speed import switches
 from finetune_budget.speed.allocator import keep_freed_memory
 from finetune_budget.speed.collector import resume_after_startup
 
@@ -63,8 +64,9 @@ def guarded_job(job: Callable[[DictConfig], Any], cfg: DictConfig) -> Any:
     """Check the config, then run one Hydra job; report a failure instead of aborting the sweep."""
     JOBS.append(1)
     quiet_libraries()  # those imported so far; each job again after its heavy imports
-    keep_freed_memory()  # once per process: no page faults for the tensors freed every step
     try:
+        switches.configure(cfg.get("speed"))  # the fast paths (speed/switches.py)
+        keep_freed_memory()  # once per process: no page faults for the tensors freed every step
         check_config(cfg)
         return job(cfg)
     except BudgetError as e:
@@ -88,20 +90,18 @@ def exit_code() -> int:
     return 1 if FAILED_JOBS else 0
 
 
-FULL_EXIT_ENV = "FINETUNE_BUDGET_FULL_EXIT"
-
-
 def exit_now(code: int) -> NoReturn:
     """Leave the process with `code` as Python's own exit would, less the teardown of every module
     and object (2-5 s once torch, Lightning and MLflow are loaded): the non-daemon threads are
     joined and the atexit handlers run (MLflow, logging, temporary files), stdout and stderr are
-    flushed, then the process ends. FINETUNE_BUDGET_FULL_EXIT=1: sys.exit, the full teardown."""
+    flushed, then the process ends. `speed.quick_exit=false` (the last job's; speed/switches.py):
+    sys.exit, the full teardown."""
     import atexit
     import sys
     import threading
 
     join_threads = getattr(threading, "_shutdown", None)  # what Python's exit calls first
-    if os.environ.get(FULL_EXIT_ENV, "") not in ("", "0") or join_threads is None:
+    if not switches.enabled("quick_exit") or join_threads is None:
         sys.exit(code)
     try:
         join_threads()

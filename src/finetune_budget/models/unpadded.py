@@ -1,6 +1,7 @@
-"""BERT without its padding (`model.unpad`): every per-token layer of the encoder (embeddings,
-query/key/value and output projections, feed-forward, layer norms, dropout) runs on the batch's
-real tokens only, packed as (N, hidden); attention alone sees the padded (B, heads, T, d) layout.
+"""BERT without its padding (`speed.unpadded_encoder`): every per-token layer of the encoder
+(embeddings, query/key/value and output projections, feed-forward, layer norms, dropout) runs on
+the batch's real tokens only, packed as (N, hidden); attention alone sees the padded
+(B, heads, T, d) layout.
 
 The modules are the Hugging Face model's own (same weights, state dict, `save_pretrained`), called
 in the order `BertModel.forward` calls them, with the position ids it uses (`arange(T)` per row,

@@ -13,6 +13,7 @@ import torch
 from hydra.utils import instantiate
 
 from finetune_budget.errors import ConfigError, DivergedError
+from finetune_budget.speed.switches import enabled
 
 
 def lr_lambda(schedule: str, warmup_steps: int, total_steps: int) -> Callable[[int], float]:
@@ -83,13 +84,12 @@ def clip_for_fused(
     optimizer,
     clip_val,
     algorithm,
-    nonzero_rows: dict[int, torch.Tensor] | None = None,
 ) -> bool:
     """Clip the gradients of a fused optimizer here (Lightning's mixed-precision plugin refuses
     to, as a fused step unscales by itself). Under a gradient scaler (16-mixed) they are unscaled
     first, as torch's AMP recipe for clipping does; the scaler's step then passes the fused
-    kernel only its inf check, so a step with inf/NaN gradients is still skipped. nonzero_rows:
-    as clip_grad_norm's. Returns False when Lightning should clip."""
+    kernel only its inf check, so a step with inf/NaN gradients is still skipped. Returns False
+    when Lightning should clip."""
     if not clip_val or not getattr(optimizer, "_step_supports_amp_scaling", False):
         return False
     scaler = getattr(getattr(module._trainer, "precision_plugin", None), "scaler", None)
@@ -97,47 +97,37 @@ def clip_for_fused(
         scaler.unscale_(optimizer)
     params = [p for g in optimizer.param_groups for p in g["params"] if p.grad is not None]
     if (algorithm or "norm") == "norm":
-        clip_grad_norm(params, float(clip_val), nonzero_rows)
+        clip_grad_norm(params, float(clip_val))
     else:
         torch.nn.utils.clip_grad_value_(params, float(clip_val))
     return True
 
 
-def clip_grad_norm(
-    params: Iterable[torch.nn.Parameter],
-    max_norm: float,
-    nonzero_rows: dict[int, torch.Tensor] | None = None,
-) -> torch.Tensor:
+def clip_grad_norm(params: Iterable[torch.nn.Parameter], max_norm: float) -> torch.Tensor:
     """`torch.nn.utils.clip_grad_norm_(params, max_norm)` (2-norm over all gradients), in a third
     of its time for CPU gradients: each float32/64 gradient's squared norm is one BLAS dot product
     (torch's per-tensor norm runs at half that speed on the CPU), and gradients within the norm are
     left alone (torch multiplies them by 1.0 then, a pass over every gradient: the same values).
-    nonzero_rows: {id(param): rows} of gradients that are zero outside those rows (a word
-    embedding's kept gradient, speed/embedding_grad.py): only the rows are read and scaled (the
-    norm then differs from the full pass's by float rounding: another summation order).
-    Gradients on other devices go to torch's own. Returns the total norm."""
+    Gradients on other devices, and every gradient where `speed.own_clipping=false`, go to
+    torch's own (the plain path). Returns the total norm."""
     params = [p for p in params if p.grad is not None]
     grads = [p.grad for p in params]
     if not grads:
         return torch.tensor(0.0)
-    if any(g.device.type != "cpu" or g.layout != torch.strided for g in grads):
+    plain = not enabled("own_clipping")
+    if plain or any(g.device.type != "cpu" or g.layout != torch.strided for g in grads):
         return torch.nn.utils.clip_grad_norm_(params, max_norm)
-    rows = [(nonzero_rows or {}).get(id(p)) for p in params]
-    parts = [g if r is None else g.index_select(0, r) for g, r in zip(grads, rows, strict=True)]
     squares = [
         torch.dot(g.reshape(-1), g.reshape(-1)).float()
         if g.dtype in (torch.float32, torch.float64)
         else torch.linalg.vector_norm(g, dtype=torch.float32).square()
-        for g in parts
+        for g in grads
     ]
     total = torch.stack(squares).sum().sqrt()
     coef = max_norm / (total + 1e-6)  # torch's coefficient
     if not bool(coef >= 1.0):  # also when the norm is NaN or inf, as torch: the grads get it
-        for g, part, r in zip(grads, parts, rows, strict=True):
-            if r is None:
-                g.mul_(coef.to(g.dtype))
-            else:
-                g.index_copy_(0, r, part.mul_(coef.to(g.dtype)))
+        for g in grads:
+            g.mul_(coef.to(g.dtype))
     return total
 
 

@@ -7,17 +7,17 @@ unmaps them when freed, so every training step page-faults them in again and zer
 sets glibc's own tunables (mallopt: no mmap for blocks, trim the heap only above 1 GiB free),
 what PyTorch's CPU tuning guide gets from preloading jemalloc or tcmalloc, without either. The
 process keeps the memory it freed for reuse (peak memory measured +2% for MiniLM training, +8-12%
-for the MobileNetV2 image bench). Not glibc (macOS, musl) or FINETUNE_BUDGET_KEEP_FREED_MEMORY=0:
-nothing changes.
+for the MobileNetV2 image bench). Not glibc (macOS, musl) or `speed.keep_freed_memory=false`
+(speed/switches.py): nothing changes.
 """
 
 from __future__ import annotations
 
 import ctypes
 import functools
-import os
 
-ENV = "FINETUNE_BUDGET_KEEP_FREED_MEMORY"
+from finetune_budget.speed.switches import enabled
+
 M_TRIM_THRESHOLD, M_MMAP_MAX = -1, -4  # glibc's malloc.h
 TRIM_THRESHOLD_BYTES = 1 << 30
 
@@ -25,7 +25,7 @@ TRIM_THRESHOLD_BYTES = 1 << 30
 @functools.cache
 def keep_freed_memory() -> bool:
     """Set the tunables once per process; True when they are in effect."""
-    if os.environ.get(ENV, "") in ("0", "false", "off"):
+    if not enabled("keep_freed_memory"):
         return False
     libc = ctypes.CDLL(None)  # the C library this process runs on
     if not hasattr(libc, "gnu_get_libc_version"):  # glibc only: others have other tunables

@@ -11,19 +11,23 @@ passes took 2.9 s of the user's sweep (docs/performance.md).
 to the permanent generation (`gc.freeze`: never scanned again; the report's forked process gains
 too, no copy-on-write of those objects' headers) and turns the collector back on for everything
 created after. Where `pause_during_startup` did not turn it off (a library caller, the tests),
-both leave it as it is.
+both leave it as it is. Its switch, `pause_collector` (speed/switches.py): the pause comes before
+the config is read, so only FINETUNE_BUDGET_SPEED=false stops it; `speed.pause_collector=false`
+turns the collector on at the job's start without freezing anything.
 """
 
 from __future__ import annotations
 
 import gc
 
+from finetune_budget.speed.switches import enabled, env_all
+
 _paused = False
 
 
 def pause_during_startup() -> None:
     global _paused
-    if gc.isenabled():
+    if gc.isenabled() and env_all():
         gc.disable()
         _paused = True
 
@@ -33,5 +37,6 @@ def resume_after_startup() -> None:
     global _paused
     if _paused:
         _paused = False
-        gc.freeze()
+        if enabled("pause_collector"):
+            gc.freeze()
         gc.enable()

@@ -4,8 +4,8 @@ shares this one's memory, so only the results are pickled back): each takes the 
 taken, so neither waits on the other's longer tasks. The results are the same as one process
 computing them all, in order. `alongside`, where given, runs in this process first, while the
 forked one starts on the tasks (the sweep logs its chosen model while the figures are drawn).
-One process where the machine has one core or no fork, or in a daemonic process (the same
-results, serially, `alongside` first).
+One process where the machine has one core or no fork, in a daemonic process, or where
+`speed.forked_report=false` (the same results, serially, `alongside` first).
 """
 
 from __future__ import annotations
@@ -14,6 +14,8 @@ import multiprocessing
 import os
 from collections.abc import Callable, Sequence
 from typing import Any
+
+from finetune_budget.speed.switches import enabled
 
 Task = tuple[Callable[..., Any], tuple]  # a function and its arguments
 
@@ -43,7 +45,8 @@ def _take_and_send(tasks: Sequence[Task], taken, sender) -> None:
 
 def _forks() -> bool:
     return (
-        (os.cpu_count() or 1) >= 2
+        enabled("forked_report")
+        and (os.cpu_count() or 1) >= 2
         and "fork" in multiprocessing.get_all_start_methods()
         and not multiprocessing.current_process().daemon  # a daemonic process may not fork
     )

@@ -7,6 +7,8 @@ included); `copy` gives every job its own object where it will change it (a modu
 is always a copy of the cached one, never the cached one).
 
     module = cached("transformer", (spec, cls), lambda: load(spec), copy=copy.deepcopy)
+
+`speed.process_reuse=false` (speed/switches.py): every call loads.
 """
 
 from __future__ import annotations
@@ -17,6 +19,7 @@ from collections.abc import Callable
 from typing import Any, TypeVar
 
 from finetune_budget import identity
+from finetune_budget.speed.switches import enabled
 
 log = logging.getLogger(__name__)
 
@@ -34,6 +37,8 @@ def cache_key(*parts: Any) -> str:
 
 def cached(kind: str, key: Any, load: Callable[[], T], copy: Callable[[T], T] | None = None) -> T:
     """`load()` once per (kind, key) in this process; later calls get `copy(obj)` (or obj)."""
+    if not enabled("process_reuse"):
+        return load()
     entries = _CACHE.setdefault(kind, OrderedDict())
     k = key if isinstance(key, str) else cache_key(key)
     if k in entries:

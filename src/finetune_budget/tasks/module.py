@@ -19,7 +19,6 @@ from typing import Any
 
 import lightning as L
 import torch
-from lightning.pytorch.strategies import SingleDeviceStrategy
 
 from finetune_budget.errors import ConfigError
 from finetune_budget.retrieval import losses
@@ -31,11 +30,6 @@ from finetune_budget.retrieval.optim import (
     clip_for_fused,
     optimizer_with_schedule,
     weight_decay_groups,
-)
-from finetune_budget.speed.embedding_grad import (
-    KeptEmbeddingGradient,
-    keep_embedding_gradients,
-    rows_by_weight,
 )
 
 # kind of training data -> (the loss `loss.name=auto` picks, the losses that fit it)
@@ -77,7 +71,6 @@ class FineTuner(L.LightningModule):
         # Optional extra evaluations: hook(module, emb (N, D), groups (N,)) -> {"probe/...": ...}
         self.eval_hooks: list[Callable[..., dict[str, float]]] = []
         self._eval_parts: dict[str, list[tuple[torch.Tensor, torch.Tensor]]] = {}
-        self.kept_gradients: list[KeptEmbeddingGradient] = []
 
     # -- what a task defines ---------------------------------------------------------------------
     def embed_train(self, batch: dict[str, Any]) -> dict[str, torch.Tensor]:
@@ -120,20 +113,6 @@ class FineTuner(L.LightningModule):
                 local_loss=world > 1, gather_with_grad=world > 1, rank=rank, world_size=world
             )
 
-    def on_fit_start(self) -> None:
-        # One CPU, no DDP: word-embedding gradients without a 47 MB zero-fill a step.
-        self._release_kept_gradients()
-        if isinstance(self.trainer.strategy, SingleDeviceStrategy) and self.device.type == "cpu":
-            self.kept_gradients = keep_embedding_gradients(self)
-
-    def on_fit_end(self) -> None:
-        self._release_kept_gradients()
-
-    def _release_kept_gradients(self) -> None:
-        for kept in self.kept_gradients:
-            kept.remove()
-        self.kept_gradients = []
-
     def contrastive_loss(self, out: dict[str, torch.Tensor]) -> torch.Tensor:
         """`loss_name` on `embed_train`'s output (over every rank's batch under DDP)."""
         if self.loss_name == "clip":  # symmetric InfoNCE over image-caption pairs
@@ -171,9 +150,7 @@ class FineTuner(L.LightningModule):
     def configure_gradient_clipping(
         self, optimizer, gradient_clip_val=None, gradient_clip_algorithm=None
     ) -> None:
-        # the kept embedding gradients' nonzero rows (a sort of them: only when there is a clip)
-        rows = rows_by_weight(self.kept_gradients) if gradient_clip_val else None
-        if not clip_for_fused(self, optimizer, gradient_clip_val, gradient_clip_algorithm, rows):
+        if not clip_for_fused(self, optimizer, gradient_clip_val, gradient_clip_algorithm):
             super().configure_gradient_clipping(
                 optimizer, gradient_clip_val, gradient_clip_algorithm
             )

@@ -14,8 +14,9 @@ Its launcher then gets the job configs from
 a job that differs from an earlier one only in plain keys' values (`trainer.max_epochs=3`) gets a
 copy of that one's composed config with its values, not a composition from the YAML files.
 
-conf/hydra/sweeper/grid.yaml, the default by conf/hydra/default.yaml; `hydra/sweeper=basic`:
-Hydra's own.
+conf/hydra/sweeper/grid.yaml, the default by conf/hydra/default.yaml. Both are the fast path
+`speed.derived_sweep_configs` (speed/switches.py); with it off (or `hydra/sweeper=basic`) Hydra
+checks and composes every job itself.
 """
 
 from __future__ import annotations
@@ -27,6 +28,7 @@ from hydra.types import HydraContext, TaskFunction
 from omegaconf import DictConfig
 
 from finetune_budget.speed.sweep_configs import DerivedSweepConfigs
+from finetune_budget.speed.switches import values
 
 
 def _may_fail_by_value(override: str) -> bool:
@@ -49,14 +51,18 @@ def covering_jobs(batch: Sequence[Sequence[str]]) -> list[Sequence[str]]:
 
 
 class GridSweeper(BasicSweeper):
+    fast = True  # speed.derived_sweep_configs, read from the sweep's config in setup
+
     def setup(
         self, *, hydra_context: HydraContext, task_function: TaskFunction, config: DictConfig
     ) -> None:
-        derived = HydraContext(
-            config_loader=DerivedSweepConfigs(hydra_context.config_loader),
-            callbacks=hydra_context.callbacks,
-        )
-        super().setup(hydra_context=derived, task_function=task_function, config=config)
+        self.fast = values(config.get("speed"))["derived_sweep_configs"]
+        if self.fast:
+            hydra_context = HydraContext(
+                config_loader=DerivedSweepConfigs(hydra_context.config_loader),
+                callbacks=hydra_context.callbacks,
+            )
+        super().setup(hydra_context=hydra_context, task_function=task_function, config=config)
 
     def validate_batch_is_legal(self, batch: Sequence[Sequence[str]]) -> None:
-        super().validate_batch_is_legal(covering_jobs(batch))
+        super().validate_batch_is_legal(covering_jobs(batch) if self.fast else batch)

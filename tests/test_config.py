@@ -4,10 +4,15 @@ from __future__ import annotations
 
 import mlflow
 import pytest
-from hydra.utils import instantiate
+from hydra.utils import get_class, get_method, instantiate
+from omegaconf import OmegaConf
 
 from finetune_budget.config import expand_range_overrides, flatten, resolve_precision
-from tests.conftest import CONF, run_train_py
+from finetune_budget.data.base import BudgetDataModule
+from finetune_budget.errors import ConfigError
+from finetune_budget.tasks import build_task
+from finetune_budget.training.run import run_config
+from tests.conftest import CONF, requires_data, run_train_py
 
 
 def test_default_config_is_the_offline_minilm_clinc150_job(make_cfg):
@@ -29,6 +34,35 @@ def test_every_model_option_composes(make_cfg, option):
 def test_every_data_option_composes(make_cfg, option):
     cfg = make_cfg(f"data={option}")
     assert cfg.data.n > 0 and cfg.data.format
+
+
+@pytest.mark.parametrize("option", sorted(p.stem for p in (CONF / "data").glob("*.yaml")))
+def test_every_data_option_names_a_datamodule(make_cfg, option):
+    built = get_class(make_cfg(f"data={option}").data._target_)
+    assert issubclass(built, BudgetDataModule)
+
+
+@pytest.mark.parametrize("option", sorted(p.stem for p in (CONF / "task").glob("*.yaml")))
+def test_every_task_option_names_its_modules_build(make_cfg, option):
+    cfg = make_cfg(f"task={option}")
+    assert cfg.task._target_ == f"finetune_budget.tasks.{option}.build"
+    assert callable(get_method(cfg.task._target_))
+
+
+def test_data_of_another_task_is_a_one_line_error_naming_the_fix(make_cfg):
+    with pytest.raises(ConfigError, match="ImageRetrievalDataModule.*use data=clinc150"):
+        build_task(make_cfg("model=tiny_bert", "data=celeba"))
+
+
+@requires_data("clinc150")
+def test_a_config_logged_before_groups_named_their_builders_builds_the_same_task(make_cfg):
+    cfg = make_cfg("model=tiny_bert", "data.n=64")
+    logged = OmegaConf.create(run_config(cfg))  # config.yaml, as evaluate.py run_id=<id> reads it
+    del logged.task["_target_"], logged.data["_target_"]
+    new, old = build_task(cfg), build_task(logged)
+    assert type(old.module) is type(new.module) and type(old.datamodule) is type(new.datamodule)
+    assert old.n_train == new.n_train == 64
+    assert old.datamodule.subset.tolist() == new.datamodule.subset.tolist()
 
 
 @pytest.mark.parametrize("option", sorted(p.stem for p in (CONF / "trainer").glob("*.yaml")))

@@ -9,6 +9,10 @@ all-gathers need. The random streams of a rank (dropout, augmentation, masking) 
 `training.train` seeds rank r with `seed + r` (nanoGPT's seed_offset). Held-out loaders are not
 split: every rank embeds every held-out item (the metrics rank all of them); rank 0 records.
 Training batches carry `index`: the training items' ids (positions in the task's data).
+
+Every `conf/data/*.yaml` names its DataModule as `_target_`; `build_datamodule` makes it from the
+group's keys (loader keys such as `format` and `path` go on to the data set's loader) and what
+other groups decide (tokenizer, image size, eval batch size, seed).
 """
 
 from __future__ import annotations
@@ -18,10 +22,13 @@ from typing import Any
 
 import lightning as L
 import numpy as np
+from hydra.utils import get_class, instantiate
+from omegaconf import DictConfig, open_dict
 from torch.utils.data import DataLoader, Dataset, Sampler
 
 from finetune_budget.data.samplers import ClassChunkBatchSampler, ShuffledBatchSampler
 from finetune_budget.data.subsets import nested_subset
+from finetune_budget.errors import ConfigError
 
 
 class BudgetDataModule(L.LightningDataModule):
@@ -114,3 +121,25 @@ class BudgetDataModule(L.LightningDataModule):
             dataset, batch_size=self.eval_batch_size, shuffle=False, collate_fn=collate_fn,
             **self.loader_kwargs(),
         )  # fmt: skip
+
+
+def build_datamodule(
+    group: DictConfig, kind: type[BudgetDataModule], use: str, **given: Any
+) -> BudgetDataModule:
+    """The DataModule the `data` group's `_target_` names, from the group's keys and `given`.
+
+    kind: the DataModule class the task trains on; use: the data options that build one (the
+    fix a one-line ConfigError names when `data=` is of another task)."""
+    if "_target_" not in group:
+        # a config logged before data groups named their DataModule (evaluate.py run_id=<old
+        # run>): the task's own kind
+        group = group.copy()
+        with open_dict(group):
+            group["_target_"] = f"{kind.__module__}.{kind.__qualname__}"
+    built = get_class(group._target_)
+    if not issubclass(built, kind):
+        raise ConfigError(
+            f"data={group.get('name')} builds {built.__name__}, but this task trains on "
+            f"{kind.__name__}; use {use}"
+        )
+    return instantiate(group, _partial_=True, _convert_="all")(**given)

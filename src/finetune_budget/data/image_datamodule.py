@@ -3,11 +3,18 @@ and the held-out images, each embedded once per evaluation."""
 
 from __future__ import annotations
 
+from typing import Any
+
 import torch
 from torch.utils.data import DataLoader
 
 from finetune_budget.data.base import BudgetDataModule
-from finetune_budget.data.images import ImageDataset, ImageRetrievalData, check_readable
+from finetune_budget.data.images import (
+    ImageDataset,
+    ImageRetrievalData,
+    check_readable,
+    load_image_data,
+)
 from finetune_budget.errors import DataError
 from finetune_budget.models.vision import image_transforms
 
@@ -19,7 +26,8 @@ class ImageRetrievalDataModule(BudgetDataModule):
 
     def __init__(
         self,
-        data: ImageRetrievalData,
+        data: ImageRetrievalData | None = None,
+        *,
         n: int,
         image_size: int,
         mean: tuple[float, ...],
@@ -31,7 +39,12 @@ class ImageRetrievalDataModule(BudgetDataModule):
         num_workers: int = 0,
         augment: bool = True,
         seed: int = 0,
+        **source: Any,
     ) -> None:
+        """data: the loaded images, or None to load the ones `source` describes (the `data`
+        group's other keys: format, csv, root, ...; data.images.load_image_data)."""
+        if data is None:
+            data = load_image_data(source)
         super().__init__(
             len(data.train_paths), n, subset_seed, name=f"{data.name} training images",
             batch_size=batch_size, samples_per_class=samples_per_class,

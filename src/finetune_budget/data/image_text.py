@@ -171,17 +171,23 @@ class ImageTextDataModule(BudgetDataModule):
 
     def __init__(
         self,
-        data: ImageTextData,
+        data: ImageTextData | None,
         tokenizer: Callable[[list[str]], torch.Tensor],
         train_transform: Callable[[Image.Image], torch.Tensor],
         eval_transform: Callable[[Image.Image], torch.Tensor],
+        *,
         n: int,
         subset_seed: int = 0,
         batch_size: int = 32,
         eval_batch_size: int = 128,
         num_workers: int = 0,
         seed: int = 0,
+        **source: Any,
     ) -> None:
+        """data: the loaded pairs, or None to load the ones `source` describes (the `data`
+        group's other keys: format, path, eval_images, ...; load_image_text_data)."""
+        if data is None:
+            data = load_image_text_data(source)
         super().__init__(
             len(data), n, subset_seed, name=f"{data.name} train pairs", batch_size=batch_size,
             eval_batch_size=eval_batch_size, num_workers=num_workers, seed=seed,

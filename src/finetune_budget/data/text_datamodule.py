@@ -9,7 +9,7 @@ from torch.utils.data import DataLoader, Sampler
 
 from finetune_budget.data.base import BudgetDataModule
 from finetune_budget.data.samplers import LengthBucketBatchSampler
-from finetune_budget.data.text import TextRetrievalData
+from finetune_budget.data.text import TextRetrievalData, load_text_data
 from finetune_budget.speed import reuse
 
 
@@ -26,8 +26,9 @@ class TextRetrievalDataModule(BudgetDataModule):
 
     def __init__(
         self,
-        data: TextRetrievalData,
-        tokenizer: Any,
+        data: TextRetrievalData | None = None,
+        tokenizer: Any = None,
+        *,
         n: int,
         subset_seed: int = 0,
         batch_size: int = 32,
@@ -37,7 +38,12 @@ class TextRetrievalDataModule(BudgetDataModule):
         num_workers: int = 0,
         seed: int = 0,
         length_bucket_pool: int = 0,
+        **source: Any,
     ) -> None:
+        """data: the loaded data set, or None to load the one `source` describes (the `data`
+        group's other keys: format, path, ...; data.text.load_text_data)."""
+        if data is None:
+            data = load_text_data(source)
         super().__init__(
             len(data), n, subset_seed, name=f"{data.name} train", batch_size=batch_size,
             samples_per_class=samples_per_class, eval_batch_size=eval_batch_size,

@@ -1,6 +1,6 @@
 """Tasks: what a run fine-tunes and on what, one module per task.
 
-    task.py         TaskParts, the registry, build_task (the shared task type)
+    task.py         TaskParts, build_task (the task group's `_target_`: its `build`)
     module.py       FineTuner: what every task's LightningModule shares (held-out evaluation,
                     loss choice, optimiser, finite-loss checks)
     text_text.py    sentence encoders on labelled texts or pairs (SupCon / InfoNCE)
@@ -14,6 +14,6 @@ Data live in `finetune_budget.data` (every task's DataModule derives from `data.
 
 from __future__ import annotations
 
-from finetune_budget.tasks.task import TASKS, TaskParts, build_task, plain
+from finetune_budget.tasks.task import TaskParts, build_task, plain
 
-__all__ = ["TASKS", "TaskParts", "build_task", "plain"]
+__all__ = ["TaskParts", "build_task", "plain"]

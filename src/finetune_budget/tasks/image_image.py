@@ -93,38 +93,33 @@ class ImageEmbeddingFineTuner(FineTuner):
         return "items", self(batch["images"])
 
 
-def build(cfg: DictConfig) -> TaskParts:
-    """The image_image task: DataModule and module from the resolved config (tasks.TaskParts)."""
+def build(cfg: DictConfig, **_: Any) -> TaskParts:
+    """The image_image task: DataModule and module from the resolved config (tasks.TaskParts;
+    the task group's own keys, name and modality, are read where runs are tagged)."""
+    from finetune_budget.data.base import build_datamodule
     from finetune_budget.data.image_datamodule import ImageRetrievalDataModule
-    from finetune_budget.data.images import load_image_data
 
     model_cfg = OmegaConf.to_container(cfg.model, resolve=True)
-    data_cfg = OmegaConf.to_container(cfg.data, resolve=True)
-    if model_cfg.get("family") != "image_backbone":
+    if model_cfg["family"] != "image_backbone":
         raise ConfigError(
-            f"task=image_image needs an image model, got model={model_cfg.get('name')}; use "
+            f"task=image_image needs an image model, got model={model_cfg['name']}; use "
             "model=mobilenet_v2 (or efficientnet_lite0/1/2, timm_backbone, tiny_cnn)"
         )
     default_mean, default_std = backbone_mean_std(model_cfg["backbone"])
-    data = load_image_data(data_cfg)
-    dm = ImageRetrievalDataModule(
-        data,
-        n=data_cfg["n"],
+    dm = build_datamodule(
+        cfg.data,
+        ImageRetrievalDataModule,
+        "data=celeba or custom_images",
         image_size=int(model_cfg["image_size"]),
-        mean=tuple(model_cfg.get("mean") or default_mean),
-        std=tuple(model_cfg.get("std") or default_std),
-        subset_seed=data_cfg.get("subset_seed", cfg.seed),
-        batch_size=data_cfg["batch_size"],
-        samples_per_class=data_cfg.get("samples_per_class", 4),
+        mean=tuple(model_cfg["mean"] or default_mean),
+        std=tuple(model_cfg["std"] or default_std),
         eval_batch_size=cfg.eval.batch_size,
-        num_workers=data_cfg.get("num_workers", 0),
-        augment=data_cfg.get("augment", True),
         seed=cfg.seed,
     )
     module = ImageEmbeddingFineTuner(
         model=model_cfg, loss=OmegaConf.to_container(cfg.loss, resolve=True),
         optim=OmegaConf.to_container(cfg.optim, resolve=True), top_k=cfg.eval.top_k,
     )  # fmt: skip
-    random_parts = model_cfg.get("pretrained") is None or bool(model_cfg.get("output_dim"))
+    random_parts = model_cfg["pretrained"] is None or bool(model_cfg["output_dim"])
     random_parts = random_parts or model_cfg["backbone"] == "tiny_cnn"
     return TaskParts(dm, module, dm.n_train, random_parts)

@@ -28,7 +28,7 @@ from transformers import (
 )
 
 from finetune_budget.data.airbnb import Listings, load_listings
-from finetune_budget.data.base import BudgetDataModule
+from finetune_budget.data.base import BudgetDataModule, build_datamodule
 from finetune_budget.errors import ConfigError, ModelError
 from finetune_budget.export.formats import encoder_as_sentence_transformer
 from finetune_budget.models.text import (
@@ -76,8 +76,9 @@ class MaskedLMDataModule(BudgetDataModule):
 
     def __init__(
         self,
-        listings: Listings,
-        tokenizer: Any,
+        listings: Listings | None = None,
+        tokenizer: Any = None,
+        *,
         n: int,
         subset_seed: int = 0,
         batch_size: int = 16,
@@ -88,7 +89,12 @@ class MaskedLMDataModule(BudgetDataModule):
         eval_batch_size: int = 256,
         num_workers: int = 0,
         seed: int = 0,
+        **source: Any,
     ) -> None:
+        """listings: the loaded listings, or None to load the ones `source` describes (the
+        `data` group's path, text_column and price_column)."""
+        if listings is None:
+            listings = load_listings(source["path"], source["text_column"], source["price_column"])
         if not 0 < mlm_probability < 1:
             raise ConfigError(
                 f"data.mlm_probability={mlm_probability} must lie in (0, 1), e.g. 0.2"
@@ -155,7 +161,7 @@ class MaskedLMDataModule(BudgetDataModule):
 def build_masked_lm(
     pretrained: str | None,
     config: dict[str, Any] | None = None,
-    fast_dropout: bool = False,
+    fast_dropout: bool | None = None,
     **_: Any,
 ) -> torch.nn.Module:
     """A transformer with a masked-LM head. Sentence encoders (all-MiniLM-L6-v2) ship without
@@ -303,33 +309,25 @@ class MaskedLMAdapter(FineTuner):
 
 
 # -- task ----------------------------------------------------------------------------------------
-def build(cfg: DictConfig) -> TaskParts:
-    """TaskParts of task=mlm_price from the composed config."""
-    plain = OmegaConf.to_container(cfg, resolve=True)
-    model_cfg, data_cfg = plain["model"], plain["data"]
-    probe = dict(plain["eval"].get("price_probe") or {})
-    listings = load_listings(
-        data_cfg["path"],
-        data_cfg.get("text_column", "description"),
-        data_cfg.get("price_column", "price"),
-    )
-    tokenizer = load_tokenizer(model_cfg["tokenizer"])
-    dm = MaskedLMDataModule(
-        listings,
-        tokenizer,
-        n=data_cfg["n"],
-        subset_seed=data_cfg.get("subset_seed", cfg.seed),
-        batch_size=data_cfg["batch_size"],
-        chunk_length=data_cfg.get("chunk_length") or model_cfg["max_length"],
-        mlm_probability=data_cfg.get("mlm_probability", 0.2),
-        probe_max_length=probe.pop("max_length", 128),
-        probe_max_listings=probe.pop("max_listings", None),
-        eval_batch_size=plain["eval"]["batch_size"],
-        num_workers=data_cfg.get("num_workers", 0),
+def build(cfg: DictConfig, save_model: bool, **_: Any) -> TaskParts:
+    """TaskParts of task=mlm_price from the composed config. save_model: keep the adapted
+    encoder as a sentence-transformers folder (task.save_model; the task group's name, modality
+    and budget_metric are read where runs are tagged and scored)."""
+    model_cfg = OmegaConf.to_container(cfg.model, resolve=True)
+    probe = OmegaConf.to_container(cfg.eval.price_probe, resolve=True)
+    dm = build_datamodule(
+        cfg.data,
+        MaskedLMDataModule,
+        "data=airbnb_amsterdam",
+        tokenizer=load_tokenizer(model_cfg["tokenizer"]),
+        chunk_length=cfg.data.chunk_length or model_cfg["max_length"],
+        probe_max_length=probe.pop("max_length"),
+        probe_max_listings=probe.pop("max_listings"),
+        eval_batch_size=cfg.eval.batch_size,
         seed=cfg.seed,
     )
-    save_dir = None
-    if plain["task"].get("save_model", True):
-        save_dir = str(Path(plain["paths"]["output_dir"]) / "adapted_model")
-    module = MaskedLMAdapter(model_cfg, plain["optim"], probe, save_dir)
-    return TaskParts(dm, module, dm.n_train, model_cfg.get("pretrained") is None)
+    save_dir = str(Path(cfg.paths.output_dir) / "adapted_model") if save_model else None
+    module = MaskedLMAdapter(
+        model_cfg, OmegaConf.to_container(cfg.optim, resolve=True), probe, save_dir
+    )
+    return TaskParts(dm, module, dm.n_train, model_cfg["pretrained"] is None)

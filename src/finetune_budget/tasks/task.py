@@ -1,20 +1,23 @@
-"""The shared task type: what a task builds (`TaskParts`), the registry of tasks, `build_task`.
+"""The shared task type: what a task builds (`TaskParts`) and `build_task`.
 
 Each task is one module of this package (`text_text`, `text_image`, `image_image`, `mlm_price`)
-with a `build(cfg) -> TaskParts` function; the registry names them, and a task's module is
-imported only when it is built (no import circles, and open_clip loads only for text_image).
+with a `build(cfg, **options) -> TaskParts` function that its `conf/task/*.yaml` names as
+`_target_` (the task group's other keys are its options); Hydra imports the module only when the
+task is built (no import circles, and open_clip loads only for text_image).
 A task's LightningModule sets `eval_metrics` ({"val/...": float}) after each validation; its
-DataModule (a `data.base.BudgetDataModule`) has `n_train` (the labelled items actually used).
+DataModule (a `data.base.BudgetDataModule`, built from the `data` group) has `n_train` (the
+labelled items actually used).
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
-from importlib import import_module
 from typing import Any
 
 import lightning as L
-from omegaconf import DictConfig, OmegaConf
+from hydra.errors import InstantiationException
+from hydra.utils import instantiate
+from omegaconf import DictConfig, OmegaConf, open_dict
 
 from finetune_budget.errors import ConfigError
 
@@ -33,18 +36,20 @@ def plain(node: Any) -> Any:
     return OmegaConf.to_container(node, resolve=True) if isinstance(node, DictConfig) else node
 
 
-# task.name -> the module of this package that builds it (its `build(cfg)`)
-TASKS: dict[str, str] = {
-    "text_text": "finetune_budget.tasks.text_text",
-    "text_image": "finetune_budget.tasks.text_image",
-    "image_image": "finetune_budget.tasks.image_image",
-    "mlm_price": "finetune_budget.tasks.mlm_price",
-}
-
-
 def build_task(cfg: DictConfig) -> TaskParts:
-    """The DataModule and LightningModule of `cfg.task.name`, from the resolved config."""
-    name = cfg.task.name
-    if name not in TASKS:
-        raise ConfigError(f"task={name} is unknown; use one of {', '.join(sorted(TASKS))}")
-    return import_module(TASKS[name]).build(cfg)
+    """The DataModule and LightningModule the task group's `_target_` builds from `cfg`."""
+    node = cfg.task
+    if "_target_" not in node:
+        # a config logged before task groups named their builder (evaluate.py run_id=<old run>):
+        # every task's builder is `build` in the module of its name
+        node = node.copy()
+        with open_dict(node):
+            node["_target_"] = f"finetune_budget.tasks.{node.name}.build"
+    try:
+        build = instantiate(node, _partial_=True)
+    except InstantiationException as e:
+        raise ConfigError(
+            f"task={node.name} cannot be built ({node._target_}): {e}; use task=text_text, "
+            "text_image, image_image or mlm_price"
+        ) from e
+    return build(cfg)

@@ -165,35 +165,33 @@ class ClipFineTuner(FineTuner):
         return param_groups
 
 
-def build(cfg: DictConfig) -> TaskParts:
-    """TaskParts of `task=text_image`: the image-caption DataModule and a ClipFineTuner."""
+def build(cfg: DictConfig, **_: Any) -> TaskParts:
+    """TaskParts of `task=text_image`: the image-caption DataModule and a ClipFineTuner (the
+    task group's own keys, name and modality, are read where runs are tagged)."""
     from omegaconf import OmegaConf
 
-    from finetune_budget.data.image_text import ImageTextDataModule, load_image_text_data
+    from finetune_budget.data.base import build_datamodule
+    from finetune_budget.data.image_text import ImageTextDataModule
     from finetune_budget.models.vision import image_transforms
 
     model_cfg = OmegaConf.to_container(cfg.model, resolve=True)
-    data_cfg = OmegaConf.to_container(cfg.data, resolve=True)
-    optim_cfg = OmegaConf.to_container(cfg.optim, resolve=True)
-    data = load_image_text_data(data_cfg)
     module = ClipFineTuner(
         model=model_cfg,
-        optim=optim_cfg,
+        optim=OmegaConf.to_container(cfg.optim, resolve=True),
         top_k=cfg.eval.top_k,
-        recall_at=tuple(cfg.eval.get("recall_at", (1, 5, 10))),
+        recall_at=tuple(cfg.eval.recall_at),
     )
     p = module.parts
     size = int(model_cfg.get("image_size") or p.image_size)
-    dm = ImageTextDataModule(
-        data,
-        p.tokenizer,
+    dm = build_datamodule(
+        cfg.data,
+        ImageTextDataModule,
+        "data=flickr8k",
+        data=None,
+        tokenizer=p.tokenizer,
         train_transform=image_transforms(size, True, p.mean, p.std),
         eval_transform=image_transforms(size, False, p.mean, p.std),
-        n=data_cfg["n"],
-        subset_seed=data_cfg.get("subset_seed", cfg.seed),
-        batch_size=data_cfg["batch_size"],
         eval_batch_size=cfg.eval.batch_size,
-        num_workers=data_cfg.get("num_workers", 0),
         seed=cfg.seed,
     )
     log.info(

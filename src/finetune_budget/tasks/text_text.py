@@ -54,36 +54,32 @@ class EmbeddingFineTuner(FineTuner):
         return "items", self(batch["input"])
 
 
-def build(cfg: DictConfig) -> TaskParts:
-    """TaskParts of task=text_text from the composed config."""
-    from finetune_budget.data.text import load_text_data
+def build(cfg: DictConfig, **_: Any) -> TaskParts:
+    """TaskParts of task=text_text from the composed config (the task group's own keys, name
+    and modality, are read where runs are tagged)."""
+    from finetune_budget.data.base import build_datamodule
     from finetune_budget.data.text_datamodule import TextRetrievalDataModule
     from finetune_budget.models.text import load_tokenizer
     from finetune_budget.retrieval.probes import attach_eval_hooks
 
-    model_cfg, data_cfg = plain(cfg.model), plain(cfg.data)
-    data = load_text_data(data_cfg)
+    model_cfg = plain(cfg.model)
     tokenizer = load_tokenizer(model_cfg["tokenizer"])
-    dm = TextRetrievalDataModule(
-        data,
-        tokenizer,
-        n=data_cfg["n"],
-        subset_seed=data_cfg.get("subset_seed", cfg.seed),
-        batch_size=data_cfg["batch_size"],
-        samples_per_class=data_cfg.get("samples_per_class", 4),
-        eval_batch_size=cfg.eval.batch_size,
+    dm = build_datamodule(
+        cfg.data,
+        TextRetrievalDataModule,
+        "data=clinc150, stsb, flickr8k_captions or custom_text",
+        tokenizer=tokenizer,
         max_length=model_cfg["max_length"],
-        num_workers=data_cfg.get("num_workers", 0),
+        eval_batch_size=cfg.eval.batch_size,
         seed=cfg.seed,
-        length_bucket_pool=data_cfg.get("length_bucket_pool", 0),
     )
     module = EmbeddingFineTuner(
         model=model_cfg,
         loss=plain(cfg.loss),
         optim=plain(cfg.optim),
-        data_kind=data.kind,
+        data_kind=dm.data.kind,
         top_k=cfg.eval.top_k,
     )
     attach_eval_hooks(module, cfg, tokenizer)  # eval.truncate_dims, eval.pair_probe (optional)
-    random_parts = model_cfg.get("pretrained") is None or bool(model_cfg.get("output_dim"))
+    random_parts = model_cfg["pretrained"] is None or bool(model_cfg["output_dim"])
     return TaskParts(dm, module, dm.n_train, random_parts)

@@ -22,7 +22,7 @@ from omegaconf import DictConfig, OmegaConf
 from finetune_budget.config import resolve_precision
 from finetune_budget.distributed import is_main_process
 from finetune_budget.export.logged import check_log_model_option, log_model, model_params
-from finetune_budget.speed import reuse
+from finetune_budget.speed import reuse, switches
 from finetune_budget.tasks import TaskParts, build_task
 from finetune_budget.tracking.mlflow_run import STALE_AFTER_S, TrackedRun, tracked_run
 from finetune_budget.tracking.parent import current_parent
@@ -118,6 +118,7 @@ def train(
     A point (config, seed, package version) with a FINISHED run is reused, not trained again,
     unless budget.rerun=true or extra callbacks (a pruner) must see the epochs.
     """
+    switches.configure(cfg.get("speed"))  # the fast paths this job takes (speed/switches.py)
     config = run_config(cfg)
     main_process = is_main_process(cfg.trainer)
     if not main_process:  # ranks 1.. of a multi-process run: rank 0 reports and records

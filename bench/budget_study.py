@@ -1,7 +1,7 @@
 """The learning-curve study behind docs/results.md, from a full grid's MLflow runs.
 
     python bench/budget_study.py --tracking-uri sqlite:////tmp/w10b/clinc-grid.db \
-        --experiment clinc-grid --epochs 2 --pilot-max 1000 --min-roi-per-label 1e-5
+        --experiment clinc-grid --epochs 2 --pilot-max 1000 [--min-roi-per-label 1e-5]
 
 Prints, for the runs of one experiment (every data.n x seed at one epoch count):
 1. the measured curve: mean gain over seeds per data.n with its `level` interval, and the cost;
@@ -11,14 +11,18 @@ Prints, for the runs of one experiment (every data.n x seed at one epoch count):
 2b. rolling backtests for every metric of --backtest-metrics: for each measured size from the
    fourth on, fit the sizes below it (report.curves.backtest), predict it, and count how often the
    interval covered the measured mean (the coverage the report's trust labels rest on);
-3. the advice of the full grid (budget_search.grid_advice) and its cost;
+3. the advice of the full grid (budget_search.grid_advice: study.advice.advise on its runs)
+   and its cost;
 4. the adaptive search replayed on the same runs (budget_search.replay: its jobs are looked up
-   instead of trained, sizes restricted to the grid's): its decisions, advice and cost.
+   instead of trained, sizes restricted to the grid's): its decisions, advice and cost;
+5. per metric of --backtest-metrics: the mean gain per size, the grid's advice and where the
+   replayed search stops, had it stopped on that metric (the evidence for the stopping metric).
 """
 
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import math
 
 import numpy as np
@@ -88,7 +92,12 @@ def main() -> None:
     p.add_argument("--epochs", type=int, required=True, help="trainer.max_epochs of the grid")
     p.add_argument("--pilot-max", type=int, default=1000, help="fit on data.n <= this")
     p.add_argument("--search-pilot", type=int, nargs="*", default=None, help="default: <= 400")
-    p.add_argument("--min-roi-per-label", type=float, default=1e-5)
+    p.add_argument(
+        "--min-roi-per-label",
+        type=float,
+        default=None,
+        help="the marginal-ROI stopping test; default: the advice engine's rule",
+    )
     p.add_argument("--growth", type=float, default=4.0)
     p.add_argument("--level", type=float, default=0.9)
     p.add_argument("--epoch-rule", default="best")
@@ -188,6 +197,28 @@ def main() -> None:
         f"search/grid: {result.spent_s / grid_cost:.0%} of the seconds, "
         f"{result.item_epochs / grid_items:.0%} of the item-epochs"
     )
+    print_by_metric(by_metric, args.backtest_metrics, args.epochs, settings)
+
+
+def print_by_metric(found, metrics, epochs: int, settings: bs.SearchSettings) -> None:
+    """Per metric: its baseline, the mean gain per size, the grid's advice and the replayed
+    search's stop and advice on that metric."""
+    print("\n| metric | baseline | mean gain per data.n | grid advice | search stops | advice |")
+    print("|---|---|---|---|---|---|")
+    for metric in metrics:
+        obs = [o for o in found[metric].values() if o.epochs == epochs]
+        if not obs:
+            continue
+        s = dataclasses.replace(settings, metric=metric)
+        means = bs.engine_means(obs, epochs, s)
+        base = np.mean([o.baseline for o in obs])
+        curve = ", ".join(f"{n}: {g:+.4f}" for n, g in means.items())
+        grid_n, _ = bs.grid_advice(obs, epochs, s)
+        result = bs.run_search(bs.replay(obs), s)
+        print(
+            f"| {metric.removeprefix('val/')} | {base:.4f} | {curve} | {grid_n} "
+            f"| {result.stop_reason} | {result.advice_n} |"
+        )
 
 
 if __name__ == "__main__":

@@ -4,6 +4,8 @@ recorded on the sweep's parent run. The decisions themselves are study.search (n
 from __future__ import annotations
 
 import math
+from collections.abc import Mapping
+from typing import Any
 
 import pandas as pd
 
@@ -43,12 +45,34 @@ def from_mlflow(
             gain=per_epoch(gain_col),
             value=per_epoch(metric),
             seconds=per_epoch("seconds"),
+            items_seen=per_epoch("samples_seen"),
             baseline=float(base.iloc[0]) if len(base) else math.nan,
             run_id=str(run_id),
+            key=(str(first["task"]), str(first["model"]), str(first["data"])),
             cost_s=float(trained["seconds"].max()) + float(rows["eval_s"].fillna(0).sum()),
         )
         out[(obs.n, obs.seed, obs.epochs)] = obs
     return out
+
+
+def training_items(data: Mapping[str, Any]) -> int | None:
+    """How many labelled training items the `data` group's data set holds: the largest data.n
+    a job can train on. Its loader reads the files (no model, tokenizer or DataModule is built);
+    None for a format this does not count (then only hydra.sweeper.n_max caps the search)."""
+    # imported here, not above: Hydra imports the sweeper plugin (and so this module) in every
+    # command, and the data package brings lightning (seconds before a config error)
+    from finetune_budget.data.image_text import IMAGE_TEXT_LOADERS, load_image_text_data
+    from finetune_budget.data.images import load_image_data
+    from finetune_budget.data.text import TEXT_LOADERS, load_text_data
+
+    fmt = data.get("format")
+    if fmt in TEXT_LOADERS:
+        return len(load_text_data(data))
+    if fmt in IMAGE_TEXT_LOADERS:
+        return len(load_image_text_data(dict(data)))
+    if fmt in ("folder", "csv"):
+        return len(load_image_data(dict(data)).train_paths)
+    return None
 
 
 def record(client, run_id: str, result: SearchResult) -> None:
@@ -65,8 +89,10 @@ def record(client, run_id: str, result: SearchResult) -> None:
         "budget_search.grid_item_epochs": str(result.grid_item_epochs),
     }
     if result.advice is not None:
-        tags["budget_search.advice"] = result.advice.line()[:5000]
-        tags["budget_search.advice_n"] = str(result.advice.n)
-        tags["budget_search.advice_epochs"] = str(result.advice.epochs)
+        tags["budget_search.advice"] = result.advice.lines()[0][:5000]
+        tags["budget_search.advice_n"] = str(result.advice_n)
+        tags["budget_search.advice_epochs"] = str(result.advice_epochs)
+    if math.isfinite(result.cost()):
+        tags["budget_search.cost"] = f"{result.cost():.2f}"
     for key, value in tags.items():
         client.set_tag(run_id, key, value)

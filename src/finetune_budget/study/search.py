@@ -11,36 +11,52 @@ drive it (tests/test_budget_sweeper.py). The learning curve is `study.curves.fit
 
 One step of the search (`decide`):
 1. Stop when the target is reached: the mean gain (or metric value) over seeds at a measured n.
-2. Stop when ROI per label has fallen below the threshold with confidence `level`: the marginal
-   ROI of the last labels added, (gain(n2) - gain(n1)) / (n2 - n1) between the two largest
-   measured n, paired by seed (the subsets are nested), has a one-sided t upper bound below the
-   threshold, after an earlier segment paid at least the threshold (ROI has *fallen*: a curve
-   still flat at the pilot's sizes does not stop). The threshold is `min_roi_per_label`, or
-   `roi_share_of_peak` times the largest marginal ROI measured so far (0.3: "ROI has fallen
-   by 70% from its peak").
-3. Stop when the compute budget is spent, `max_steps` steps were run, or all data is used.
+2. Without a target, stop when the advice is decided. By default (`min_roi_per_label` null)
+   by the advice engine's own rule (study.advice.still_paying): it recommends the largest gain
+   among the sizes whose gain / n is still >= `advise.drop_fraction` of its peak; once the
+   largest n measured is below that limit, gain / n only falls further and the answer cannot
+   move up. While the last size that pays and the first that does not are more than 1.5x (or
+   one allowed size) apart, the size between is measured first. A curve with no gain above 0
+   yet has no peak and does not stop. With `min_roi_per_label`: the marginal ROI of the last
+   labels added, (gain(n2) - gain(n1)) / (n2 - n1) between the two largest measured n, paired
+   by seed (the subsets are nested), has a one-sided t upper bound at `level` below it, after
+   an earlier segment paid at least it (a curve still flat at the pilot's sizes does not stop).
+3. Stop when the compute budget is spent, `max_steps` steps were run, or every labelled item
+   is used (`n_max`: the sweeper sets it to the training set's size at most, so no job asks
+   for more items than the data holds; the advice then predicts what labels beyond it buy).
 4. More epochs first, when the last epoch at the largest n still added more than
    `min_epoch_gain` (mean over seeds): every measured n is rerun with `epoch_step` more epochs,
    which continues each saved run and costs only the added epochs.
 5. Otherwise measure the next n (at most `growth` times the largest measured, or among
-   `sizes`): with a target, the smallest n where the fitted curve reaches it; else, while the
-   fitted curve's knee (where its marginal ROI falls below the threshold) lies above the largest
-   measured n, the candidate nearest below the knee; once past it, the smallest n where test 2
+   `sizes`): with a target, the smallest n where the fitted curve reaches it; by default, the
+   smallest n where the fitted gain / n falls below the limit of 2; with `min_roi_per_label`,
+   while the fitted curve's knee (where its marginal ROI falls below the threshold) lies
+   above the largest measured n, the candidate nearest below the knee; once past it, the
+   smallest n where test 2
    is expected to pass (the fitted ROI per label from the largest measured n plus the paired
    test's half-width from the measured seed-to-seed spread is below the threshold). With no
    such n, or a fit that cannot be trusted to extrapolate, the farthest step allowed (where the
    prediction is least certain). A step whose estimated cost (seconds per item-epoch so far)
    does not fit in the remaining budget is not run.
+6. With prices (`advise.label_cost` and `advise.value_per_gain`, or a target with
+   `advise.miss_penalty`; study/prices.py), the step chosen in 4 or 5 is run only while its
+   expected value of information is at least its cost (`step_value`, `step_cost`): its gain
+   predicted as a normal (the fitted curve's interval; for more epochs, the last epoch's gain
+   again per added epoch with the seeds' spread), valued as V x E[max(G - best, 0)] (the better
+   model is kept afterwards) or as miss_penalty x P(G >= target) with G the fitted gain at the
+   farthest size the search may reach (a step on the way to a target is worth the chance of
+   reaching it at all); its cost the labels it adds
+   (subsets are nested) and its estimated compute. The summary states what the search cost.
 
-The advice: the smallest measured n reaching the target; after the ROI test, the full grid's
-rule applied to the sizes measured (`grid_advice`: the left end of the first segment whose ROI
-per label fell below the threshold with confidence), so a search advises what a grid of the
-same sizes would; otherwise the largest n measured. Its epochs: the epoch with the best mean
-gain there.
+The advice is `study.advice.advise`, the one engine the report's decision card and
+`python evaluate.py mode=advise` use, on the search's runs as budget points (`points_frame`):
+the same runs give the same recommended data.n and epochs. "Keep the pretrained model" is
+data.n=0 (`advised`). `grid_advice` is the same engine on a full grid's runs.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import math
 from collections.abc import Callable, Mapping, Sequence
@@ -48,12 +64,15 @@ from dataclasses import asdict, dataclass, field, fields
 from typing import Any
 
 import numpy as np
+import pandas as pd
 from scipy import stats
 
 from finetune_budget.errors import ConfigError
-from finetune_budget.study.curves import fit_learning_curve
-from finetune_budget.study.roi import gain_ceiling, gains
-from finetune_budget.study.significance import NO_GAIN, paying_sizes
+from finetune_budget.study import advice as engine
+from finetune_budget.study.curves import fit_learning_curve, quiet_numerics
+from finetune_budget.study.prices import Prices
+from finetune_budget.study.roi import gain_ceiling, gains, metric_name
+from finetune_budget.study.table import GROUP, budget_points
 
 log = logging.getLogger(__name__)
 
@@ -68,8 +87,9 @@ class SearchSettings:
     seeds: tuple[int, ...] = (0, 1, 2)
     epochs: int = 3
     epoch_rule: str = "best"  # the gain of a run: at its best epoch, or at its last
-    min_roi_per_label: float | None = None  # absolute threshold on the marginal gain per label
-    roi_share_of_peak: float = 0.3  # used when min_roi_per_label is null
+    # null: stop by the advice engine's rule (advise.drop_fraction); a number: stop when the
+    # marginal gain per added label is below it with `level` confidence
+    min_roi_per_label: float | None = None
     target_gain: float | None = None  # relative gain over the pretrained model, e.g. 0.05
     target_value: float | None = None  # or a value of the metric, e.g. 0.97
     compute_budget_s: float | None = None  # wall-clock seconds of the search's jobs
@@ -83,6 +103,9 @@ class SearchSettings:
     max_epochs: int = 10
     compare_grid: tuple[int, ...] = (100, 200, 500, 1000, 2000, 5000)
     metric: str | None = None  # budget.metric: bounds the fitted gain (study.roi.gain_ceiling)
+    # The advice engine's settings and the prices (conf/advise/default.yaml, composed into
+    # hydra.sweeper.advise): the search advises with study.advice.advise, as mode=advise does.
+    advise: engine.AdviceSettings = field(default_factory=engine.AdviceSettings)
 
     @classmethod
     def from_config(cls, node: Mapping[str, Any]) -> SearchSettings:
@@ -93,6 +116,8 @@ class SearchSettings:
                 f"hydra.sweeper has unknown keys {unknown}; known: {', '.join(sorted(known))}"
             )
         values = {k: v for k, v in node.items() if k in known}
+        if "advise" in values and not isinstance(values["advise"], engine.AdviceSettings):
+            values["advise"] = engine.AdviceSettings.from_config(values["advise"])
         for key in ("pilot_n", "seeds", "compare_grid", "sizes"):
             if key in values and values[key] is not None:
                 values[key] = tuple(int(v) for v in values[key])
@@ -128,6 +153,20 @@ class SearchSettings:
             )
         if self.target_gain is not None and self.target_value is not None:
             raise ConfigError("set hydra.sweeper.target_gain or target_value, not both")
+        self.engine().prices  # noqa: B018  (a one-line ConfigError for prices it cannot use)
+
+    def engine(self) -> engine.AdviceSettings:
+        """The advice engine's settings with the search's own target, level and metric, so the
+        search stops and advises on the question mode=advise is asked."""
+        target = {}
+        if self.target_gain is not None or self.target_value is not None:
+            target = {"target_gain": self.target_gain, "target_value": self.target_value}
+        metric = {"metric": self.metric} if self.metric is not None else {}
+        return dataclasses.replace(self.advise, level=self.level, **target, **metric)
+
+    @property
+    def prices(self) -> Prices:
+        return self.engine().prices
 
 
 @dataclass(frozen=True)
@@ -150,8 +189,10 @@ class Observation:
     gain: Mapping[int, float]
     value: Mapping[int, float] = field(default_factory=dict)
     seconds: Mapping[int, float] = field(default_factory=dict)
+    items_seen: Mapping[int, float] = field(default_factory=dict)  # data/samples_seen
     baseline: float = math.nan  # the metric at epoch 0
     run_id: str | None = None
+    key: tuple[str, str, str] = ("-", "-", "-")  # (task, model, data), the runs' tags
     cost_s: float = math.nan  # training plus evaluation seconds of the run
 
     def at(self, rule: str) -> tuple[int, float]:
@@ -191,6 +232,8 @@ class Decision:
     roi_threshold: float = math.nan
     spent_s: float = 0.0
     estimated_s: float = math.nan
+    value: float = math.nan  # with prices: the step's expected value of information, in money
+    cost: float = math.nan  # ... and its cost: the labels it adds and its estimated compute
 
     def row(self) -> dict[str, Any]:
         out = {k: v for k, v in asdict(self).items() if k != "jobs"}
@@ -199,25 +242,13 @@ class Decision:
         return out
 
 
-@dataclass
-class Advice:
-    n: int
-    epochs: int
-    gain: float
-    gain_lo: float
-    gain_hi: float
-    basis: str
-
-    def line(self) -> str:
-        if self.n == 0:
-            return f"keep the pretrained model ({self.basis})"
-        interval = (
-            f" [{self.gain_lo:.4g}, {self.gain_hi:.4g}]" if math.isfinite(self.gain_lo) else ""
-        )
-        return (
-            f"data.n={self.n} trainer.max_epochs={self.epochs}: gain {self.gain:.4g}{interval} "
-            f"({self.basis})"
-        )
+def advised(advice: engine.Advice | None) -> tuple[int, int] | None:
+    """(data.n, epochs) the engine recommends; (0, 0) for "keep the pretrained model" (no n)."""
+    if advice is None:
+        return None
+    if advice.n is None:
+        return 0, 0
+    return int(advice.n), int(advice.epochs or 0)
 
 
 @dataclass
@@ -225,23 +256,59 @@ class SearchResult:
     decisions: list[Decision]
     observations: list[Observation]
     stop_reason: str
-    advice: Advice | None
+    advice: engine.Advice | None  # study.advice.advise on the search's runs: mode=advise's answer
     spent_s: float
     jobs: int
     item_epochs: int
     grid_item_epochs: int
     grid_estimated_s: float
+    labels: int = 0  # the labels the search bought: its largest data.n (subsets are nested)
+    prices: Prices = field(default_factory=Prices)
+    at_edge: bool = False  # stopped because every labelled item was used
+
+    @property
+    def advice_n(self) -> int | None:
+        return None if self.advice is None else advised(self.advice)[0]
+
+    @property
+    def advice_epochs(self) -> int | None:
+        return None if self.advice is None else advised(self.advice)[1]
+
+    def cost(self) -> float:
+        """What the search itself cost in money: its labels and its compute (NaN: not priced)."""
+        if not self.prices.priced:
+            return math.nan
+        return self.prices.label_cost * self.labels + self.prices.compute_cost(self.spent_s)
 
     def summary(self) -> str:
         lines = [f"budget search stopped: {self.stop_reason}"]
         if self.advice is not None:
-            lines.append(f"advice: {self.advice.line()}")
+            head = self.advice.lines()[0]  # the line mode=advise prints
+            if self.advice_n == 0 and "keep the pretrained model" not in head:
+                head += ": keep the pretrained model"
+            lines.append(f"advice: {head}")
+            if self.at_edge and self.advice.more_labels is not None:
+                more = self.advice.more_labels
+                lines.append(
+                    f"beyond the data: {more.question}: {more.text} (trust: {more.trust})"
+                )
         share = self.item_epochs / self.grid_item_epochs if self.grid_item_epochs else math.nan
         lines.append(
             f"cost: {self.jobs} jobs, {self.item_epochs} item-epochs, {self.spent_s:.0f} s; "
             f"the full grid it replaces: {self.grid_item_epochs} item-epochs "
             f"(~{self.grid_estimated_s:.0f} s at the measured rate), {share:.0%} of it"
         )
+        if self.prices.priced:
+            p = self.prices
+            compute = (
+                f" + compute {p.money(p.compute_cost(self.spent_s))} for {self.spent_s:.0f} s"
+                if p.compute_cost_per_hour
+                else ""
+            )
+            lines.append(
+                f"the search cost {p.money(self.cost())}: {self.labels} labels "
+                f"{p.money(p.label_cost * self.labels)}{compute}"
+            )
         return "\n".join(lines)
 
 
@@ -297,23 +364,49 @@ def has_risen(points: Mapping[int, Mapping[int, float]], threshold: float) -> bo
 
 
 def roi_threshold(points: Mapping[int, Mapping[int, float]], settings: SearchSettings) -> float:
-    if settings.min_roi_per_label is not None:
-        return float(settings.min_roi_per_label)
-    peak = max(segment_rois(points), default=math.nan)
-    return settings.roi_share_of_peak * peak if peak > 0 else math.inf
+    """The marginal ROI threshold of the stopping test (`min_roi_per_label`)."""
+    return float(settings.min_roi_per_label)
+
+
+def engine_means(
+    observations: Sequence[Observation], epochs: int, settings: SearchSettings
+) -> pd.Series:
+    """Mean gain over seeds per measured n (index) at the epoch the advice engine reads
+    (`advise.data_epoch`: final, else by the search's epoch rule)."""
+    rule = "last" if settings.engine().data_epoch == "final" else settings.epoch_rule
+    points = curve_points(observations, epochs, rule)
+    return pd.Series({n: float(np.mean(list(g.values()))) for n, g in points.items()})
+
+
+def _between(n_pay: int | None, n_last: int, s: SearchSettings) -> int | None:
+    """The size to measure between the largest n that pays and the smallest that does not, or
+    None when they are close enough (an allowed size apart, or within 1.5x)."""
+    if n_pay is None:
+        return None
+    if s.sizes:
+        inside = [n for n in s.sizes if n_pay < n < n_last]
+        if not inside:
+            return None
+        return min(inside, key=lambda n: abs(math.log(n / math.sqrt(n_pay * n_last))))
+    if n_last / n_pay <= 1.5:
+        return None
+    mid = nice(math.sqrt(n_pay * n_last))
+    return mid if n_pay < mid < n_last else None
 
 
 def target_gain(observations: Sequence[Observation], settings: SearchSettings) -> float | None:
-    """The target as a relative gain (a target_value is converted with the runs' baseline)."""
-    if settings.target_gain is not None:
-        return float(settings.target_gain)
-    if settings.target_value is None:
+    """The target as a relative gain (a target_value is converted with the runs' baseline): the
+    search's own, else the advice engine's (hydra.sweeper.advise.target_*)."""
+    asked = settings.engine()
+    if asked.target_gain is not None:
+        return float(asked.target_gain)
+    if asked.target_value is None:
         return None
     base = [o.baseline for o in observations if math.isfinite(o.baseline)]
     if not base:
         return None
     m0 = float(np.mean(base))
-    return gains({"m": settings.target_value}, {"m": m0}, 1, 1.0)["gain/m"]
+    return gains({"m": asked.target_value}, {"m": m0}, 1, 1.0)["gain/m"]
 
 
 def nice(n: float) -> int:
@@ -409,10 +502,51 @@ def decide(
         if reached:
             d.reason = f"target gain {goal:.4g} reached at data.n={min(reached)}"
             return d
-    d.roi_threshold = roi_threshold(points, s)
-    mean_roi, d.roi_upper, k = marginal_roi_bound(points, s.level)
+    if goal is None and s.min_roi_per_label is None:
+        # the advice engine's own rule (study.advice.still_paying): the answer is the largest
+        # gain among the n whose gain / n is still >= drop_fraction of its peak; once the
+        # largest n measured is not among them it is decided (gain / n only falls further),
+        # within 1.5x (or the allowed sizes) of where gain / n crosses the limit
+        gain_n = engine_means(observations, epochs, s)
+        roi = gain_n / gain_n.index
+        drop = s.engine().drop_fraction
+        n_last = int(gain_n.index.max())
+        d.roi_upper = float(roi[n_last])
+        d.roi_threshold = drop * float(roi.max()) if roi.max() > 0 else -math.inf
+        paying = engine.still_paying(gain_n, drop) if roi.max() > 0 else gain_n.iloc[:0]
+        if roi.max() > 0 and n_last not in paying.index:
+            n_pay = int(paying.index.max()) if len(paying) else None
+            mid = _between(n_pay, n_last, s)
+            if mid is None:
+                d.reason = (
+                    f"the advice is decided: ROI per label (gain / n) at data.n={n_last} is "
+                    f"{d.roi_upper:.3g}, below {drop:.0%} of its peak at "
+                    f"data.n={int(roi.idxmax())} ({d.roi_threshold:.3g}); larger sizes pay "
+                    "less still"
+                )
+                return d
+            d.reason = (
+                f"the answer lies between data.n={n_pay} (gain / n still pays) and {n_last} "
+                f"(below {d.roi_threshold:.3g})"
+            )
+            if step > s.max_steps:
+                d.reason += f"; max_steps={s.max_steps} steps run"
+                return d
+            d.action, d.n = "measure", [mid]
+            d.jobs = [Job(mid, seed, epochs) for seed in s.seeds]
+            d.reason += f": the size between, data.n={mid}"
+            rate = _rate(observations, spent_s, item_epochs)
+            return _within_budget(d, rate * mid * epochs * len(s.seeds), spent_s, s)
+    elif s.min_roi_per_label is not None:
+        d.roi_threshold = roi_threshold(points, s)
+        mean_roi, d.roi_upper, k = marginal_roi_bound(points, s.level)
     (n1, _), (n2, _) = list(points.items())[-2:]
-    if goal is None and d.roi_upper < d.roi_threshold and has_risen(points, d.roi_threshold):
+    if (
+        goal is None
+        and s.min_roi_per_label is not None
+        and d.roi_upper < d.roi_threshold
+        and has_risen(points, d.roi_threshold)
+    ):
         d.reason = (
             f"ROI per label from data.n={n1} to {n2} is {mean_roi:.3g}, below "
             f"{d.roi_threshold:.3g} with {s.level:.0%} confidence (upper bound {d.roi_upper:.3g}, "
@@ -443,10 +577,18 @@ def decide(
             f"(> min_epoch_gain {s.min_epoch_gain}); every n to {new_epochs} epochs"
         )
         added = sum(n * (new_epochs - epochs) for n in points) * len(s.seeds)
-        return _within_budget(d, rate * added, spent_s, s)
+        # what the added epochs may buy at n_top: the last epoch's gain again for each, with
+        # the seed-to-seed spread of a mean (an upper estimate: epochs' gains shrink)
+        sd = _seed_sd(points) / math.sqrt(len(s.seeds))
+        expected = means[n_top] + more_epochs * (new_epochs - epochs)
+        d = _within_budget(d, rate * added, spent_s, s)
+        return _worth_it(d, expected, sd, max(means.values()), goal, 0, s)
 
     if s.n_max is not None and n_top >= s.n_max:
-        d.reason = f"all labelled data used (data.n={n_top} = n_max)"
+        d.reason = (
+            f"every labelled item available is used (data.n={n_top}, n_max={s.n_max}); the "
+            "advice predicts what labels beyond the data would buy"
+        )
         return d
     cands = candidates(n_top, s)
     if not cands:
@@ -463,6 +605,9 @@ def decide(
         if goal is not None:
             hit = [c for c, m in zip(cands, mean, strict=True) if m >= goal]
             what = f"predicted to reach the target gain {goal:.4g}"
+        elif s.min_roi_per_label is None:  # where gain / n is predicted to stop paying
+            hit = [c for c, m in zip(cands, mean, strict=True) if m / c < d.roi_threshold]
+            what = f"the smallest n where gain / n is predicted below {d.roi_threshold:.3g}"
         elif not has_risen(points, d.roi_threshold):  # still flat: look further out
             hit = [cands[-1]]
             what = f"ROI per label has not yet risen to {d.roi_threshold:.3g}: the farthest step"
@@ -496,7 +641,70 @@ def decide(
         d.predicted, d.predicted_lo, d.predicted_hi = float(mean[i]), float(lo[i]), float(hi[i])
     d.action, d.n = "measure", [n_next]
     d.jobs = [Job(n_next, seed, epochs) for seed in s.seeds]
-    return _within_budget(d, rate * n_next * epochs * len(s.seeds), spent_s, s)
+    d = _within_budget(d, rate * n_next * epochs * len(s.seeds), spent_s, s)
+    z = float(stats.norm.ppf(0.5 + s.level / 2))  # the fitted interval as a normal's spread
+    predicted, sd = d.predicted, (d.predicted_hi - d.predicted_lo) / (2 * z)
+    if goal is not None and curve is not None and getattr(curve, "extrapolation_ok", False):
+        # a step on the way to the target is worth the chance of reaching it at all: the
+        # prediction at the farthest size the search may go (n_max, else growth^steps left)
+        far = s.n_max or n_top * s.growth ** (s.max_steps - step + 1)
+        m_far, lo_far, hi_far = (float(np.asarray(a)[0]) for a in curve.predict([float(far)]))
+        predicted, sd = m_far, (hi_far - lo_far) / (2 * z)
+    return _worth_it(d, predicted, sd, max(means.values()), goal, n_next - n_top, s)
+
+
+def step_value(prices: Prices, goal: float | None, mean: float, sd: float, best: float) -> float:
+    """The expected value, in money, of what a step measures when its gain is predicted as
+    Normal(mean, sd) and `best` is the best mean gain measured so far (NaN: the prices value no
+    gain). With `value_per_gain` V: V x E[max(G - best, 0)] = V (d Phi(d/sd) + sd phi(d/sd)),
+    d = mean - best (afterwards the better of the two is kept). With a target and
+    `miss_penalty` P: P x P(G >= target) (stopping now misses it)."""
+    if goal is not None:
+        if prices.miss_penalty is None or not math.isfinite(mean):
+            return math.nan
+        p = float(mean >= goal) if not sd > 0 else float(stats.norm.sf((goal - mean) / sd))
+        return prices.miss_penalty * p
+    if prices.value_per_gain is None or not math.isfinite(mean):
+        return math.nan
+    d = mean - best
+    if not sd > 0:
+        return prices.value_per_gain * max(d, 0.0)
+    z = d / sd
+    return prices.value_per_gain * (d * stats.norm.cdf(z) + sd * stats.norm.pdf(z))
+
+
+def step_cost(prices: Prices, new_labels: int, estimated_s: float) -> float:
+    """The price of a step: the labels it adds (subsets are nested: only n_next - n_top are
+    bought) and its estimated seconds of compute on the measured device."""
+    compute = prices.compute_cost(estimated_s) if prices.compute_cost_per_hour else 0.0
+    return (prices.label_cost or 0.0) * new_labels + compute
+
+
+def _worth_it(
+    d: Decision,
+    mean: float,
+    sd: float,
+    best: float,
+    goal: float | None,
+    new_labels: int,
+    s: SearchSettings,
+) -> Decision:
+    """With prices, stop when the step's expected value of information is below its cost."""
+    prices = s.prices
+    if d.action == "stop" or not prices.priced:
+        return d
+    d.value = step_value(prices, goal, mean, sd, best)
+    d.cost = step_cost(prices, new_labels, d.estimated_s)
+    if math.isfinite(d.value) and math.isfinite(d.cost) and d.value < d.cost:
+        d.reason = (
+            f"the next step ({d.action} data.n={' '.join(map(str, d.n))} "
+            f"trainer.max_epochs={d.epochs}) "
+            f"is worth {prices.money(d.value)} in expectation and costs "
+            f"{prices.money(d.cost)} ({new_labels} labels, ~{d.estimated_s:.0f} s); "
+            f"was: {d.reason}"
+        )
+        d.action, d.jobs = "stop", []
+    return d
 
 
 def _seed_sd(points: Mapping[int, Mapping[int, float]]) -> float:
@@ -542,87 +750,60 @@ def _within_budget(d: Decision, estimate: float, spent: float, s: SearchSettings
 
 # --- the advice and the whole search -----------------------------------------------------------
 
-
-def advise(
-    observations: Sequence[Observation], epochs: int, stop: Decision, settings: SearchSettings, fit
-) -> Advice | None:
-    """Recommended data.n and epochs when the search stops, from the measured points."""
-    points = curve_points(observations, epochs, settings.epoch_rule)
-    if not points:
-        return None
-    means = {n: float(np.mean(list(g.values()))) for n, g in points.items()}
-    goal = target_gain(observations, settings)
-    ns = list(points)
-    if stop.roi_upper < stop.roi_threshold and not paying_sizes(points, settings.level):
-        basis = f"{NO_GAIN} ({len(next(iter(points.values())))} seeds, {settings.level:.0%})"
-        return Advice(0, 0, 0.0, math.nan, math.nan, basis)
-    if goal is not None and any(m >= goal for m in means.values()):
-        n, basis = min(n for n, m in means.items() if m >= goal), "the smallest n reaching target"
-    elif (
-        len(ns) >= 2
-        and stop.roi_upper < stop.roi_threshold
-        and has_risen(points, stop.roi_threshold)
-    ):
-        # the grid's rule on the sizes measured, so that a search and a grid that measured the
-        # same sizes advise the same n: the left end of the first segment that stopped paying
-        n, why = grid_advice(observations, epochs, settings)
-        n = ns[-2] if n is None else n
-        basis = f"measured: {why}"
-        curve = _fit(points, settings, fit, observations)
-        if curve is not None and getattr(curve, "extrapolation_ok", False):
-            knee = fitted_knee(curve, ns[0], ns[-1], stop.roi_threshold, settings.level)
-            if knee is not None:
-                basis += f" (the fitted curve's knee: data.n~{nice(knee)})"
-    else:
-        n, basis = ns[-1], "the largest n measured; ROI had not fallen below the threshold"
-    gains_n = list(points[n].values())
-    lo = hi = math.nan
-    if len(gains_n) >= 2:
-        half = stats.t.ppf(0.5 + settings.level / 2, len(gains_n) - 1) * np.std(gains_n, ddof=1)
-        half /= math.sqrt(len(gains_n))
-        lo, hi = means[n] - half, means[n] + half
-    best_epoch = _best_epoch(observations, n, epochs)
-    basis += f", {len(gains_n)} seeds, epoch rule {settings.epoch_rule}"
-    return Advice(n, best_epoch, means[n], float(lo), float(hi), basis)
+DEFAULT_METRIC = "val/mrr_at_20"  # the metric of stub observations (budget.metric's fallback)
 
 
-def _best_epoch(observations: Sequence[Observation], n: int, epochs: int) -> int:
-    by_epoch: dict[int, list[float]] = {}
+def points_frame(observations: Sequence[Observation], settings: SearchSettings) -> pd.DataFrame:
+    """The observations as the budget points mode=advise reads from MLflow (table.budget_points
+    of one row per run and trained epoch): the same runs give the engine the same frame."""
+    metric = settings.metric or DEFAULT_METRIC
+    name = metric_name(metric)
+    rows = []
     for o in observations:
-        if o.n == n and o.epochs == epochs:
-            for e, g in o.gain.items():
-                if e >= 1 and math.isfinite(g):
-                    by_epoch.setdefault(e, []).append(g)
-    if not by_epoch:
-        return epochs
-    return max(by_epoch, key=lambda e: (float(np.mean(by_epoch[e])), -e))
+        for e, g in sorted(o.gain.items()):
+            seconds = o.seconds.get(e, math.nan)
+            rows.append(
+                {
+                    **dict(zip(GROUP, o.key, strict=True)),
+                    "run_id": o.run_id,
+                    "n": o.n,
+                    "seed": o.seed,
+                    "epochs": o.epochs,
+                    "epoch": e,
+                    "seconds": seconds,
+                    "samples_seen": o.items_seen.get(e, math.nan),
+                    metric: o.value.get(e, math.nan),
+                    f"gain/{name}": g,
+                    f"roi_s/{name}": g / seconds if seconds > 0 else math.nan,
+                }
+            )
+    frame = pd.DataFrame(rows)
+    return budget_points(frame) if len(frame) else frame
+
+
+@quiet_numerics
+def advise(observations: Sequence[Observation], settings: SearchSettings) -> engine.Advice | None:
+    """The recommendation on the search's runs: study.advice.advise, the one advice engine (the
+    report's decision card and mode=advise use it), asked with the search's settings."""
+    frame = points_frame([o for o in observations if o.epochs >= 1], settings)
+    if frame.empty:
+        return None
+    base = [o.baseline for o in observations if math.isfinite(o.baseline)]
+    baseline = float(np.mean(base)) if base else math.nan
+    metric = settings.metric or DEFAULT_METRIC
+    key = tuple(frame[GROUP].iloc[0])  # one search: one task, model and data set
+    return engine.advise(frame, key, metric, baseline, settings.engine())
 
 
 def grid_advice(
     observations: Sequence[Observation], epochs: int, settings: SearchSettings
 ) -> tuple[int | None, str]:
-    """What a full grid advises by the same rules: walking up its sizes, the smallest n reaching
-    the target, or the left end of the first segment whose ROI per label is below the
-    threshold with `level` confidence (thresholds as the search would see them); else the
-    largest n."""
-    points = curve_points(observations, epochs, settings.epoch_rule)
-    ns = list(points)
-    if not ns:
+    """What a full grid at `epochs` epochs advises: the same engine on its runs. (data.n, why);
+    0 for "keep the pretrained model"."""
+    advice = advise([o for o in observations if o.epochs == epochs], settings)
+    if advice is None:
         return None, "no finished runs"
-    if not paying_sizes(points, settings.level):
-        return 0, f"{NO_GAIN}: keep the pretrained model"
-    goal = target_gain(observations, settings)
-    if goal is not None:
-        for n in ns:
-            if float(np.mean(list(points[n].values()))) >= goal:
-                return n, f"the smallest n reaching the target gain {goal:.4g}"
-        return ns[-1], "the target was not reached; the largest n"
-    for k in range(2, len(ns) + 1):
-        sub = {n: points[n] for n in ns[:k]}
-        thr = roi_threshold(sub, settings)
-        if marginal_roi_bound(sub, settings.level)[1] < thr and has_risen(sub, thr):
-            return ns[k - 2], f"ROI per label from {ns[k - 2]} to {ns[k - 1]} below the threshold"
-    return ns[-1], "ROI per label never fell below the threshold; the largest n"
+    return advised(advice)[0], advice.why
 
 
 def replay(observations: Sequence[Observation]) -> Callable[[list[Job]], Batch]:
@@ -677,16 +858,20 @@ def run_search(
             break
         jobs, epochs, step = d.jobs, d.epochs, step + 1
     grid = sum(s.compare_grid) * len(s.seeds) * epochs
+    labels = max((o.n for o in obs_list), default=0)
     return SearchResult(
         decisions,
         obs_list,
         d.reason,
-        advise(obs_list, epochs, d, s, fit),
+        advise(obs_list, s),
         spent,
         n_jobs,
         item_epochs,
         grid,
         _rate(obs_list, spent, item_epochs) * grid,
+        labels,
+        s.prices,
+        at_edge=s.n_max is not None and labels >= s.n_max,
     )
 
 
@@ -696,7 +881,7 @@ def run_search(
 def decisions_table(result: SearchResult) -> str:
     """The decisions as a Markdown table."""
     cols = ["step", "action", "n", "epochs", "jobs", "predicted", "predicted_lo", "predicted_hi"]
-    cols += ["roi_upper", "roi_threshold", "spent_s", "estimated_s", "reason"]
+    cols += ["roi_upper", "roi_threshold", "spent_s", "estimated_s", "value", "cost", "reason"]
     rows = [d.row() for d in result.decisions]
 
     def fmt(v: Any) -> str:

@@ -7,7 +7,11 @@ Hydra finds it in the `hydra_plugins` namespace package. The sweeper launches ea
 launcher, reads their runs from MLflow (children of the sweep's parent run, which
 `app.sweep_parent` creates), and leaves every decision to `finetune_budget.study.search`
 (`finetune_budget.app.budget_search` reads the runs and records the decisions).
-The parent gets the decisions table, the advice and the cost as artifacts and tags.
+Before the pilot it counts the data group's training items (`training_items`): no job asks
+for more than the data holds (`n_max`). The advice engine's settings and the prices come from
+conf/advise/default.yaml, composed as `hydra.sweeper.advise`. The parent gets the decisions
+table, the advice and the cost as artifacts and tags; the log ends with the `mode=advise`
+command that gives the same advice from the store.
 """
 
 from __future__ import annotations
@@ -24,7 +28,7 @@ from hydra.core.utils import JobStatus
 from hydra.plugins.sweeper import Sweeper
 from hydra.types import HydraContext, TaskFunction
 from mlflow.tracking import MlflowClient
-from omegaconf import DictConfig
+from omegaconf import DictConfig, OmegaConf
 
 from finetune_budget.app import budget_search as search_runs
 from finetune_budget.errors import ConfigError
@@ -88,10 +92,55 @@ class BudgetSweeper(Sweeper):
         settings = self.settings
         if settings.metric is None:  # the fitted gain is bounded by budget.metric's ceiling
             settings = dataclasses.replace(settings, metric=metric)
+        settings = dataclasses.replace(settings, n_max=self.n_max(settings))
         result = budget_search.run_search(measure, settings)
         search_runs.record(MlflowClient(uri), parent, result)
         log.info("%s", result.summary())
+        log.info(
+            "the same advice from the runs: python evaluate.py mode=advise %s",
+            " ".join(advise_overrides(settings, uri, experiment, parent)),
+        )
         return result
+
+    def n_max(self, settings: budget_search.SearchSettings) -> int | None:
+        """hydra.sweeper.n_max, at most the training set's size (never a job asking for more
+        items than the data holds); a pilot larger than the data is refused."""
+        assert self.config is not None
+        data = OmegaConf.to_container(self.config.data, resolve=True)
+        size = search_runs.training_items(data)
+        if size is None:
+            return settings.n_max
+        if max(settings.pilot_n) > size:
+            raise ConfigError(
+                f"hydra.sweeper.pilot_n={list(settings.pilot_n)} asks for more than the {size} "
+                f"training items of data={data.get('name')}; give pilot sizes <= {size}"
+            )
+        return size if settings.n_max is None else min(settings.n_max, size)
+
+
+def advise_overrides(
+    settings: budget_search.SearchSettings, uri: str, experiment: str, parent: str
+) -> list[str]:
+    """evaluate.py's overrides that ask mode=advise the search's question on the search's runs."""
+    out = [f"tracking.uri={uri}", f"tracking.experiment={experiment}", f"report.sweep={parent}"]
+    engine = settings.engine()
+    out.append(f"advise.metric={engine.metric}")
+    defaults = type(engine)()
+    for key in (
+        "target_gain",
+        "target_value",
+        "level",
+        "label_cost",
+        "compute_cost_per_hour",
+        "miss_penalty",
+        "value_per_gain",
+        "drop_fraction",
+        "share",
+        "calibration",
+    ):
+        if getattr(engine, key) != getattr(defaults, key):
+            out.append(f"advise.{key}={getattr(engine, key)}")
+    return out
 
 
 def fixed_overrides(arguments: Sequence[str]) -> list[str]:

@@ -31,6 +31,7 @@ from finetune_budget.errors import ConfigError, DataError
 from finetune_budget.export.formats import Exported, export_model
 from finetune_budget.report.build import ReportSettings, build_report, check_runs
 from finetune_budget.study.advice import Advice, AdviceSettings, experiment_advice
+from finetune_budget.study.plan import experiment_plans
 from finetune_budget.study.table import budget_points
 from finetune_budget.tasks import build_task
 from finetune_budget.tracking.audit import audit_experiment
@@ -144,17 +145,29 @@ def report_mode(cfg: DictConfig) -> dict[str, float]:
 
 
 def advise_mode(cfg: DictConfig) -> list[Advice]:
-    """evaluate.py mode=advise: the recommendation and the questions answered, in a few lines
-    on stdout, for `advise.metric` (default: the first of report.metrics)."""
+    """evaluate.py mode=advise: with prices, the plan first (study/plan.py: labels to buy, epochs,
+    base model, cost, P(reach the target), what each of report.metrics says there); then the
+    recommendation and the questions answered, in a few lines on stdout, for `advise.metric`
+    (default: the first of report.metrics)."""
     report = ReportSettings.from_config(_node(cfg, "report"))
     s = AdviceSettings.from_config(_node(cfg, "advise"))
+    prices = s.prices  # bad prices: one line before anything is read
     metric = s.metric or report.metrics[0]
+    # the plan says what every metric of the report would advise at its n
+    metrics = [metric] + ([m for m in report.metrics if m != metric] if prices.priced else [])
     experiment = cfg.tracking.experiment
     sweep = (_node(cfg, "report") or {}).get("sweep")
-    df = roi_table(cfg.tracking.uri, experiment, [metric], parent_run_id=sweep)
-    df, notes = check_runs(df, [metric], experiment)
-    advices = experiment_advice(df, budget_points(df), metric, s)
-    lines = [line for a in advices for line in a.lines()] + [f"note: {n}" for n in notes]
+    df = roi_table(cfg.tracking.uri, experiment, metrics, parent_run_id=sweep)
+    df, notes = check_runs(df, metrics, experiment)
+    metrics = [m for m in metrics if m == metric or (m in df.columns and df[m].notna().any())]
+    points = budget_points(df)
+    by_metric = {m: experiment_advice(df, points, m, s) for m in metrics}
+    advices = by_metric[metric]
+    lines = []
+    if prices.priced:
+        keyed = {(a.key, m): a for m, each in by_metric.items() for a in each}
+        lines += [line for p in experiment_plans(keyed, s, metric) for line in p.lines()]
+    lines += [line for a in advices for line in a.lines()] + [f"note: {n}" for n in notes]
     sys.stdout.write("\n".join(lines) + "\n")
     return advices
 

@@ -19,7 +19,7 @@ from mlflow.tracking import MlflowClient
 
 from finetune_budget.errors import DataError
 from finetune_budget.report import html
-from finetune_budget.report.figures import cost_figures, data_figures, time_figures
+from finetune_budget.report.figures import cost_figures, data_figures, plan_figure, time_figures
 from finetune_budget.speed.forked import Task, in_two_processes
 from finetune_budget.study.advice import (
     Advice,
@@ -30,6 +30,7 @@ from finetune_budget.study.advice import (
 )
 from finetune_budget.study.curves import CurveFit, quiet_numerics
 from finetune_budget.study.knee import best_epochs, drop_point, worse_with_time
+from finetune_budget.study.plan import Plan, experiment_plans
 from finetune_budget.study.roi import metric_name
 from finetune_budget.study.table import (
     GROUP,
@@ -102,6 +103,7 @@ class Report:
     advice: dict[tuple[tuple, str], Advice] = field(default_factory=dict)
     backtests: pd.DataFrame | None = None
     run_id: str | None = None
+    plans: list[Plan] = field(default_factory=list)  # the priced plan (none without prices)
 
 
 def _pct(x: float) -> str:
@@ -392,6 +394,12 @@ def build_report(
         ]
     )
     advices.update(zip(pairs, fitted, strict=True))
+    plan_metric = s.advise.metric if s.advise.metric in metrics else metrics[0]
+    plans = (
+        experiment_plans(advices, advice_settings, plan_metric)
+        if advice_settings.prices.priced
+        else []
+    )
     for key, group in groups:
         head = len(answer)
         answer.append(
@@ -463,7 +471,12 @@ def build_report(
         f" (sweep {parent_run_id[:8]})" if parent_run_id else ""
     )
     coverage = _coverage_line(backtests, s.level)
-    md = [f"# {title}", "", "## The decision", ""]
+    md = [f"# {title}", ""]
+    plan_png = plan_figure(plans, out)
+    if plans:
+        md += ["## The plan", "", *[f"- {line}" for p in plans for line in p.lines()], ""]
+        md += [f"![{p.stem}]({p.name})" for p in plan_png] + [""]
+    md += ["## The decision", ""]
     md += [f"- {line}" for a in cards for line in a.lines()[:3]]
     md += ["", "## The questions, answered", "", to_markdown(questions), ""]
     md += ["## The answer", "", *[f"- {line}" for line in answer], ""]
@@ -501,8 +514,11 @@ def build_report(
     if not fit_rows.empty:
         tables.append(("Learning-curve fits", fit_rows))
     tables.append(("Per run and seed", per_seed))
-    (out / "report.html").write_text(html.render(title, answer, notes, tables, figures, cards))
-    files += [
+    card = html.plan_card(plans, plan_png[0] if plan_png else None)
+    (out / "report.html").write_text(
+        html.render(title, answer, notes, tables, figures, cards, plan=card)
+    )
+    files += plan_png + [
         out / n
         for n in (
             "roi_table.csv",
@@ -514,11 +530,13 @@ def build_report(
         )
     ]
     report = Report(out, answer, points, summary, fits, files, numbers, advices, backtests)
+    report.plans = plans
     if s.log_to_mlflow:
         report.run_id = _log(tracking_uri, experiment, out, attach_to_run, parent_run_id)
-    for a in cards:
-        for line in a.lines():
-            log.info("%s", line)
+    for line in [line for p in plans for line in p.lines()] + [
+        line for a in cards for line in a.lines()
+    ]:
+        log.info("%s", line)
     log.info("report written to %s (open report.html)", out.resolve())
     return report
 

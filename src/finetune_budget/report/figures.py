@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import logging
 import math
+from collections.abc import Sequence
 from pathlib import Path
 
 import matplotlib
@@ -19,6 +20,7 @@ import numpy as np  # noqa: E402
 import pandas as pd  # noqa: E402
 
 from finetune_budget.study.curves import CurveFit  # noqa: E402
+from finetune_budget.study.plan import Plan  # noqa: E402
 from finetune_budget.study.roi import metric_name  # noqa: E402
 from finetune_budget.study.table import GROUP, items_seen  # noqa: E402
 
@@ -189,3 +191,37 @@ def time_figures(summary: pd.DataFrame, metric: str, out_dir: Path) -> list[Path
         ax.legend(fontsize=7)
         paths.append(_save(fig, out_dir / f"{prefix}_{name}.png"))
     return paths
+
+
+def plan_figure(plans: Sequence[Plan], out_dir: Path) -> list[Path]:
+    """The priced plan: expected gain against expected total cost (labels + compute) of training
+    on n labels, one line per base model with its interval band, each plan's n marked (filled:
+    the model to buy) and the target dashed."""
+    made = [p for p in plans if p.curve is not None and p.sizes]
+    if not made:
+        return []
+    fig, ax = _axes()
+    for p in made:
+        c = p.curve[np.isfinite(p.curve["gain"])]
+        (line,) = ax.plot(c["cost"], c["gain"], lw=1.5, label=_label(p.key))
+        ax.fill_between(c["cost"], c["lo"], c["hi"], color=line.get_color(), alpha=0.15, lw=0)
+        at = p.curve.set_index("n").loc[p.n]
+        ax.plot(
+            [at["cost"]],
+            [at["gain"]],
+            marker="o",
+            ms=9,
+            color=line.get_color(),
+            mfc=line.get_color() if p.chosen in (None, True) else "white",
+            label=f"plan: data.n={p.n:,}, {p.epochs} epochs",
+        )
+    target = made[0].target
+    if target is not None:
+        ax.axhline(target, color="black", ls="--", lw=0.8, label=f"target {made[0].target_text}")
+    money = made[0].prices
+    ax.set_xscale("log")
+    ax.set_xlabel(f"total cost of training on n labels ({money.currency}, labels + compute)")
+    ax.set_ylabel(f"expected gain in {metric_name(made[0].metric)} (band: interval)")
+    ax.set_title("the priced plan: expected gain vs total cost")
+    ax.legend(fontsize=7)
+    return [_save(fig, out_dir / f"plan_{metric_name(made[0].metric)}.png")]

@@ -12,6 +12,7 @@ from pathlib import Path
 import pandas as pd
 
 from finetune_budget.study.advice import Advice
+from finetune_budget.study.plan import Plan
 from finetune_budget.study.roi import metric_name
 
 STYLE = """
@@ -26,6 +27,7 @@ img { max-width: 48%; margin: 0.5%; border: 1px solid #eee; }
         background: #f5f9ff; }
 .card h2 { margin: 0 0 0.4em 0; font-size: 1.15em; }
 .card .big { font-size: 1.6em; font-weight: 600; }
+.plan .big { font-size: 1.1em; } .plan img { max-width: 70%; }
 .card table { font-size: 13px; margin: 0.5em 0 0 0; }
 .card td, .card th { text-align: left; border: none; padding: 2px 12px 2px 0; }
 .trust { display: inline-block; padding: 0 8px; border-radius: 10px; color: white;
@@ -82,6 +84,22 @@ def decision_card(a: Advice) -> str:
     )
 
 
+def plan_card(plans: Sequence[Plan], figure: Path | None = None) -> str:
+    """The priced plan: each plan's lines (the same mode=advise prints), the model to buy first,
+    and the figure of expected gain against total cost."""
+    made = sorted((p for p in plans if p.sizes), key=lambda p: not p.chosen)
+    if not made:
+        return ""
+    rows = []
+    for p in made:
+        first, *rest = p.lines()
+        more = "".join(f"<li>{html.escape(line.strip())}</li>" for line in rest)
+        buy = " <b>(buy this one)</b>" if p.chosen else ""
+        rows.append(f"<p class='big'>{html.escape(first)}{buy}</p><ul>{more}</ul>")
+    img = _img(figure) if figure is not None else ""
+    return f"<div class='card plan'><h2>The plan</h2>{''.join(rows)}{img}</div>"
+
+
 def render(
     title: str,
     answer: Sequence[str],
@@ -89,13 +107,16 @@ def render(
     tables: Sequence[tuple[str, pd.DataFrame]],
     figures: Sequence[tuple[str, Sequence[Path]]],
     cards: Sequence[Advice] = (),
+    plan: str = "",
 ) -> str:
     """answer, notes: plain-text lines; tables: (heading, frame); figures: (heading, PNG paths);
-    cards: the decision of each task, model and data set (first metric)."""
+    cards: the decision of each task, model and data set (first metric); plan: plan_card's
+    HTML, which leads."""
     parts = [
         f"<!doctype html><html><head><meta charset='utf-8'><title>{html.escape(title)}</title>",
         f"<style>{STYLE}</style></head><body><h1>{html.escape(title)}</h1>",
     ]
+    parts.append(plan)
     parts += [decision_card(a) for a in cards]
     head, *rest = tables if tables else [("", pd.DataFrame())]
     if not head[1].empty:  # the questions, answered, right under the cards

@@ -60,6 +60,7 @@ class AdviceSettings:
     miss_penalty: float | None = None
     value_per_gain: float | None = None
     currency: str = "$"
+    rounds: int = 1  # rounds of buying labels the plan spreads them over (study/plan.py)
 
     @classmethod
     def from_config(cls, node: Any | None) -> AdviceSettings:
@@ -119,6 +120,8 @@ class Advice:
     epochs_table: pd.DataFrame | None = None
     run_id: str | None = None  # the measured run whose model the recommendation names
     run_epochs: int | None = None  # the epochs that run trained (> epochs: none ended there)
+    surface: Surface | None = None  # gain over labels and epochs (the plan's epochs at any n)
+    baseline: float = math.nan  # the metric's pretrained value (a target_value's gain)
 
     def lines(self) -> list[str]:
         """The answer in a few lines (what mode=advise prints)."""
@@ -457,6 +460,14 @@ def _roi_drop_seconds(at_n: pd.DataFrame, roi_s: str, s) -> Answer:
 
 
 # -- the decision ---------------------------------------------------------------------------------
+def still_paying(means: pd.Series, drop_fraction: float) -> pd.Series:
+    """The mean gains (index: data.n) whose ROI per label, gain / n, is still at least
+    `drop_fraction` of its peak, and above 0: the recommendation is the largest gain among them
+    (the budget search stops once its largest n is not among them)."""
+    roi = means / means.index
+    return means[(roi >= drop_fraction * roi.max()) & (means > 0)]
+
+
 def advise(
     points: pd.DataFrame,
     key: tuple,
@@ -550,8 +561,7 @@ def advise(
     elif len(means) and not _pays_somewhere(data, gain, s.level):
         why = f"{NO_GAIN}: keep the pretrained model"
     elif len(means) and roi.max() > 0:
-        paying = means[(roi >= s.drop_fraction * roi.max()) & (means > 0)]
-        n_rec = float(paying.idxmax())
+        n_rec = float(still_paying(means, s.drop_fraction).idxmax())
         why = (
             f"the largest gain among the data.n whose ROI per label is still >= "
             f"{100 * s.drop_fraction:.0f}% of its peak"
@@ -577,6 +587,8 @@ def advise(
             data_fit,
             time_fits,
             table,
+            surface=surface,
+            baseline=baseline,
         )
 
     measured_n = table["n"].to_numpy(dtype=float)
@@ -630,6 +642,8 @@ def advise(
         data_fit,
         time_fits,
         table,
+        surface=surface,
+        baseline=baseline,
     )
     advice.run_id, advice.run_epochs = recommended_run(at_near, metric, epochs)
     return advice

@@ -76,4 +76,8 @@ class Prices:
         """An amount as a person reads it: $1,234 or $0.42."""
         if not math.isfinite(amount):
             return "n/a"
-        return f"{self.currency}{amount:,.0f}" if abs(amount) >= 100 else f"{self.currency}{amount:,.2f}"
+        return (
+            f"{self.currency}{amount:,.0f}"
+            if abs(amount) >= 100
+            else f"{self.currency}{amount:,.2f}"
+        )

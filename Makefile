@@ -29,11 +29,17 @@ browser:
 	    echo "note: no chromium (as root: apt-get install chromium): the UI test skips"; \
 	  fi; }
 
+# Tests run on pytest-xdist workers, one per core of the 2-core machine (PYTEST_WORKERS=0: in
+# one process). --dist loadfile keeps a test file on one worker, so the tests that share one
+# module's expensive fixture (a PostgreSQL cluster, a DDP run) still start it once. (loadgroup's
+# xdist_group marks do not group under pytest 9.2: xdist 3.8 renames a node id pytest no longer reads.)
+PYTEST_WORKERS ?= 2
+PYTEST := $(PY) -m pytest -q -n $(PYTEST_WORKERS) --dist loadfile
 test:
-	$(PY) -m pytest -q tests
+	$(PYTEST) tests
 
 test-fast:
-	$(PY) -m pytest -q -m "not slow" tests
+	$(PYTEST) -m "not slow" tests
 
 lint:
 	$(PY) -m ruff check src tests bench train.py evaluate.py

@@ -20,6 +20,11 @@ DATA_DIR = Path(os.environ.get("FINETUNE_BUDGET_DATA_DIR", ROOT.parent / "shared
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+# pytest-xdist workers (make test) share the cores: each worker's torch gets its share of threads
+# instead of every worker starting one thread per core. Set before torch is imported.
+_WORKERS = int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "1"))
+if _WORKERS > 1:
+    os.environ.setdefault("OMP_NUM_THREADS", str(max(1, (os.cpu_count() or 1) // _WORKERS)))
 
 
 def offline_env() -> dict[str, str]:
@@ -36,7 +41,7 @@ def run_train_py(
     tmp_path: Path, *overrides: str, timeout: float = 600
 ) -> subprocess.CompletedProcess:
     """`python train.py <overrides>` as a user runs it, into tmp_path's MLflow store (mlflow.db),
-    cache and sweep folder, without a progress bar."""
+    cache, run and sweep folders, without a progress bar."""
     cmd = [
         sys.executable,
         "train.py",
@@ -44,6 +49,7 @@ def run_train_py(
         "trainer.enable_progress_bar=false",
         f"tracking.uri=sqlite:///{tmp_path / 'mlflow.db'}",
         f"paths.cache_dir={tmp_path / 'cache'}",
+        f"hydra.run.dir={tmp_path / 'outputs'}",
         f"hydra.sweep.dir={tmp_path / 'multirun'}",
     ]
     return subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=timeout)

@@ -114,6 +114,9 @@ class _Job:
         self.job_id, self._results = job_id, results
         self.paths = SimpleNamespace(stderr=f"/x/{job_id}_0_log.err")
 
+    def done(self) -> bool:
+        return True
+
     def results(self) -> list:
         if self._results is None:  # what submitit raises for a job SLURM killed
             raise UncompletedJobError(f"Job {self.job_id} (task: 0) with path x\nhas not produced")
@@ -124,20 +127,27 @@ def test_a_group_whose_process_died_fails_its_jobs_and_the_sweep_goes_on(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     launcher = LocalLauncher(submitit_folder=str(tmp_path), timeout_min=1)
-    launcher.config = OmegaConf.create({"hydra": {"sweep": {"dir": str(tmp_path)}}})
+    launcher.config = OmegaConf.create(
+        {"hydra": {"sweep": {"dir": str(tmp_path)}}, "trainer": {"devices": 1}}
+    )
     jobs = [["data.n=1", "trainer.max_epochs=1"], ["data.n=2", "trainer.max_epochs=1"],
             ["data.n=1", "trainer.max_epochs=2"]]  # fmt: skip
     done = [JobReturn(status=JobStatus.COMPLETED, _return_value=v) for v in (0.5, 0.7)]
 
-    class Executor:
-        def map_array(self, fn, groups, *rest):
-            assert [[num for _, num in g] for g in groups] == [[0, 2], [1]]
-            return [_Job("11", [(done[0], []), (done[1], ["DataError: bad"])]), _Job("12", None)]
+    class Executor:  # the local launcher submits one process per family (group of jobs)
+        families: list[list[int]] = []
+
+        def submit(self, fn, jobs, *rest):
+            self.families.append([num for _, num in jobs])
+            if len(self.families) == 1:
+                return _Job("11", [(done[0], []), (done[1], ["DataError: bad"])])
+            return _Job("12", None)
 
     monkeypatch.setattr(launcher, "_continuable", lambda overrides: [True] * len(overrides))
     monkeypatch.setattr(launcher, "_executor", lambda: Executor())
     monkeypatch.setattr(cli, "FAILED_JOBS", [])
     returns = launcher.launch(jobs, initial_job_idx=0)
+    assert Executor.families == [[0, 2], [1]]
     assert [r.return_value for r in returns[::2]] == [0.5, 0.7]  # jobs 0 and 2, in job order
     assert math.isnan(returns[1].return_value)
     assert cli.FAILED_JOBS == [

@@ -13,8 +13,9 @@ check) against one MLflow store, with `kill -9` at random moments:
   and per-epoch history in every later state;
 - `mode=check` agrees: it passes whenever the checks above pass.
 
-`make test` runs a short sequence and the issue's own session; FINETUNE_BUDGET_SESSIONS=<n> runs
-n longer random sequences (the `slow` test).
+`make test` runs a short sequence, the issue's own session and 2 longer random sequences
+(FINETUNE_BUDGET_SESSIONS=<n>: n of them); each command is a new process, so all four sessions
+are `slow` and `make test-fast` leaves them out.
 """
 
 from __future__ import annotations
@@ -289,6 +290,7 @@ def answer(output: str) -> list[str]:
 
 
 # -- the tests ------------------------------------------------------------------------------------
+@pytest.mark.slow
 def test_the_answer_is_the_same_before_and_after_the_model_is_logged(tmp_path):
     """The issue's session: the main job (its model logged), then the sweep that reuses it, then
     the report and the answer; then a model logged at the sweep's end and by `mode=export`, and
@@ -328,6 +330,7 @@ def test_the_answer_is_the_same_before_and_after_the_model_is_logged(tmp_path):
     assert answer(advice_after) == answer(advice_before)
 
 
+@pytest.mark.slow
 def test_a_random_session_keeps_the_record_true(tmp_path):
     log = play(tmp_path, seed=0, length=5)
     assert len(log) >= 5

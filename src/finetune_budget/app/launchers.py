@@ -47,7 +47,6 @@ from omegaconf import OmegaConf, open_dict
 from finetune_budget.app import cli
 from finetune_budget.errors import ConfigError
 from finetune_budget.tracking.parent import PARENT_ENV, current_parent
-from finetune_budget.training.continuation import why_not_continuable
 
 log = logging.getLogger(__name__)
 
@@ -172,6 +171,10 @@ class GroupedSubmititLauncher(BaseSubmititLauncher):
         return results
 
     def _continuable(self, job_overrides: Sequence[Sequence[str]]) -> list[bool]:
+        # imported here, not above: Hydra imports this module (through the plugin) in every
+        # command, and training.continuation brings lightning (seconds before a config error)
+        from finetune_budget.training.continuation import why_not_continuable
+
         assert self.hydra_context is not None and self.config is not None
         flags = []
         for overrides in job_overrides:

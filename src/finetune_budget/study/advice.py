@@ -131,8 +131,8 @@ class Advice:
             return [f"{head}: {self.why}"]
         out = [
             f"{head}: train with data.n={self.n} for trainer.max_epochs={self.epochs}: expected "
-            f"gain {_pct(self.gain)} {_iv(self.gain_lo, self.gain_hi, _pct)}, about "
-            f"{_secs(self.seconds)} of training here (trust: {self.trust}; {self.why})"
+            f"gain {fmt_pct(self.gain)} {_iv(self.gain_lo, self.gain_hi, fmt_pct)}, about "
+            f"{fmt_secs(self.seconds)} of training here (trust: {self.trust}; {self.why})"
         ]
         for extra in (self.more_labels, self.more_time):
             if extra is not None:
@@ -148,15 +148,15 @@ class Advice:
 
 
 # -- small helpers --------------------------------------------------------------------------------
-def _pct(x: float) -> str:
+def fmt_pct(x: float) -> str:
     return "n/a" if not math.isfinite(x) else f"{100 * x:+.2f}%"
 
 
-def _int(x: float) -> str:
+def fmt_int(x: float) -> str:
     return "∞" if x == math.inf else ("n/a" if not math.isfinite(x) else f"{x:,.0f}")
 
 
-def _secs(x: float) -> str:
+def fmt_secs(x: float) -> str:
     if not math.isfinite(x):
         return "n/a s"
     return f"{x:.0f} s" if x < 600 else f"{x / 60:.0f} min"
@@ -280,17 +280,17 @@ def _labels_for(fit: CurveFit | None, target: float, data: pd.DataFrame, gain: s
     reached = means[means >= target]
     if len(reached) and (fit is None or not np.isfinite(fit.budget_for(target)[0])):
         n0 = int(reached.index.min())
-        text = f"already measured at data.n={n0} (gain {_pct(means[n0])})"
+        text = f"already measured at data.n={n0} (gain {fmt_pct(means[n0])})"
         return Answer(q, text, n0, n0, n0, rests, "measured")
     if len(reached):  # inside the measured range: the curve interpolates between the points
         x, lo, hi = fit.budget_for(target)
         below = means[means.index < reached.index.min()]
         between = (
-            f"between data.n={int(below.index.max())} ({_pct(below.iloc[-1])}) and "
+            f"between data.n={int(below.index.max())} ({fmt_pct(below.iloc[-1])}) and "
             if len(below)
             else "at or below "
-        ) + f"data.n={int(reached.index.min())} ({_pct(reached.iloc[0])}), measured"
-        text = f"≈ {_int(x)} labels {_iv(lo, hi, _int)}, {between}"
+        ) + f"data.n={int(reached.index.min())} ({fmt_pct(reached.iloc[0])}), measured"
+        text = f"≈ {fmt_int(x)} labels {_iv(lo, hi, fmt_int)}, {between}"
         return Answer(q, text, x, lo, hi, rests, f"interpolated; curve {fit.trust}")
     if fit is None or not fit.extrapolation_ok:
         why = fit.reason if fit is not None else "no learning curve could be fitted"
@@ -303,9 +303,10 @@ def _labels_for(fit: CurveFit | None, target: float, data: pd.DataFrame, gain: s
                 f"predictions end ({fit.calibration.describe()})"
             )
             return Answer(q, text, math.inf, lo, math.inf, rests, "untested")
-        text = f"not reached: the fitted curve ({fit.family}) levels off at {_pct(fit.asymptote)}"
+        levels = fmt_pct(fit.asymptote)
+        text = f"not reached: the fitted curve ({fit.family}) levels off at {levels}"
         return Answer(q, text, math.inf, lo, math.inf, rests, fit.trust)
-    text = f"≈ {_int(x)} labels {_iv(lo, hi, _int)}"
+    text = f"≈ {fmt_int(x)} labels {_iv(lo, hi, fmt_int)}"
     return Answer(q, text, x, lo, hi, _with_calibration(rests, fit, x), fit.trust_at(x))
 
 
@@ -321,7 +322,7 @@ def _more_labels(
     """What `extra` more labels buy at n0: measured (seed-paired) where both sizes were run,
     else predicted by the curve (calibrated beyond the measured sizes)."""
     n1 = n0 + extra
-    q = f"{_int(extra)} more labels (data.n={_int(n1)})"
+    q = f"{fmt_int(extra)} more labels (data.n={fmt_int(n1)})"
     rests = _rests_on(data, "n")
     by = data.pivot_table(index="seed", columns="n", values=gain)
     if n0 in by.columns and n1 in by.columns:
@@ -330,14 +331,14 @@ def _more_labels(
         half = _t_half(diff, level)
         seeds = int(np.isfinite(diff).sum())
         note = "" if seeds > 1 else " (one seed: seed=0,1,2 gives an interval)"
-        text = f"{_pct(d)} more gain {_iv(d - half, d + half, _pct)}, measured{note}"
+        text = f"{fmt_pct(d)} more gain {_iv(d - half, d + half, fmt_pct)}, measured{note}"
         return Answer(q, text, d, d - half, d + half, rests, "measured")
     if fit is None:
         return Answer(q, "not answered: no curve", math.nan, math.nan, math.nan, rests, "untested")
     d, lo, hi = fit.difference(n0, n1)
     if not math.isfinite(d):
         return Answer(q, f"not answered: {fit.reason}", d, lo, hi, rests, "untested")
-    text = f"{_pct(d)} more gain {_iv(lo, hi, _pct)}"
+    text = f"{fmt_pct(d)} more gain {_iv(lo, hi, fmt_pct)}"
     return Answer(q, text, d, lo, hi, _with_calibration(rests, fit, n1), fit.trust_at(n1))
 
 
@@ -361,7 +362,7 @@ def _more_time(
     if best < means.index.max() and e2 > best:
         fell = float(means.iloc[-1] - means.max())
         text = (
-            f"not worth it: the gain fell after epoch {best} ({_pct(fell)} by epoch "
+            f"not worth it: the gain fell after epoch {best} ({fmt_pct(fell)} by epoch "
             f"{int(means.index.max())}), measured"
         )
         return Answer(q, text, fell, math.nan, math.nan, rests, "measured")
@@ -369,13 +370,14 @@ def _more_time(
         diff = (by[e2] - by[epochs]).to_numpy(dtype=float)
         d = float(np.nanmean(diff))
         half = _t_half(diff, s.level)
-        text = f"{_pct(d)} more gain {_iv(d - half, d + half, _pct)}, measured"
+        text = f"{fmt_pct(d)} more gain {_iv(d - half, d + half, fmt_pct)}, measured"
         return Answer(q, text, d, d - half, d + half, rests, "measured")
     if surface is not None:
         n = float(at_n["n"].iloc[0])
         d, lo, hi = surface.difference(n, epochs, e2, s.level)
         text = (
-            f"{_pct(d)} more gain {_iv(lo, hi, _pct)}, predicted (surface over labels and epochs)"
+            f"{fmt_pct(d)} more gain {_iv(lo, hi, fmt_pct)}, "
+            "predicted (surface over labels and epochs)"
         )
         reach = f"; epochs beyond the {surface.e_max:g} measured" if e2 > surface.e_max else ""
         return Answer(q, text, d, lo, hi, f"{rests}{reach}", "predicted")
@@ -388,7 +390,7 @@ def _more_time(
     d, lo, hi = fit.difference(c1, 2 * c1)
     if not math.isfinite(d):
         return Answer(q, f"not answered: {fit.reason}", d, lo, hi, rests, "untested")
-    text = f"{_pct(d)} more gain {_iv(lo, hi, _pct)}, predicted (curve in items seen)"
+    text = f"{fmt_pct(d)} more gain {_iv(lo, hi, fmt_pct)}, predicted (curve in items seen)"
     return Answer(q, text, d, lo, hi, rests, fit.trust_at(2 * c1))
 
 
@@ -409,7 +411,7 @@ def _roi_drop_labels(data: pd.DataFrame, gain: str, fit: CurveFit | None, s) -> 
         lo, hi = _seed_boot(data, "n", [gain], measured, s.level)
         return Answer(
             q,
-            f"after ≈ {_int(x)} labels {_iv(lo, hi, _int)}, measured",
+            f"after ≈ {fmt_int(x)} labels {_iv(lo, hi, fmt_int)}, measured",
             x,
             lo,
             hi,
@@ -431,7 +433,10 @@ def _roi_drop_labels(data: pd.DataFrame, gain: str, fit: CurveFit | None, s) -> 
         return float(grid[below[0]]) if len(below) else math.inf
 
     x, lo, hi = first(mean), first(lo_c), first(hi_c)
-    text = f"not within the measured data.n; the curve puts it at ≈ {_int(x)} {_iv(lo, hi, _int)}"
+    text = (
+        "not within the measured data.n; the curve puts it at "
+        f"≈ {fmt_int(x)} {_iv(lo, hi, fmt_int)}"
+    )
     return Answer(q, text, x, lo, hi, rests, fit.trust_at(x))
 
 
@@ -455,7 +460,7 @@ def _roi_drop_seconds(at_n: pd.DataFrame, roi_s: str, s) -> Answer:
         )
     lo, hi = _seed_boot(at_n, "epoch", [roi_s, "seconds"], measured, s.level)
     return Answer(
-        q, f"after ≈ {_secs(x)} {_iv(lo, hi, _secs)}, measured", x, lo, hi, rests, "measured"
+        q, f"after ≈ {fmt_secs(x)} {_iv(lo, hi, fmt_secs)}, measured", x, lo, hi, rests, "measured"
     )
 
 
@@ -528,15 +533,15 @@ def advise(
     table = pd.DataFrame(rows)
 
     target = s.target_gain
-    what = None if target is None else f"a gain of {_pct(target)}"
+    what = None if target is None else f"a gain of {fmt_pct(target)}"
     if s.target_value is not None:
         target = value_to_gain(metric, s.target_value, baseline, floor)
-        what = f"{name} = {s.target_value:g} (a gain of {_pct(target)})"
+        what = f"{name} = {s.target_value:g} (a gain of {fmt_pct(target)})"
     answers = []
     means = data.groupby("n")[gain].mean()
     if target is None and len(means):  # the report asks one step beyond the best measured
         target = 1.25 * float(means.max()) if means.max() > 0 else None
-        what = None if target is None else f"{_pct(target)} (1.25x the best measured gain)"
+        what = None if target is None else f"{fmt_pct(target)} (1.25x the best measured gain)"
     labels_answer = None
     if target is not None:
         labels_answer = _labels_for(data_fit, target, data, gain, what)
@@ -673,12 +678,12 @@ def epochs_lines(advice: Advice) -> pd.DataFrame:
         return pd.DataFrame()
     out = pd.DataFrame({"data.n": t["n"]})
     out["epochs worth it"] = [
-        f"{_int(e)} {_iv(lo, hi, _int)}"
+        f"{fmt_int(e)} {_iv(lo, hi, fmt_int)}"
         for e, lo, hi in zip(t["epochs"], t["epochs_lo"], t["epochs_hi"], strict=True)
     ]
-    out["seconds then"] = [_secs(v) for v in t["seconds"]]
-    out["best epoch"] = t["best_epoch"].map(_int)
-    out["best gain"] = t["best_gain"].map(_pct)
+    out["seconds then"] = [fmt_secs(v) for v in t["seconds"]]
+    out["best epoch"] = t["best_epoch"].map(fmt_int)
+    out["best gain"] = t["best_gain"].map(fmt_pct)
     out["items/s here"] = t["items_per_s"].map(lambda v: f"{v:.4g}")
     return out
 

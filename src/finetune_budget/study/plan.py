@@ -47,7 +47,14 @@ import numpy as np
 import pandas as pd
 from scipy import stats
 
-from finetune_budget.study.advice import Advice, AdviceSettings, value_to_gain
+from finetune_budget.study.advice import (
+    Advice,
+    AdviceSettings,
+    fmt_int,
+    fmt_pct,
+    fmt_secs,
+    value_to_gain,
+)
 from finetune_budget.study.calibration import CalibratedCurve
 from finetune_budget.study.curves import CurveFit
 from finetune_budget.study.prices import Prices
@@ -248,18 +255,19 @@ class Plan:
             buy = f"label {n:,} items"
         first = (
             f"plan: {head}: {buy}, train {self.epochs} epochs (trainer.max_epochs={self.epochs}): "
-            f"expected gain {_pct(self.gain)} [{_pct(self.gain_lo)}, {_pct(self.gain_hi)}] "
+            f"expected gain {fmt_pct(self.gain)} "
+            f"[{fmt_pct(self.gain_lo)}, {fmt_pct(self.gain_hi)}] "
             f"at data.n={n:,}"
         )
         out = [first]
         cost = (
             f"  cost {m(self.expected_cost)} expected (labels {m(self.label_spend)} + compute "
-            f"{m(self.compute_spend)}, {_secs(self.seconds)} of training here)"
+            f"{m(self.compute_spend)}, {fmt_secs(self.seconds)} of training here)"
         )
         if self.target is not None:
             cost += f"; P(reach {self.target_text}) = {100 * self.p_reach:.0f}%"
             med, lo, hi = self.needed
-            cost += f"; labels needed: {_int(med)} [{_int(lo)}, {_int(hi)}]"
+            cost += f"; labels needed: {fmt_int(med)} [{fmt_int(lo)}, {fmt_int(hi)}]"
         elif math.isfinite(self.net_value):
             cost += f"; net value {m(self.net_value)}"
         out.append(cost + f" ({self.rule})")
@@ -278,20 +286,6 @@ class Plan:
                 + ")"
             )
         return out
-
-
-def _pct(x: float) -> str:
-    return "n/a" if not math.isfinite(x) else f"{100 * x:+.2f}%"
-
-
-def _int(x: float) -> str:
-    return "∞" if x == math.inf else ("n/a" if not math.isfinite(x) else f"{x:,.0f}")
-
-
-def _secs(x: float) -> str:
-    if not math.isfinite(x):
-        return "n/a s"
-    return f"{x:.0f} s" if x < 600 else f"{x / 60:.0f} min"
 
 
 def seconds_per_label_epoch(advice: Advice) -> float:
@@ -323,7 +317,7 @@ def target_gain(s: AdviceSettings, metric: str, baseline: float) -> tuple[float 
         g = value_to_gain(metric, s.target_value, baseline)
         return g, f"{metric_name(metric)} = {s.target_value:g}"
     if s.target_gain is not None:
-        return float(s.target_gain), _pct(s.target_gain)
+        return float(s.target_gain), fmt_pct(s.target_gain)
     return None, ""
 
 
@@ -504,7 +498,7 @@ def verdicts(n: int, by_metric: Mapping[str, Advice], s: AdviceSettings) -> list
         d, lo, hi = (math.nan,) * 3 if fit is None else fit.difference(n, 2 * n)
         says = "still pays" if own.n is not None and own.n > n else "stop"
         alone = f"alone it plans data.n={own.n:,}" if own.n is not None else own.why
-        more = f"doubling to {2 * n:,}: {_pct(d)} [{_pct(lo)}, {_pct(hi)}]"
+        more = f"doubling to {2 * n:,}: {fmt_pct(d)} [{fmt_pct(lo)}, {fmt_pct(hi)}]"
         out.append(
             Verdict(metric, says, d, lo, hi, own.n, f"{name} says {says} ({alone}; {more})")
         )
@@ -522,7 +516,7 @@ def compare(plans: Sequence[Plan]) -> None:
     parts = []
     for p in made:
         p.chosen = p is best
-        to_target = f", labels to target {_int(p.needed[0])}" if p.target is not None else ""
+        to_target = f", labels to target {fmt_int(p.needed[0])}" if p.target is not None else ""
         per_k = 1000 * p.seconds_per_label_epoch  # an epoch of 1,000 labels, on this device
         worth = (
             f"net value {m(p.net_value)}"
@@ -530,7 +524,7 @@ def compare(plans: Sequence[Plan]) -> None:
             else f"expected cost + penalty {m(p.objective)}"
         )
         parts.append(
-            f"{p.model}: gain {_pct(p.gain)}{to_target}, {_secs(per_k)} and "
+            f"{p.model}: gain {fmt_pct(p.gain)}{to_target}, {fmt_secs(per_k)} and "
             f"{m(p.prices.compute_cost(per_k))} per epoch of 1,000 labels here, {worth}"
         )
     text = "base models: " + "; ".join(parts) + f": buy {best.model}"

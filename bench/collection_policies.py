@@ -57,13 +57,18 @@ def synthetic_grid(seeds: int = 3) -> pd.DataFrame:
     return pd.DataFrame(rows)
 
 
-def measured_grid(uri: str, experiment: str, metric: str) -> tuple[pd.DataFrame, dict]:
-    """Per (task, model, data, n, seed): the gain at the final epoch; and each group's ceiling."""
+def measured_grid(
+    uri: str, experiment: str, metric: str, epoch: int | None = None
+) -> tuple[pd.DataFrame, dict]:
+    """Per (task, model, data, n, seed): the gain at the final epoch (or at `epoch`, where the
+    sizes were trained for different epochs); and each group's ceiling."""
     from finetune_budget.study.table import budget_points
     from finetune_budget.tracking.query import roi_table
 
     df = roi_table(uri, experiment, [metric])
     points = budget_points(df)
+    if epoch is not None:
+        points = points[points["epoch"] == epoch]
     name = metric_name(metric)
     curve = data_curve(points[points[f"gain/{name}"].notna()], metric, "final")
     base = df[df["epoch"] == 0].groupby(GROUP)[metric].mean()
@@ -189,13 +194,16 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--pilots", type=int, default=3)
     ap.add_argument("--penalty-x", type=float, default=50.0)
     ap.add_argument("--calibration", default="shipped")
+    ap.add_argument(
+        "--epoch", type=int, default=None, help="the gain at this epoch (default: final)"
+    )
     args = ap.parse_args(argv)
     table = load_table(args.calibration)
     frames = []
     if args.synthetic:
         frames.append(simulate(synthetic_grid(), {}, args.pilots, args.penalty_x, table))
     for name in args.experiment:
-        grid, ceilings = measured_grid(args.uri, name, args.metric)
+        grid, ceilings = measured_grid(args.uri, name, args.metric, args.epoch)
         frames.append(
             simulate(grid, ceilings, args.pilots, args.penalty_x, table).assign(experiment=name)
         )

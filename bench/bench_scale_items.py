@@ -19,24 +19,18 @@ from __future__ import annotations
 
 import argparse
 import json
-import platform
+import os
 import subprocess
 import sys
 from pathlib import Path
 
 import numpy as np
+from bench_eval_scale import cpu_model  # a sibling script: run as bench/<name>.py
 
 ROOT = Path(__file__).resolve().parents[1]
 CLASS_SIZE = 20
 WORDS_PER_TEXT = 12
 SIGNATURE_WORDS = 4
-
-
-def cpu_model() -> str:
-    for line in Path("/proc/cpuinfo").read_text().splitlines():
-        if line.startswith("model name"):
-            return line.split(":", 1)[1].strip()
-    return platform.processor() or platform.machine()
 
 
 def synthetic_texts(n_classes: int, rng: np.random.Generator, first_class: int = 0) -> list[dict]:
@@ -126,7 +120,7 @@ def main() -> None:
     parser.add_argument("--out", type=Path, default=Path("/tmp/scale_items"))
     args = parser.parse_args()
     train_path, eval_path = write_data(args.out, int(max(args.sizes) * 1.1), args.eval_items)
-    print(f"machine: {cpu_model()}, {len(__import__('os').sched_getaffinity(0))} cores")
+    print(f"machine: {cpu_model()}, {len(os.sched_getaffinity(0))} cores")
     print(
         "command: .venv/bin/python bench/bench_scale_items.py --sizes "
         + " ".join(map(str, args.sizes))

@@ -126,7 +126,9 @@ class _Job:
 def test_a_group_whose_process_died_fails_its_jobs_and_the_sweep_goes_on(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    launcher = LocalLauncher(submitit_folder=str(tmp_path), timeout_min=1)
+    launcher = LocalLauncher(
+        submitit_folder=str(tmp_path), timeout_min=1, parallel="auto", gpu_memory_per_job_gb=8.0
+    )  # as conf/hydra/launcher/local.yaml builds it
     launcher.config = OmegaConf.create(
         {"hydra": {"sweep": {"dir": str(tmp_path)}}, "trainer": {"devices": 1}}
     )

@@ -255,7 +255,7 @@ class GroupedSubmititLauncher(BaseSubmititLauncher):
         """Submit one local process per family, at most one per slot at a time; return the
         submitted jobs in the order of `args` once every one has been started."""
         assert self.config is not None
-        parallel = self.family_params.get("parallel", "auto")
+        parallel = self.family_params["parallel"]  # the schema (FamiliesLocalConf) sets both
         # a job on several devices (DDP) holds them all: one family at a time, not pinned
         pin = str(self.config.trainer.get("devices", 1)) == "1"
         try:
@@ -264,7 +264,7 @@ class GroupedSubmititLauncher(BaseSubmititLauncher):
                 len(args),
                 os.cpu_count() or 1,
                 _free_gpu_memory_gb() if pin else [],
-                float(self.family_params.get("gpu_memory_per_job_gb", 8.0)),
+                float(self.family_params["gpu_memory_per_job_gb"]),
             )
         except ConfigError as e:
             raise SystemExit(f"error: {e}") from None

@@ -14,11 +14,11 @@ from finetune_budget.training import continuation
 from finetune_budget.training.continuation import (
     MEMORY,
     EpochStore,
-    SweepStates,
     continuation_key,
     why_not_continuable,
 )
 from finetune_budget.training.run import run_config, train
+from finetune_budget.training.sweep_states import SweepStates
 
 METRICS = ("val/mrr_at_20", "val/recall_at_20", "val/map_at_20")
 

@@ -214,12 +214,12 @@ def old_epoch0_key(config: dict) -> str:
 
 
 def _as_stored_before_targets(config: dict) -> dict:
-    """The config as runs were stored before the task and data groups named their builders and
-    before the speed switchboard: no `speed` group, and the text models' groups (MiniLM, MPNet,
+    """The config as runs were stored before the task, data and model groups named their builders
+    and before the speed switchboard: no `speed` group, and the text models' groups (MiniLM, MPNet,
     the tiny BERT) ending in `fast_dropout: true` and `unpad: auto` (their YAML files then)."""
     before = {
         group: {k: v for k, v in node.items() if k != "_target_"}
-        if group in ("task", "data")
+        if group in ("task", "data", "model")
         else node
         for group, node in config.items()
         if group != "speed"
@@ -247,7 +247,7 @@ def _as_stored_before_targets(config: dict) -> dict:
 def test_stored_runs_states_and_baselines_keep_their_keys(make_cfg, overrides):
     config = run_config(make_cfg(*overrides))
     before = _as_stored_before_targets(config)
-    assert config["task"]["_target_"] and config["data"]["_target_"]
+    assert all(config[group]["_target_"] for group in ("task", "data", "model"))
     assert point_key(config) == old_point_key(before)
     assert continuation_key(config) == old_continuation_key(before)
     assert _epoch0(config) == old_epoch0_key(before)

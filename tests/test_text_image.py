@@ -2,12 +2,15 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import mlflow
 import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
 from conftest import requires_data
+from omegaconf import OmegaConf
 
 from finetune_budget.data.image_text import load_flickr8k
 from finetune_budget.data.subsets import nested_subset
@@ -28,7 +31,17 @@ TINY_CLIP = (
     "trainer.max_epochs=1",
     "tracking.save_checkpoint=false",
 )
-TINY = {"family": "tiny_clip", "embed_dim": 16, "width": 16, "image_size": 32, "max_length": 16}
+# conf/model/*.yaml as plain dicts: the groups hold the defaults, a test names what it changes
+MODEL_CONF = Path(__file__).resolve().parents[1] / "conf" / "model"
+
+
+def model_conf(option: str, **changes) -> dict:
+    """conf/model/<option>.yaml with `changes`, resolved as the task receives it."""
+    group = OmegaConf.merge(OmegaConf.load(MODEL_CONF / f"{option}.yaml"), changes)
+    return OmegaConf.to_container(OmegaConf.create({"model": group}), resolve=True)["model"]
+
+
+TINY = model_conf("tiny_clip", embed_dim=16, width=16, image_size=32, max_length=16)
 
 
 def metric_history(cfg, run_id: str, key: str) -> dict[int, float]:
@@ -205,15 +218,11 @@ def test_both_directions_on_a_case_worked_out_by_hand():
 @pytest.mark.parametrize(
     ("model", "error", "hint"),
     [
-        ({"family": "sentence_encoder"}, ModelError, "task=text_image"),
-        ({"family": "open_clip", "arch": "ViT-Nope"}, ModelError, "open_clip.list_models"),
+        (model_conf("minilm_l6"), ModelError, "task=text_image"),
+        (model_conf("open_clip", arch="ViT-Nope"), ModelError, "open_clip.list_models"),
+        (model_conf("open_clip", arch="RN50", pretrained="no_such_tag"), ModelError, "checkpoint"),
         (
-            {"family": "open_clip", "arch": "RN50", "pretrained": "no_such_tag"},
-            ModelError,
-            "checkpoint file",
-        ),
-        (
-            {"family": "clip_assembled", "image_backbone": "no_such_net", "embed_dim": 8},
+            model_conf("clip_minilm_mobilenet", image_backbone="no_such_net", embed_dim=8),
             ModelError,
             "model.image_backbone",
         ),
@@ -339,9 +348,21 @@ def test_open_clip_family_loads_a_local_checkpoint_file(tmp_path):
     arch = "fb_tiny_clip_16_32_16_16"  # the config build_clip(TINY) registered with open_clip
     path = tmp_path / "tiny_clip.pt"
     torch.save({"state_dict": source.state_dict()}, path)
-    loaded = build_clip({"family": "open_clip", "arch": arch, "pretrained": str(path)})
+    loaded = build_clip(model_conf("open_clip", arch=arch, pretrained=str(path)))
     for (name, a), (_, b) in zip(
         source.state_dict().items(), loaded.model.state_dict().items(), strict=True
     ):
         assert torch.equal(a, b), name
     assert not loaded.random_heads and loaded.image_size == 32
+
+
+def test_a_model_group_logged_before_it_named_its_builder_builds_the_same_encoder():
+    """evaluate.py run_id=<an older run>: its logged model group has no `_target_`; the family
+    picks the builder."""
+    logged = {k: v for k, v in TINY.items() if k != "_target_"}
+    torch.manual_seed(0)
+    now = build_clip(TINY).model.state_dict()
+    torch.manual_seed(0)
+    before = build_clip(logged).model.state_dict()
+    assert now.keys() == before.keys()
+    assert all(torch.equal(now[k], before[k]) for k in now)

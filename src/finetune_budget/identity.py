@@ -78,6 +78,7 @@ ROLES: dict[str, tuple[str, str]] = {
     # and runs stored before the groups named their builder keep their identities
     "task._target_": (BOOKKEEPING, "the task's builder"),
     "data._target_": (BOOKKEEPING, "the task's DataModule"),
+    "model._target_": (BOOKKEEPING, "the model's builder"),
     "eval.cache_baseline": (RUN_OPTION, "epoch 0 from the cache, or evaluated again"),
     "trainer.enable_checkpointing": (RUN_OPTION, "Lightning's per-epoch checkpoint files"),
     "budget.continue_shorter_runs": (RUN_OPTION, "from a shorter run's state, or from scratch"),
@@ -217,7 +218,8 @@ def epoch0_key(
     eval_settings: Mapping[str, Any],
     trainer_settings: Mapping[str, Any],
     seed: int | None,
-    weights: str | None,
+    weights: str | None = None,
+    *,
     metrics_version: int,
     package_version: str,
 ) -> str:

@@ -4,6 +4,7 @@ items of one class together, so every anchor has positives) and plain shuffled b
 from __future__ import annotations
 
 from collections.abc import Iterator, Sequence
+from typing import Any
 
 import numpy as np
 from torch.utils.data import Sampler
@@ -93,16 +94,9 @@ class ShuffledBatchSampler(_EpochBatches):
     """Batches of a random order of `n` items that depends only on (seed, epoch), split across
     `num_replicas` ranks by `rank_batches` (pairs, masked-LM chunks: any item may go with any)."""
 
-    def __init__(
-        self,
-        n: int,
-        batch_size: int,
-        seed: int = 0,
-        drop_last: bool = False,
-        num_replicas: int = 1,
-        rank: int = 0,
-    ) -> None:
-        super().__init__(batch_size, seed, drop_last, num_replicas, rank)
+    def __init__(self, n: int, batch_size: int, **epochs: Any) -> None:
+        """epochs: _EpochBatches' seed, drop_last, num_replicas and rank."""
+        super().__init__(batch_size, **epochs)
         self.n = int(n)
 
     def _order(self, rng: np.random.Generator) -> list[int]:
@@ -119,16 +113,10 @@ class ClassChunkBatchSampler(_EpochBatches):
     """
 
     def __init__(
-        self,
-        labels: Sequence[int],
-        batch_size: int,
-        per_class: int,
-        seed: int = 0,
-        drop_last: bool = False,
-        num_replicas: int = 1,
-        rank: int = 0,
+        self, labels: Sequence[int], batch_size: int, per_class: int, **epochs: Any
     ) -> None:
-        super().__init__(batch_size, seed, drop_last, num_replicas, rank)
+        """epochs: _EpochBatches' seed, drop_last, num_replicas and rank."""
+        super().__init__(batch_size, **epochs)
         self.labels = np.asarray(labels)
         self.per_class = max(1, int(per_class))
 

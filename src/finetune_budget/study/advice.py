@@ -574,27 +574,18 @@ def advise(
     else:
         why = "fine-tuning did not improve on the pretrained model at any measured budget"
     why = unreached + why
+    found = {
+        "answers": answers,
+        "data_fit": data_fit,
+        "time_fits": time_fits,
+        "epochs_table": table,
+        "surface": surface,
+        "baseline": baseline,
+    }
     if n_rec is None:
-        return Advice(
-            key,
-            metric,
-            None,
-            None,
-            math.nan,
-            math.nan,
-            math.nan,
-            math.nan,
-            None,
-            None,
-            "untested",
-            why,
-            answers,
-            data_fit,
-            time_fits,
-            table,
-            surface=surface,
-            baseline=baseline,
-        )
+        nan = math.nan
+        none = (None, None, nan, nan, nan, nan, None, None)  # n, epochs, gain (lo, hi), s, more
+        return Advice(key, metric, *none, "untested", why, **found)
 
     measured_n = table["n"].to_numpy(dtype=float)
     near = int(measured_n[np.argmin(np.abs(np.log(measured_n / n_rec)))])
@@ -630,26 +621,8 @@ def advise(
             answers.append(_roi_drop_seconds(at_n, roi_s, s))
     if data_fit is not None and trust == "measured":
         trust = f"measured; curve {data_fit.trust}"
-    advice = Advice(
-        key,
-        metric,
-        int(n_rec),
-        epochs,
-        g,
-        g_lo,
-        g_hi,
-        seconds,
-        more_labels,
-        more_time,
-        trust,
-        why,
-        answers,
-        data_fit,
-        time_fits,
-        table,
-        surface=surface,
-        baseline=baseline,
-    )
+    plan = (int(n_rec), epochs, g, g_lo, g_hi, seconds, more_labels, more_time)
+    advice = Advice(key, metric, *plan, trust, why, **found)
     advice.run_id, advice.run_epochs = recommended_run(at_near, metric, epochs)
     return advice
 

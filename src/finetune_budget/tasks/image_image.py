@@ -13,53 +13,15 @@ import logging
 from typing import Any
 
 import torch
-import torch.nn.functional as F
 from omegaconf import DictConfig, OmegaConf
-from torch import nn
 
 from finetune_budget.errors import ConfigError
-from finetune_budget.models.vision import backbone_mean_std, build_image_backbone
+from finetune_budget.models.build import build_model
+from finetune_budget.models.vision import backbone_mean_std
 from finetune_budget.tasks.module import FineTuner, pick_loss
 from finetune_budget.tasks.task import TaskParts
 
 log = logging.getLogger(__name__)
-
-
-class ImageEmbedder(nn.Module):
-    """images (B, 3, H, W) -> embeddings (B, D): trunk, optional linear projection, L2 norm."""
-
-    def __init__(
-        self,
-        backbone: str,
-        pretrained: str | None = "auto",
-        output_dim: int | None = None,
-        normalize: bool = True,
-        freeze_norm_stats: bool = False,
-    ) -> None:
-        super().__init__()
-        self.trunk, feature_dim = build_image_backbone(backbone, pretrained)
-        self.freeze_norm_stats = freeze_norm_stats
-        self.train()  # Lightning keeps each submodule's mode as set here (and restores it)
-        self.projection = nn.Linear(feature_dim, output_dim, bias=False) if output_dim else None
-        self.normalize = normalize
-        self.dim = output_dim or feature_dim
-
-    def train(self, mode: bool = True) -> ImageEmbedder:
-        """With freeze_norm_stats, BatchNorm layers keep normalising with their pretrained running
-        statistics (eval mode) while the rest trains; their scale and shift still learn."""
-        super().train(mode)
-        if mode and self.freeze_norm_stats:
-            for m in self.trunk.modules():
-                if isinstance(m, nn.modules.batchnorm._BatchNorm):
-                    m.eval()
-        return self
-
-    def forward(self, images: torch.Tensor) -> torch.Tensor:
-        x = self.trunk(images)
-        if self.projection is not None:
-            x = self.projection(x)
-        x = x.float()
-        return F.normalize(x, dim=-1) if self.normalize else x
 
 
 class ImageEmbeddingFineTuner(FineTuner):
@@ -74,14 +36,8 @@ class ImageEmbeddingFineTuner(FineTuner):
     ) -> None:
         super().__init__()
         self.save_hyperparameters(logger=False)
-        self.embedder = ImageEmbedder(
-            model["backbone"],
-            model.get("pretrained", "auto"),
-            model.get("output_dim"),
-            model.get("normalize", True),
-            model.get("freeze_norm_stats", False),
-        )
-        self.loss_name = pick_loss(loss.get("name", "auto"), "labels")
+        self.embedder = build_model(model)  # models.vision.ImageEmbedder
+        self.loss_name = pick_loss(loss["name"], "labels")
 
     def forward(self, images: torch.Tensor) -> torch.Tensor:
         return self.embedder(images)

@@ -251,8 +251,8 @@ class MaskedLMAdapter(FineTuner):
         # shares the transformer's weights with the masked-LM model (no copy)
         self.encoder = SentenceEncoder(
             self.mlm.base_model,
-            pooling=model.get("pooling", "mean"),
-            normalize=model.get("normalize", True),
+            pooling=model["pooling"],
+            normalize=model["normalize"],
         )
         self.saved_model: str | None = None
         self.save_check_diff: float | None = None

@@ -128,7 +128,7 @@ class FineTuner(L.LightningModule):
                 losses.supervised_contrastive, labels=out["labels"], temperature=cfg["temperature"]
             )
         else:
-            margin = cfg.get("margin", 0.2)
+            margin = cfg["margin"]
             fn = partial(losses.batch_hard_triplet, labels=out["labels"], margin=margin)
         return matryoshka_loss(fn, (out["embeddings"],), self.matryoshka_dims)
 

@@ -182,7 +182,7 @@ def build(cfg: DictConfig, **_: Any) -> TaskParts:
         recall_at=tuple(cfg.eval.recall_at),
     )
     p = module.parts
-    size = int(model_cfg.get("image_size") or p.image_size)
+    size = p.image_size
     dm = build_datamodule(
         cfg.data,
         ImageTextDataModule,

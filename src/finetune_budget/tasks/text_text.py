@@ -15,7 +15,8 @@ from typing import Any
 import torch
 from omegaconf import DictConfig
 
-from finetune_budget.models.text import build_sentence_encoder
+from finetune_budget.errors import ConfigError
+from finetune_budget.models.build import build_model
 from finetune_budget.retrieval.matryoshka import truncation_dims
 from finetune_budget.tasks.module import FineTuner, pick_loss
 from finetune_budget.tasks.task import TaskParts, plain
@@ -37,9 +38,9 @@ class EmbeddingFineTuner(FineTuner):
     ) -> None:
         super().__init__()
         self.save_hyperparameters(logger=False)
-        self.encoder = build_sentence_encoder(**model)
+        self.encoder = build_model(model)  # models.text.build_sentence_encoder
         self.encoder.train()  # pretrained weights load in eval mode; fine-tuning uses dropout
-        self.loss_name = pick_loss(loss.get("name", "auto"), data_kind)
+        self.loss_name = pick_loss(loss["name"], data_kind)
         self.matryoshka_dims = truncation_dims(loss.get("matryoshka_dims"), self.encoder.dim)
 
     def forward(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
@@ -63,6 +64,11 @@ def build(cfg: DictConfig, **_: Any) -> TaskParts:
     from finetune_budget.retrieval.probes import attach_eval_hooks
 
     model_cfg = plain(cfg.model)
+    if model_cfg.get("family") != "sentence_encoder":
+        raise ConfigError(
+            f"task=text_text needs a sentence encoder, got model={model_cfg.get('name')}; use "
+            "model=minilm_l6 (or mpnet_base, hub_sentence_encoder, tiny_bert)"
+        )
     tokenizer = load_tokenizer(model_cfg["tokenizer"])
     dm = build_datamodule(
         cfg.data,

@@ -38,32 +38,18 @@ def weights_digest(module: torch.nn.Module) -> str:
     return h.hexdigest()[:24]
 
 
-def baseline_key(
-    task: str,
-    model: Mapping[str, Any],
-    data: Mapping[str, Any],
-    eval_settings: Mapping[str, Any],
-    trainer_settings: Mapping[str, Any],
-    seed: int | None,
-    weights: str | None = None,
-) -> str:
-    """A hash of everything the epoch-0 metrics depend on (identity.epoch0_key: the data keys
-    that only shape training and the eval keys that do not change the metrics are left out).
+def baseline_key(*settings: Any, **named: Any) -> str:
+    """identity.epoch0_key at this package's version and METRICS_VERSION: a hash of everything the
+    epoch-0 metrics depend on (task, model, data, eval_settings, trainer_settings, seed, weights;
+    the data keys that only shape training and the eval keys that do not change the metrics are
+    left out).
 
     trainer_settings: precision, accelerator, limit_val_batches (as the Trainer resolved them);
     seed: give it when the pretrained model has randomly initialised parts (a projection head, an
     assembled CLIP, a random test model), else None; weights: `weights_digest(module)`.
     """
     return identity.epoch0_key(
-        task,
-        model,
-        data,
-        eval_settings,
-        trainer_settings,
-        seed,
-        weights,
-        metrics_version=METRICS_VERSION,
-        package_version=__version__,
+        *settings, **named, metrics_version=METRICS_VERSION, package_version=__version__
     )
 
 

@@ -17,7 +17,7 @@ Where states live (`budget.continuation_store`):
   `budget.continuation_memory_mb` the oldest states move to disk, never dropped.
 - `disk` (what `auto` picks for launchers that run jobs in other processes: submitit, joblib,
   ...): `paths.cache_dir/continuation/<key>/`, written to a temp file and renamed.
-A sweep's states are removed when the sweep ends (`SweepStates`, a Hydra callback in
+A sweep's states are removed when the sweep ends (sweep_states.py, a Hydra callback in
 conf/hydra/default.yaml). `budget.continue_shorter_runs=false` turns continuation off.
 """
 
@@ -28,7 +28,6 @@ import json
 import logging
 import os
 import shutil
-import time
 from collections import OrderedDict
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -38,7 +37,6 @@ from typing import Any
 import lightning as L
 import numpy as np
 import torch
-from hydra.experimental.callback import Callback as HydraCallback
 from lightning.fabric.utilities.seed import _collect_rng_states, _set_rng_states
 from lightning.pytorch.callbacks import Callback
 from lightning.pytorch.plugins.io import TorchCheckpointIO
@@ -48,6 +46,7 @@ from finetune_budget import identity
 from finetune_budget.config import installed_versions, resolve_precision
 from finetune_budget.errors import ConfigError
 from finetune_budget.tracking.mlflow_run import TrackedRun
+from finetune_budget.training.sweep_states import SWEEP_ENV
 from finetune_budget.training.tracker import BudgetTracker
 
 log = logging.getLogger(__name__)
@@ -57,7 +56,6 @@ EPOCH_FREE_SCHEDULES = ("warmup_constant",)
 # Packages whose version changes what a run computes.
 KEY_PACKAGES = ("finetune-budget", "torch", "transformers", "lightning", "open_clip_torch", "timm")
 STORES = ("auto", "memory", "disk")
-SWEEP_ENV = "FINETUNE_BUDGET_SWEEP_STATES"  # the running sweep's id, set by SweepStates
 MEMORY_SCHEME = "memory://"
 
 
@@ -339,23 +337,6 @@ class StateIO(TorchCheckpointIO):
         if str(path).startswith(MEMORY_SCHEME):
             return MEMORY.checkpoint(str(path).removeprefix(MEMORY_SCHEME))
         return super().load_checkpoint(path, weights_only=weights_only)
-
-
-class SweepStates(HydraCallback):
-    """Hydra callback: gives the sweep an id (so states know their sweep) and removes the
-    sweep's epoch states when it ends, from memory and from disk."""
-
-    def on_multirun_start(self, config: DictConfig, **kwargs: Any) -> None:
-        os.environ[SWEEP_ENV] = f"{os.getpid()}-{time.time_ns()}"
-
-    def on_multirun_end(self, config: DictConfig, **kwargs: Any) -> None:
-        sweep = os.environ.pop(SWEEP_ENV, None)
-        in_memory = MEMORY.clear()
-        on_disk = EpochStore(config.paths.cache_dir).remove_sweep(sweep) if sweep else 0
-        if in_memory or on_disk:
-            log.info(
-                "removed the sweep's epoch states (%d in memory, %d on disk)", in_memory, on_disk
-            )
 
 
 def _train_generator(trainer: L.Trainer) -> torch.Generator | None:

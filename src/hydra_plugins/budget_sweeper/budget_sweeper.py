@@ -20,20 +20,24 @@ import dataclasses
 import logging
 import time
 from collections.abc import Sequence
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from hydra.core.override_parser.overrides_parser import OverridesParser
 from hydra.core.plugins import Plugins
 from hydra.core.utils import JobStatus
 from hydra.plugins.sweeper import Sweeper
 from hydra.types import HydraContext, TaskFunction
-from mlflow.tracking import MlflowClient
 from omegaconf import DictConfig, OmegaConf
 
-from finetune_budget.app import budget_search as search_runs
 from finetune_budget.errors import ConfigError
-from finetune_budget.study import search as budget_search
 from finetune_budget.tracking.parent import current_parent
+
+if TYPE_CHECKING:
+    from finetune_budget.study import search as budget_search
+
+# Hydra imports every plugin module at the start of every run (plugin discovery), so mlflow and
+# the study's modules are imported where the budget sweeper uses them: a plain `python train.py`
+# and its config check do not wait for them.
 
 log = logging.getLogger(__name__)
 
@@ -42,6 +46,8 @@ CHOSEN = ("data.n", "seed", "trainer.max_epochs")
 
 class BudgetSweeper(Sweeper):
     def __init__(self, **settings: Any) -> None:
+        from finetune_budget.study import search as budget_search
+
         self.settings = budget_search.SearchSettings.from_config(settings)
         self.config: DictConfig | None = None
         self.launcher = None
@@ -56,6 +62,11 @@ class BudgetSweeper(Sweeper):
         )
 
     def sweep(self, arguments: list[str]) -> budget_search.SearchResult:
+        from mlflow.tracking import MlflowClient
+
+        from finetune_budget.app import budget_search as search_runs
+        from finetune_budget.study import search as budget_search
+
         assert self.config is not None and self.launcher is not None
         fixed = fixed_overrides(arguments)
         parent = current_parent()
@@ -105,6 +116,8 @@ class BudgetSweeper(Sweeper):
     def n_max(self, settings: budget_search.SearchSettings) -> int | None:
         """hydra.sweeper.n_max, at most the training set's size (never a job asking for more
         items than the data holds); a pilot larger than the data is refused."""
+        from finetune_budget.app import budget_search as search_runs
+
         assert self.config is not None
         data = OmegaConf.to_container(self.config.data, resolve=True)
         size = search_runs.training_items(data)

@@ -3,9 +3,12 @@ output and cache directories, and tiny random models."""
 
 from __future__ import annotations
 
+import functools
 import os
+import shutil
 import subprocess
 import sys
+import tempfile
 from collections.abc import Callable, Sequence
 from pathlib import Path
 
@@ -25,6 +28,26 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 _WORKERS = int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "1"))
 if _WORKERS > 1:
     os.environ.setdefault("OMP_NUM_THREADS", str(max(1, (os.cpu_count() or 1) // _WORKERS)))
+
+
+@functools.cache
+def _empty_store() -> Path:
+    """An MLflow SQLite store with its tables made, once per test process: MLflow's schema
+    migrations take seconds for each new store, a copy of the file milliseconds."""
+    from mlflow.tracking import MlflowClient
+
+    path = Path(tempfile.mkdtemp(prefix="empty-mlflow-")) / "mlflow.db"
+    MlflowClient(f"sqlite:///{path}").search_experiments()
+    return path
+
+
+def store_uri(db: Path) -> str:
+    """`sqlite:///<db>`; where the file does not exist yet it starts as a copy of an empty store
+    (what MLflow would make on first use, made once)."""
+    if not db.exists():
+        db.parent.mkdir(parents=True, exist_ok=True)
+        shutil.copyfile(_empty_store(), db)
+    return f"sqlite:///{db}"
 
 
 def offline_env() -> dict[str, str]:
@@ -47,7 +70,7 @@ def run_train_py(
         "train.py",
         *overrides,
         "trainer.enable_progress_bar=false",
-        f"tracking.uri=sqlite:///{tmp_path / 'mlflow.db'}",
+        f"tracking.uri={store_uri(tmp_path / 'mlflow.db')}",
         f"paths.cache_dir={tmp_path / 'cache'}",
         f"hydra.run.dir={tmp_path / 'outputs'}",
         f"hydra.sweep.dir={tmp_path / 'multirun'}",
@@ -86,7 +109,7 @@ def compose_config(
         cfg.paths.data_dir = str(DATA_DIR)
         cfg.paths.output_dir = str(tmp_path / "output")
         cfg.paths.cache_dir = str(tmp_path / "cache")
-        cfg.tracking.uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+        cfg.tracking.uri = store_uri(tmp_path / "mlflow.db")
         if not any(o.startswith("tracking.log_model=") for o in overrides):
             cfg.tracking.log_model = False  # logging a model costs seconds; tests opt in
         if "trainer" in cfg:

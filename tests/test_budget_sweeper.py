@@ -8,20 +8,25 @@ import math
 
 import numpy as np
 import pytest
-from conftest import CONF, TINY, run_train_py
+from conftest import CONF, TINY, run_train_py, store_uri
 from mlflow.tracking import MlflowClient
 from omegaconf import OmegaConf
 
 from finetune_budget.app.budget_search import from_mlflow, training_items
 from finetune_budget.errors import ConfigError
 from finetune_budget.study.advice import AdviceSettings, experiment_advice
+from finetune_budget.study.calibration import adaptive_alpha
 from finetune_budget.study.search import (
     Batch,
+    Decision,
     Job,
     Observation,
     SearchSettings,
     advise,
+    decide,
+    default_fit,
     grid_advice,
+    interval_misses,
     marginal_roi_bound,
     replay,
     run_search,
@@ -256,7 +261,7 @@ def test_a_curve_still_flat_at_the_pilot_does_not_stop_the_search():
 
 
 def test_from_mlflow_reads_gains_and_costs_of_finished_runs(tmp_path):
-    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    uri = store_uri(tmp_path / "mlflow.db")
     client = MlflowClient(uri)
     exp = client.create_experiment("e")
     run = client.create_run(exp, tags={"run_type": "train"})
@@ -347,7 +352,7 @@ def test_search_stops_at_the_edge_of_the_data_and_predicts_beyond_it():
 def test_search_and_mode_advise_give_the_same_advice_from_the_same_runs(tmp_path):
     # Runs of a search in a store: what the search advises from them (its observations) and
     # what mode=advise reads back (roi_table -> budget_points -> study.advice) are one answer.
-    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    uri = store_uri(tmp_path / "mlflow.db")
     client = MlflowClient(uri)
     exp = client.create_experiment("e")
     stub = Stub(epoch_share=True)
@@ -418,3 +423,73 @@ def test_with_a_target_a_step_costing_more_than_the_miss_penalty_is_not_run():
     dear = AdviceSettings(label_cost=0.01, miss_penalty=1e6)
     result = run_search(Stub(), settings(target_gain=0.095, advise=dear))
     assert result.decisions[1].action == "measure", result.summary()
+
+
+def test_adaptive_level_follows_the_misses_by_hand():
+    # alpha = 1 - 0.9 = 0.1, gamma = 0.05, alpha_t += gamma (alpha - err):
+    # a miss: 0.1 + 0.05 (0.1 - 1) = 0.055; then a hit: 0.055 + 0.05 (0.1 - 0) = 0.06
+    assert adaptive_alpha(0.1, 0.1, 0.05, [1]) == pytest.approx(0.055)
+    assert adaptive_alpha(0.1, 0.1, 0.05, [1, 0]) == pytest.approx(0.06)
+    # clipped to [0.005, 0.5]: 0.01 - 0.045 < 0.005; 0.49 + 0.5 x 0.1 > 0.5
+    assert adaptive_alpha(0.01, 0.1, 0.05, [1]) == 0.005
+    assert adaptive_alpha(0.49, 0.1, 0.5, [0]) == 0.5
+    assert adaptive_alpha(0.1, 0.1, 0.0, [1, 1, 0]) == 0.1
+    # err of a measured step: its mean gain over seeds (0.035) against its interval
+    step = Decision(1, "measure", "", n=[1000], epochs=1, predicted_lo=0.02, predicted_hi=0.03)
+    runs = [Observation(1000, seed, 1, gain={1: g}) for seed, g in enumerate([0.03, 0.04])]
+    assert interval_misses(runs, step, "best") == [1]
+    assert interval_misses(runs, dataclasses.replace(step, predicted_hi=0.04), "best") == [0]
+    untrusted = dataclasses.replace(step, predicted_lo=math.nan, predicted_hi=math.nan)
+    assert interval_misses(runs, untrusted, "best") == []  # no interval: nothing counted
+
+
+class Rising(Stub):
+    """A curve that keeps rising, gain = 0.01 sqrt(n / 100): the pilot's fitted curves bend
+    over and predict each larger size too low (0.026 [0.025, 0.027] at 1000 against 0.032)."""
+
+    def gain(self, n: int, seed: int, epoch: int) -> float:
+        noise = np.random.default_rng([n, seed, epoch]).normal(0, NOISE)
+        return 0.01 * math.sqrt(n / 100) + noise
+
+
+def test_intervals_that_miss_widen_in_the_next_rounds():
+    # the ROI test off (1e-9): each step is the farthest, 1000 -> 2500 -> 6200, at any level
+    plan = settings(min_roi_per_label=1e-9, max_steps=3)
+    adapted = run_search(Rising(), plan)
+    fixed = run_search(Rising(), dataclasses.replace(plan, adaptive_gamma=0.0))
+    steps = adapted.decisions[1:4]
+    assert [d.n for d in steps] == [d.n for d in fixed.decisions[1:4]], adapted.summary()
+    # levels: 0.9; a miss: 1 - 0.055 = 0.945; another: 1 - 0.01 = 0.99
+    assert [d.level for d in steps] == pytest.approx([0.9, 0.945, 0.99])
+    assert [d.covered for d in steps] == ["", "0/1", "0/2"]
+    assert all(d.level == 0.9 for d in fixed.decisions)
+    for ours, theirs in zip(steps[1:], fixed.decisions[2:4], strict=True):
+        assert ours.predicted == pytest.approx(theirs.predicted)  # the same curve, wider
+        width = ours.predicted_hi - ours.predicted_lo
+        assert width > 1.2 * (theirs.predicted_hi - theirs.predicted_lo), (ours, theirs)
+    assert "0 of 3 measured predictions inside theirs; final level 99.5%" in adapted.summary()
+
+
+def test_with_adaptive_gamma_0_each_decision_is_the_fixed_level_one():
+    # by construction: every decision equals `decide` asked without a level (the settings' 0.9,
+    # as before the update) on the runs measured before it, though every prediction missed
+    s = settings(min_roi_per_label=1e-9, max_steps=3, adaptive_gamma=0.0)
+    result = run_search(Rising(), s)
+    runs = {(o.n, o.seed, o.epochs): o for o in result.observations}
+    jobs: list[Job] = []
+    for before, d in zip(result.decisions[:-1], result.decisions[1:], strict=True):
+        jobs += before.jobs
+        seen = [runs[(j.n, j.seed, j.epochs)] for j in jobs]
+        item_epochs = sum(j.n * j.epochs for j in jobs)
+        today = decide(seen, before.epochs, d.step, 0.0, item_epochs, s, default_fit())
+        today.covered = d.covered
+        assert repr(today.row()) == repr(d.row())
+    assert result.decisions[-1].covered == "0/3" and len(result.decisions) == 5
+
+
+def test_adaptive_gamma_is_configured_and_checked():
+    node = OmegaConf.to_container(OmegaConf.load(CONF / "hydra" / "sweeper" / "budget.yaml"))
+    node.pop("defaults")
+    assert SearchSettings.from_config(node).adaptive_gamma == 0.05
+    with pytest.raises(ConfigError, match=r"adaptive_gamma=1; use a step in \[0, 1\)"):
+        SearchSettings.from_config({**node, "adaptive_gamma": 1})

@@ -14,6 +14,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+from conftest import store_uri
 
 from finetune_budget.console import CONSOLE_LEVELS, ENV_DEFAULTS, PACKAGE_DIR, quiet_libraries
 
@@ -112,7 +113,7 @@ def test_a_run_started_elsewhere_prints_its_lines_and_table_and_logs_the_chatter
         sys.executable, str(ROOT / "train.py"), "model=tiny_bert", "data.n=32",
         "trainer.max_epochs=1", "trainer.limit_val_batches=2", "trainer.accelerator=cpu",
         "trainer.precision=32-true", "trainer.enable_progress_bar=false", "logger=none",
-        "tracking.log_model=true", f"tracking.uri=sqlite:///{tmp_path / 'mlflow.db'}",
+        "tracking.log_model=true", f"tracking.uri={store_uri(tmp_path / 'mlflow.db')}",
         f"hydra.run.dir={tmp_path / 'run'}",
     ]  # fmt: skip
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false"}

@@ -25,7 +25,7 @@ import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 import torch.nn.functional as F
-from conftest import DATA_DIR, ROOT, requires_data
+from conftest import DATA_DIR, ROOT, requires_data, store_uri
 from ddp_recorder import IndexRecorder
 from test_image_image import _write_classes
 from torch import nn
@@ -167,7 +167,7 @@ def _train_on_2_processes(task: str, launcher: str, tmp_path: Path) -> subproces
         "trainer.precision=32-true", f"trainer.max_epochs={EPOCHS}", f"data.n={N}",
         f"data.batch_size={PER_RANK}", "trainer.enable_progress_bar=false",
         "tracking.save_checkpoint=false", "eval.cache_baseline=false",
-        f"tracking.uri=sqlite:///{tmp_path / 'mlflow.db'}", "tracking.experiment=ddp",
+        f"tracking.uri={store_uri(tmp_path / 'mlflow.db')}", "tracking.experiment=ddp",
         f"paths.data_dir={DATA_DIR}", f"paths.cache_dir={tmp_path / 'cache'}",
         f"hydra.run.dir={tmp_path / 'out'}",
         "+callbacks.record._target_=ddp_recorder.IndexRecorder",
@@ -236,7 +236,7 @@ def test_train_on_2_processes_splits_every_epoch_and_records_one_run(
     assert set(seen[0]) == set(seen[1]) and seen[0] != seen[1]  # same items, a new order
 
     # one MLflow run, FINISHED, counting each item once per epoch
-    client = mlflow.tracking.MlflowClient(f"sqlite:///{tmp_path / 'mlflow.db'}")
+    client = mlflow.tracking.MlflowClient(store_uri(tmp_path / "mlflow.db"))
     runs = client.search_runs([client.get_experiment_by_name("ddp").experiment_id])
     assert [r.info.status for r in runs] == ["FINISHED"]
     samples = client.get_metric_history(runs[0].info.run_id, "data/samples_seen")
@@ -275,7 +275,7 @@ def test_train_on_2_processes_equals_1_process_with_the_double_batch(tmp_path_fa
 def test_only_global_rank_0_creates_a_run(monkeypatch, tmp_path):
     """Ranks 1.. of Lightning's launcher (LOCAL_RANK, NODE_RANK), torchrun (RANK, GROUP_RANK) and
     srun (SLURM_PROCID) create no MLflow run; a one-device run always does."""
-    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    uri = store_uri(tmp_path / "mlflow.db")
     two_devices = {"devices": 2, "num_nodes": 1}
     for variable in RANK_VARIABLES:
         for v in RANK_VARIABLES:

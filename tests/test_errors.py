@@ -20,7 +20,7 @@ from finetune_budget.data.images import ImageDataset
 from finetune_budget.data.text import load_table
 from finetune_budget.errors import DataError, ModelError, one_line
 from finetune_budget.tasks import build_task
-from tests.conftest import DATA_DIR, ROOT
+from tests.conftest import DATA_DIR, ROOT, store_uri
 
 
 def _free_port() -> int:
@@ -34,7 +34,7 @@ def _run(tmp_path, script: str, *overrides: str, env: dict | None = None):
         [
             sys.executable,
             script,
-            f"tracking.uri=sqlite:///{tmp_path / 'mlflow.db'}",
+            f"tracking.uri={store_uri(tmp_path / 'mlflow.db')}",
             f"paths.cache_dir={tmp_path / 'cache'}",
             f"hydra.run.dir={tmp_path / 'out'}",
             *overrides,

@@ -12,7 +12,7 @@ import pytest
 import timm
 import torch
 import torch.nn.functional as F
-from conftest import TINY, compose_config
+from conftest import TINY, compose_config, store_uri
 from mlflow.tracking import MlflowClient
 from omegaconf import OmegaConf, open_dict
 from transformers import BertConfig, BertModel
@@ -204,7 +204,7 @@ def test_logged_pytorch_models_load_back_with_the_same_embeddings(tmp_path, kind
     side = 32 if kind == "tiny_clip" else 64
     images = torch.randn(2, 3, side, side, generator=torch.Generator().manual_seed(3))
     assert not torch.allclose(module_embeddings(fresh, images), module_embeddings(trained, images))
-    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    uri = store_uri(tmp_path / "mlflow.db")
     client = MlflowClient(uri)
     run = client.create_run(experiment_id(client, "export"))
     model_uri = log_model(uri, run.info.run_id, trained, step=0)
@@ -364,7 +364,7 @@ def test_bad_input_gets_one_line_errors(tmp_path):
 
 # -- experiments open on the runs table ----------------------------------------------------------
 def test_experiments_are_created_as_model_training_experiments(tmp_path):
-    client = MlflowClient(f"sqlite:///{tmp_path / 'mlflow.db'}")
+    client = MlflowClient(store_uri(tmp_path / "mlflow.db"))
     new = client.get_experiment(experiment_id(client, "fresh"))
     assert new.tags[EXPERIMENT_KIND_TAG] == "custom_model_development" == EXPERIMENT_KIND
     old = client.create_experiment("made-before")  # by an older version: no kind

@@ -10,7 +10,7 @@ import sys
 from pathlib import Path
 
 import pytest
-from conftest import DATA_DIR, ROOT, TINY, offline_env, requires_data
+from conftest import DATA_DIR, ROOT, TINY, offline_env, requires_data, store_uri
 from mlflow.tracking import MlflowClient
 
 from finetune_budget.app.launchers import family_slots
@@ -43,7 +43,7 @@ def test_a_bad_parallel_says_what_to_give(bad: object) -> None:
 @pytest.mark.slow
 @requires_data("clinc150")
 def test_two_families_run_at_once_and_each_continues_its_own_runs(tmp_path: Path) -> None:
-    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    uri = store_uri(tmp_path / "mlflow.db")
     cmd = [
         sys.executable,
         "train.py",

@@ -10,7 +10,7 @@ import math
 import numpy as np
 import pandas as pd
 import pytest
-from conftest import compose_config
+from conftest import compose_config, store_uri
 from mlflow.entities import Metric
 from mlflow.tracking import MlflowClient
 from omegaconf import open_dict
@@ -202,7 +202,7 @@ PRICED = [
 
 def test_advise_mode_prints_the_plan_the_report_card_leads_with(tmp_path, capsys, monkeypatch):
     monkeypatch.chdir(tmp_path)  # a sqlite store's artifacts go under ./mlruns
-    uri = f"sqlite:///{tmp_path / 'plan.db'}"
+    uri = store_uri(tmp_path / "plan.db")
     _log_runs(uri, "plan")
     metrics = "report.metrics=[val/mrr_at_20,val/recall_at_20]"
     cfg = compose_config(

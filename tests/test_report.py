@@ -11,7 +11,7 @@ import numpy as np
 import pandas as pd
 import pytest
 import torch
-from conftest import TINY, compose_config
+from conftest import TINY, compose_config, store_uri
 from mlflow.entities import Metric
 from mlflow.tracking import MlflowClient
 from omegaconf import open_dict
@@ -358,7 +358,7 @@ def _known_runs(uri: str, name: str, sigma: float = 0.002) -> None:
 
 
 def test_report_fits_backtests_and_stops_on_runs_with_a_known_curve(tmp_path):
-    uri = f"sqlite:///{tmp_path / 'known.db'}"
+    uri = store_uri(tmp_path / "known.db")
     _known_runs(uri, "known")
     settings = ReportSettings(
         out_dir=str(tmp_path / "out"),
@@ -418,7 +418,7 @@ def test_report_fits_backtests_and_stops_on_runs_with_a_known_curve(tmp_path):
 
 @pytest.fixture(scope="module")
 def known_store(tmp_path_factory) -> str:
-    uri = f"sqlite:///{tmp_path_factory.mktemp('known') / 'known.db'}"
+    uri = store_uri(tmp_path_factory.mktemp("known") / "known.db")
     _known_runs(uri, "known", sigma=0.0005)  # the calibration of intervals: test_curves.py
     return uri
 
@@ -482,7 +482,7 @@ def test_training_cost_counts_real_tokens_of_text_and_items_of_images():
 
 def test_runs_logged_before_map_hits_existed_show_their_map_as_map_hits(tmp_path):
     """A run of the old metrics logged torchmetrics' mAP as val/map_at_20 (no map_hits key)."""
-    uri = f"sqlite:///{tmp_path / 'old.db'}"
+    uri = store_uri(tmp_path / "old.db")
     client = MlflowClient(uri)
     exp_id = client.create_experiment("old")
     logged = {

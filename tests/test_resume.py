@@ -19,7 +19,7 @@ from finetune_budget.tracking import query
 from finetune_budget.tracking.mlflow_run import experiment_id, mark_stale_runs, process_tags
 from finetune_budget.tracking.resume import point_key, save_checkpoint_atomically
 from finetune_budget.training.run import run_config, train
-from tests.conftest import ROOT
+from tests.conftest import ROOT, store_uri
 
 EXPERIMENT = "finetune-budget"
 
@@ -69,7 +69,7 @@ def _dead_pid() -> int:
 
 
 def test_running_runs_of_dead_processes_are_marked_killed(tmp_path):
-    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    uri = store_uri(tmp_path / "mlflow.db")
     client = MlflowClient(uri)
     exp = experiment_id(client, EXPERIMENT)
     host = socket.gethostname()
@@ -101,7 +101,7 @@ def test_steps_and_tags_go_in_one_mlflow_call_where_they_fit(tmp_path, monkeypat
     tags than one batch takes (MLflow: 100) still all arrive, in more calls."""
     from finetune_budget.tracking.mlflow_run import TrackedRun
 
-    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    uri = store_uri(tmp_path / "mlflow.db")
     client = MlflowClient(uri)
     exp = experiment_id(client, EXPERIMENT)
     run_id = client.create_run(exp).info.run_id
@@ -180,7 +180,7 @@ def test_a_sweep_killed_mid_job_reruns_only_the_missing_points(tmp_path):
     cmd = _sweep(
         tmp_path, "data.n=128", "trainer.max_epochs=1,4", "budget.continuation_store=disk"
     )
-    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    uri = store_uri(tmp_path / "mlflow.db")
     client = MlflowClient(uri)  # the store exists before the sweep starts: no race creating it
     log = open(tmp_path / "first.log", "w")
     proc = subprocess.Popen(cmd, cwd=ROOT, env=_env(), stdout=log, stderr=subprocess.STDOUT)
@@ -241,7 +241,7 @@ def test_two_sweeps_share_one_sqlite_store_and_cache(tmp_path):
     for p, text in zip(procs, outputs, strict=True):
         assert p.returncode == 0, text[-3000:]
         assert "database is locked" not in text
-    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    uri = store_uri(tmp_path / "mlflow.db")
     runs = _train_runs(uri)
     assert sorted(r.info.status for r in runs) == ["FINISHED"] * 8
     points = {(r.data.params["data.n"], r.data.params["trainer.max_epochs"]) for r in runs}

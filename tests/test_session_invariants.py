@@ -32,7 +32,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import pytest
-from conftest import DATA_DIR, ROOT, TINY, offline_env, requires_data
+from conftest import DATA_DIR, ROOT, TINY, offline_env, requires_data, store_uri
 from mlflow.entities import ViewType
 from mlflow.tracking import MlflowClient
 
@@ -69,7 +69,7 @@ class Session:
 
     @property
     def uri(self) -> str:
-        return f"sqlite:///{self.tmp / 'mlflow.db'}"
+        return store_uri(self.tmp / "mlflow.db")
 
     def command(self, script: str, *overrides: str) -> list[str]:
         self.count += 1
@@ -352,7 +352,7 @@ def test_a_store_written_by_the_old_model_logging_is_read_as_trained(tmp_path):
 
     from finetune_budget.tracking.query import roi_table
 
-    uri = f"sqlite:///{tmp_path / 'old.db'}"
+    uri = store_uri(tmp_path / "old.db")
     client = MlflowClient(uri)
     exp = client.create_experiment(EXPERIMENT)
     run = client.create_run(

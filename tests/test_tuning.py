@@ -9,7 +9,7 @@ from pathlib import Path
 
 import optuna
 import pytest
-from conftest import CONF, DATA_DIR, ROOT, TINY, offline_env, requires_data, run_workers
+from conftest import CONF, DATA_DIR, ROOT, TINY, offline_env, requires_data, run_workers, store_uri
 from hydra import compose, initialize_config_dir
 from hydra.core.global_hydra import GlobalHydra
 from hydra.utils import instantiate
@@ -52,7 +52,7 @@ def search_cfg(tmp_path: Path, *overrides: str, search: str = "tiny") -> DictCon
         cfg.paths.data_dir = str(DATA_DIR)
         cfg.paths.output_dir = str(tmp_path / "output")
         cfg.paths.cache_dir = str(tmp_path / "cache")
-        cfg.tracking.uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+        cfg.tracking.uri = store_uri(tmp_path / "mlflow.db")
         cfg.trainer.enable_progress_bar = False
         cfg.hydra.sweeper.storage = f"sqlite:///{tmp_path / 'optuna.db'}"
     return cfg
@@ -331,7 +331,7 @@ def _cli(tmp_path: Path, *args: str) -> list[str]:
         *FAST,
         f"paths.data_dir={DATA_DIR}",
         f"paths.cache_dir={tmp_path / 'cache'}",
-        f"tracking.uri=sqlite:///{tmp_path / 'mlflow.db'}",
+        f"tracking.uri={store_uri(tmp_path / 'mlflow.db')}",
         f"hydra.sweeper.storage=sqlite:///{tmp_path / 'optuna.db'}",
         "trainer.enable_progress_bar=false",
         "data.n=32",
@@ -364,7 +364,7 @@ def test_two_workers_share_one_study(tmp_path: Path) -> None:
     cfg = OmegaConf.create(
         {
             "tracking": {
-                "uri": f"sqlite:///{tmp_path / 'mlflow.db'}",
+                "uri": store_uri(tmp_path / "mlflow.db"),
                 "experiment": "finetune-budget",
             }
         }
@@ -390,7 +390,7 @@ def test_hydra_optuna_sweeper_runs_two_trials(tmp_path: Path) -> None:
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     study = optuna.load_study(study_name="tiny", storage=f"sqlite:///{tmp_path / 'optuna.db'}")
     assert [t.state for t in study.trials] == [optuna.trial.TrialState.COMPLETE] * 2
-    client = MlflowClient(f"sqlite:///{tmp_path / 'mlflow.db'}")
+    client = MlflowClient(store_uri(tmp_path / "mlflow.db"))
     exp = client.get_experiment_by_name("finetune-budget").experiment_id
     runs = client.search_runs([exp], "tags.run_type = 'train'")
     # what the sweeper optimised is the best val/mrr_at_20 of a trained epoch of each run

@@ -24,6 +24,12 @@ The package ships a table (calibration.json beside this module) computed from th
 measured studies; `scripts/calibrate_curves.py` refreshes it from MLflow stores. Every
 calibrated answer names the table it rests on (`Calibration.describe`). Pure: no I/O here except
 reading and writing that table.
+
+Between the rounds of a budget search the level itself is adapted (`adaptive_alpha`, adaptive
+conformal inference, Gibbs & Candès 2021): each round's measured gain that the last round's
+interval missed lowers the miscoverage asked of the next interval, each one it held raises it, so
+the share of misses over the rounds tends to the one the user asked for however wrong the curve's
+own interval is. A table calibrated on other studies cannot know the study at hand; its misses can.
 """
 
 from __future__ import annotations
@@ -40,6 +46,7 @@ import numpy as np
 from finetune_budget.study.curves import CurveFit, fit_learning_curve
 
 REACH_BINS = (1.0, 2.0, 4.0, 8.0, 16.0)
+ALPHA_RANGE = (0.005, 0.5)  # the miscoverage an adapted interval may ask: a level of 50-99.5%
 SCALE_FLOOR = 0.002  # a relative gain of 0.2%: the unit of error where nothing was gained yet
 SHIPPED = Path(__file__).with_name("calibration.json")
 
@@ -178,6 +185,21 @@ def conformal_bounds(scores: Sequence[float], level: float) -> tuple[float, floa
     lo = float(s[k_lo - 1]) if k_lo >= 1 else -math.inf
     hi = float(s[k_hi - 1]) if k_hi <= m else math.inf
     return lo, float(np.median(s)), hi
+
+
+def adaptive_alpha(alpha_t: float, alpha: float, gamma: float, errs: Sequence[int]) -> float:
+    """The miscoverage the next interval asks for, after checking the last ones (adaptive
+    conformal inference, Gibbs & Candès 2021): for each err in turn (1: the measured value fell
+    outside its interval, 0: inside) alpha_t + gamma (alpha - err), clipped to ALPHA_RANGE.
+
+    alpha is the miscoverage wanted (1 - level). A miss moves alpha_t down by gamma (1 - alpha),
+    a hit up by gamma alpha, so alpha_t stands still where misses occur at rate alpha: intervals
+    that miss more often than asked widen until they do not. The clip keeps a run of misses
+    from asking for an interval no fit can give (alpha_t <= 0: an infinite one)."""
+    lo, hi = ALPHA_RANGE
+    for err in errs:
+        alpha_t = min(max(alpha_t + gamma * (alpha - err), lo), hi)
+    return alpha_t
 
 
 def calibrate(

@@ -47,6 +47,15 @@ One step of the search (`decide`):
    farthest size the search may reach (a step on the way to a target is worth the chance of
    reaching it at all); its cost the labels it adds
    (subsets are nested) and its estimated compute. The summary states what the search cost.
+7. Between rounds the intervals' level adapts to the study at hand (adaptive conformal
+   inference, Gibbs & Candès 2021; study.calibration.adaptive_alpha): the size a round measured
+   counts as a miss (err 1) when its mean gain over seeds fell outside the interval the last
+   round predicted for it, else a hit (no interval, e.g. an untrusted fit: not counted); then
+   alpha_t += adaptive_gamma x (1 - level - err) and the next round fits and predicts at level
+   1 - alpha_t, for the chosen size, the knee and the value of information (whose spread reads
+   the adapted interval as one of `level`: that is the coverage it is adapted to hold). The
+   stopping test and the advice keep `level`. Each decision records its level and how many
+   earlier predictions held (`covered`); adaptive_gamma 0 keeps `level` throughout.
 
 The advice is `study.advice.advise`, the one engine the report's decision card and
 `python evaluate.py mode=advise` use, on the search's runs as budget points (`points_frame`):
@@ -69,6 +78,7 @@ from scipy import stats
 
 from finetune_budget.errors import ConfigError
 from finetune_budget.study import advice as engine
+from finetune_budget.study.calibration import adaptive_alpha
 from finetune_budget.study.curves import fit_learning_curve, quiet_numerics
 from finetune_budget.study.prices import Prices
 from finetune_budget.study.roi import gain_ceiling, gains, metric_name
@@ -94,6 +104,8 @@ class SearchSettings:
     target_value: float | None = None  # or a value of the metric, e.g. 0.97
     compute_budget_s: float | None = None  # wall-clock seconds of the search's jobs
     level: float = 0.9  # confidence of the stopping test and of the intervals
+    # how fast the intervals' level follows their misses between rounds (0: fixed at `level`)
+    adaptive_gamma: float = 0.05
     max_steps: int = 6  # steps after the pilot
     growth: float = 2.5  # the next n is at most growth x the largest measured n
     n_max: int | None = None  # the largest data.n allowed (null: no cap)
@@ -139,6 +151,11 @@ class SearchSettings:
             )
         if not 0.5 <= self.level < 1:
             raise ConfigError(f"hydra.sweeper.level={self.level}; use a confidence like 0.9")
+        if not 0 <= self.adaptive_gamma < 1:
+            raise ConfigError(
+                f"hydra.sweeper.adaptive_gamma={self.adaptive_gamma}; use a step in [0, 1), "
+                "e.g. 0.05 (0: a fixed level)"
+            )
         if self.growth <= 1:
             raise ConfigError(f"hydra.sweeper.growth={self.growth}; use a factor > 1, e.g. 2.5")
         if self.epochs < 1 or self.max_epochs < self.epochs:
@@ -234,6 +251,8 @@ class Decision:
     estimated_s: float = math.nan
     value: float = math.nan  # with prices: the step's expected value of information, in money
     cost: float = math.nan  # ... and its cost: the labels it adds and its estimated compute
+    level: float = math.nan  # the level of the intervals it was decided with
+    covered: str = ""  # earlier predictions measured inside their interval, e.g. "3/4"
 
     def row(self) -> dict[str, Any]:
         out = {k: v for k, v in asdict(self).items() if k != "jobs"}
@@ -265,6 +284,9 @@ class SearchResult:
     labels: int = 0  # the labels the search bought: its largest data.n (subsets are nested)
     prices: Prices = field(default_factory=Prices)
     at_edge: bool = False  # stopped because every labelled item was used
+    level: float = math.nan  # the intervals' level after the last round (adaptive_gamma)
+    covered: int = 0  # predictions measured inside their interval ...
+    predictions: int = 0  # ... of those measured
 
     @property
     def advice_n(self) -> int | None:
@@ -298,6 +320,11 @@ class SearchResult:
             f"the full grid it replaces: {self.grid_item_epochs} item-epochs "
             f"(~{self.grid_estimated_s:.0f} s at the measured rate), {share:.0%} of it"
         )
+        if self.predictions:
+            lines.append(
+                f"intervals: {self.covered} of {self.predictions} measured predictions inside "
+                f"theirs; final level {self.level:.1%} (asked: {self.decisions[0].level:.1%})"
+            )
         if self.prices.priced:
             p = self.prices
             compute = (
@@ -455,6 +482,7 @@ def _fit(
     settings: SearchSettings,
     fit: FitFn,
     observations: Sequence[Observation] = (),
+    level: float | None = None,
 ):
     x = [n for n, by_seed in points.items() for _ in by_seed]
     y = [g for by_seed in points.values() for g in by_seed.values()]
@@ -466,7 +494,7 @@ def _fit(
             np.asarray(x, float),
             np.asarray(y, float),
             groups=groups,
-            level=settings.level,
+            level=settings.level if level is None else level,
             **extra,
         )
     except (ValueError, RuntimeError) as e:  # too few points, a fit that did not converge
@@ -487,11 +515,14 @@ def decide(
     item_epochs: int,
     settings: SearchSettings,
     fit: FitFn,
+    level: float | None = None,
 ) -> Decision:
-    """The next step of the search given everything measured so far (see the module docstring)."""
+    """The next step of the search given everything measured so far (see the module docstring).
+    level: of the fitted curve's intervals (None: settings.level; run_search adapts it)."""
     s = settings
     points = curve_points(observations, epochs, s.epoch_rule)
-    d = Decision(step, "stop", "", epochs=epochs, spent_s=spent_s)
+    level = s.level if level is None else level
+    d = Decision(step, "stop", "", epochs=epochs, spent_s=spent_s, level=level)
     if len(points) < 2:
         d.reason = f"fewer than 2 data.n finished at {epochs} epochs; nothing to fit"
         return d
@@ -594,14 +625,14 @@ def decide(
     if not cands:
         d.reason = f"no data.n above {n_top} allowed (n_max={s.n_max})"
         return d
-    curve = _fit(points, s, fit, observations)
+    curve = _fit(points, s, fit, observations, level)
     if curve is None or not getattr(curve, "extrapolation_ok", False):
         why = getattr(curve, "reason", "the fit failed") if curve is not None else "fit failed"
         n_next, d.reason = cands[-1], f"fit not trusted to extrapolate ({why}); the largest step"
     else:
         d.family = curve.family
         mean, lo, hi = (np.asarray(a, float) for a in curve.predict(np.asarray(cands, float)))
-        knee = fitted_knee(curve, n_top, cands[-1], d.roi_threshold, s.level)
+        knee = fitted_knee(curve, n_top, cands[-1], d.roi_threshold, level)
         if goal is not None:
             hit = [c for c, m in zip(cands, mean, strict=True) if m >= goal]
             what = f"predicted to reach the target gain {goal:.4g}"
@@ -642,7 +673,8 @@ def decide(
     d.action, d.n = "measure", [n_next]
     d.jobs = [Job(n_next, seed, epochs) for seed in s.seeds]
     d = _within_budget(d, rate * n_next * epochs * len(s.seeds), spent_s, s)
-    z = float(stats.norm.ppf(0.5 + s.level / 2))  # the fitted interval as a normal's spread
+    # the fitted interval as a normal's spread; an adapted interval is meant to hold `level`
+    z = float(stats.norm.ppf(0.5 + s.level / 2))
     predicted, sd = d.predicted, (d.predicted_hi - d.predicted_lo) / (2 * z)
     if goal is not None and curve is not None and getattr(curve, "extrapolation_ok", False):
         # a step on the way to the target is worth the chance of reaching it at all: the
@@ -825,20 +857,39 @@ def replay(observations: Sequence[Observation]) -> Callable[[list[Job]], Batch]:
     return measure
 
 
+def interval_misses(
+    observations: Sequence[Observation], decision: Decision, rule: str
+) -> list[int]:
+    """err of the size `decision` predicted, once its round measured it: [1] where the mean gain
+    over seeds fell outside the predicted interval, [0] inside, [] where nothing was predicted
+    (the pilot, more epochs, a size between measured ones) or there was no interval (a fit not
+    trusted to extrapolate, a reach beyond the calibration)."""
+    lo, hi = decision.predicted_lo, decision.predicted_hi
+    if decision.action != "measure" or math.isnan(lo) or math.isnan(hi):
+        return []
+    (n,) = decision.n  # a measure step adds one size
+    seeds = curve_points(observations, decision.epochs, rule).get(n)
+    if not seeds:
+        return []
+    return [int(not lo <= float(np.mean(list(seeds.values()))) <= hi)]
+
+
 def run_search(
     measure: Callable[[list[Job]], Batch],
     settings: SearchSettings,
     fit: FitFn | None = None,
 ) -> SearchResult:
-    """Pilot, then `decide` until it stops. `measure` runs jobs (training, or a stub)."""
+    """Pilot, then `decide` until it stops. `measure` runs jobs (training, or a stub). After
+    each round the intervals' level adapts to the predictions it checked (module docstring, 7)."""
     fit = fit or default_fit()
     s = settings
     epochs = s.epochs
     jobs = [Job(n, seed, epochs) for n in sorted(set(s.pilot_n)) for seed in s.seeds]
-    pilot = Decision(0, "pilot", "pilot", n=sorted(set(s.pilot_n)), epochs=epochs, jobs=jobs)
+    pilot = Decision(0, "pilot", "pilot", sorted(set(s.pilot_n)), epochs, jobs, level=s.level)
     decisions, observations = [pilot], {}
     spent, item_epochs, n_jobs = 0.0, 0, 0
     step = 1
+    level, alpha_t, checked = s.level, 1 - s.level, []
     while True:
         batch = measure(jobs)
         spent += batch.cost_s
@@ -847,11 +898,17 @@ def run_search(
         for obs in batch.observations:
             observations[(obs.n, obs.seed, obs.epochs)] = obs
         obs_list = list(observations.values())
+        errs = interval_misses(obs_list, decisions[-1], s.epoch_rule)
+        checked += errs
+        if errs and s.adaptive_gamma > 0:  # 0: `level` exactly, as without the update
+            alpha_t = adaptive_alpha(alpha_t, 1 - s.level, s.adaptive_gamma, errs)
+            level = 1 - alpha_t
         if batch.failures:
             d = Decision(step, "stop", f"{len(batch.failures)} job(s) failed: {batch.failures[0]}")
-            d.epochs, d.spent_s = epochs, spent
+            d.epochs, d.spent_s, d.level = epochs, spent, level
         else:
-            d = decide(obs_list, epochs, step, spent, item_epochs, s, fit)
+            d = decide(obs_list, epochs, step, spent, item_epochs, s, fit, level)
+        d.covered = f"{checked.count(0)}/{len(checked)}" if checked else ""
         decisions.append(d)
         log.info("budget search step %d: %s (%s)", step, d.action, d.reason)
         if d.action == "stop":
@@ -872,6 +929,9 @@ def run_search(
         labels,
         s.prices,
         at_edge=s.n_max is not None and labels >= s.n_max,
+        level=level,
+        covered=checked.count(0),
+        predictions=len(checked),
     )
 
 
@@ -881,6 +941,7 @@ def run_search(
 def decisions_table(result: SearchResult) -> str:
     """The decisions as a Markdown table."""
     cols = ["step", "action", "n", "epochs", "jobs", "predicted", "predicted_lo", "predicted_hi"]
+    cols += ["level", "covered"]
     cols += ["roi_upper", "roi_threshold", "spent_s", "estimated_s", "value", "cost", "reason"]
     rows = [d.row() for d in result.decisions]
 

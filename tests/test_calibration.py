@@ -62,6 +62,7 @@ def synthetic():
     return _cases(24, 0, "cal"), _cases(16, 1, "new")
 
 
+@pytest.mark.slow  # a long integration test: `make test` runs it, `make test-fast` not
 def test_calibrated_intervals_hold_their_level_at_each_reach(synthetic):
     cal_cases, new_cases = synthetic
     cal = calibrate(cal_cases, 0.9)

@@ -90,6 +90,7 @@ def test_range_syntax_expands_to_an_inclusive_hydra_range():
         expand_range_overrides(["trainer.max_epochs=5..1"])
 
 
+@pytest.mark.slow  # a long integration test: `make test` runs it, `make test-fast` not
 def test_users_sweep_as_written_runs_30_jobs_with_epochs_1_to_10(tmp_path):
     """`python train.py -m data.n=100,500,1000 trainer.max_epochs=1..10`, tiny model."""
     db = tmp_path / "mlflow.db"

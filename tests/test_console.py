@@ -106,6 +106,7 @@ def test_library_chatter_goes_to_the_log_file_and_problems_to_the_console(job_lo
         assert line in kept
 
 
+@pytest.mark.slow  # a long integration test: `make test` runs it, `make test-fast` not
 def test_a_run_started_elsewhere_prints_its_lines_and_table_and_logs_the_chatter(tmp_path):
     """`python <checkout>/train.py` from another folder: it finds the data beside the checkout,
     and its console holds the project's lines and table only."""

@@ -109,6 +109,7 @@ def ddp_results(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return out
 
 
+@pytest.mark.slow  # 2 gloo processes spawned: `make test` runs it
 @pytest.mark.parametrize("name", CASES)
 def test_two_processes_match_one_process_with_double_batch(name: str, ddp_results: Path) -> None:
     ranks = [torch.load(ddp_results / f"{name}_rank{r}.pt") for r in range(WORLD)]
@@ -189,7 +190,6 @@ def _train_on_2_processes(task: str, launcher: str, tmp_path: Path) -> subproces
     )  # fmt: skip
 
 
-FAST = {("text_labels", "lightning"), ("clip", "torchrun")}
 _RUNS: dict[tuple[str, str], tuple[Path, subprocess.CompletedProcess]] = {}
 
 
@@ -205,14 +205,8 @@ def _records(tmp: Path) -> list[list[dict]]:
     return [json.loads((tmp / "record" / f"rank{r}.json").read_text()) for r in (0, 1)]
 
 
-@pytest.mark.parametrize(
-    ("task", "launcher"),
-    [
-        pytest.param(t, la, marks=() if (t, la) in FAST else pytest.mark.slow)
-        for t in TASKS
-        for la in LAUNCHERS
-    ],
-)
+@pytest.mark.slow  # train.py on 2 processes: long integration tests, `make test` runs them
+@pytest.mark.parametrize(("task", "launcher"), [(t, la) for t in TASKS for la in LAUNCHERS])
 def test_train_on_2_processes_splits_every_epoch_and_records_one_run(
     task, launcher, tmp_path_factory
 ):
@@ -245,6 +239,7 @@ def test_train_on_2_processes_splits_every_epoch_and_records_one_run(
 
 
 @requires_data("clinc150")
+@pytest.mark.slow  # train.py on 2 processes: a long integration test, `make test` runs it
 def test_train_on_2_processes_equals_1_process_with_the_double_batch(tmp_path_factory, make_cfg):
     """Text labels, no dropout: step k of 2 processes with batch B uses the items of step k of 1
     process with batch 2B, and the mean of the 2 processes' losses equals its loss at every step

@@ -259,6 +259,7 @@ def test_a_single_run_logs_its_model_and_evaluate_loads_it(tmp_path):
     assert scores["val/mrr_at_20"] == pytest.approx(result.history[-1]["val/mrr_at_20"], abs=1e-5)
 
 
+@pytest.mark.slow  # a long integration test: `make test` runs it, `make test-fast` not
 def test_sweep_jobs_keep_no_weights_and_the_recommended_run_gets_its_model(tmp_path):
     cfg = _text_cfg(tmp_path, "tracking.log_model=auto", "tracking.experiment=sweep")
     with open_dict(cfg):

@@ -200,6 +200,7 @@ PRICED = [
 ]
 
 
+@pytest.mark.slow  # a long integration test: `make test` runs it, `make test-fast` not
 def test_advise_mode_prints_the_plan_the_report_card_leads_with(tmp_path, capsys, monkeypatch):
     monkeypatch.chdir(tmp_path)  # a sqlite store's artifacts go under ./mlruns
     uri = store_uri(tmp_path / "plan.db")

@@ -172,6 +172,7 @@ def _env() -> dict[str, str]:
     return {**os.environ, "PYTHONPATH": str(ROOT / "src"), "HF_HUB_OFFLINE": "1"}
 
 
+@pytest.mark.slow  # a long integration test: `make test` runs it, `make test-fast` not
 def test_a_sweep_killed_mid_job_reruns_only_the_missing_points(tmp_path):
     """kill -9 of a real sweep during its second job, then the same command again."""
     # Epoch states on disk: in-memory states (the default for one process) die with the sweep.
@@ -225,6 +226,7 @@ def test_a_sweep_killed_mid_job_reruns_only_the_missing_points(tmp_path):
     assert sorted(swept["run_id"].unique()) == sorted(r.info.run_id for r in finished)
 
 
+@pytest.mark.slow  # a long integration test: `make test` runs it, `make test-fast` not
 def test_two_sweeps_share_one_sqlite_store_and_cache(tmp_path):
     procs = [
         subprocess.Popen(

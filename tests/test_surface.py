@@ -36,6 +36,7 @@ def test_a_known_surface_is_recovered_and_extrapolated():
         assert surface(at_n, at_e) == pytest.approx(truth(at_n, at_e), abs=1e-3)
 
 
+@pytest.mark.slow  # a long integration test: `make test` runs it, `make test-fast` not
 def test_held_out_cells_land_in_their_intervals():
     rng = np.random.default_rng(0)
     n, e, s = grid(3)

@@ -321,6 +321,7 @@ def _clip_case():
     return module, batch
 
 
+@pytest.mark.slow  # a long integration test: `make test` runs it, `make test-fast` not
 def test_clip_loss_on_2_processes_equals_1_process_with_the_double_batch(tmp_path):
     import socket
 

@@ -225,6 +225,7 @@ def test_evaluate_scores_a_runs_checkpoint_like_its_last_epoch(tiny_text_cfg, ma
     assert len(runs) == 1 and runs[0].data.tags["evaluated_run_id"] == result.run_id
 
 
+@pytest.mark.slow  # a long integration test: `make test` runs it, `make test-fast` not
 def test_a_failing_job_does_not_stop_the_sweep(tmp_path):
     db = tmp_path / "mlflow.db"
     out = run_train_py(

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from typing import Any
 
+import numpy as np
 import torch
 from torch.utils.data import DataLoader, Sampler
 
@@ -11,6 +12,8 @@ from finetune_budget.data.base import BudgetDataModule
 from finetune_budget.data.samplers import LengthBucketBatchSampler
 from finetune_budget.data.text import TextRetrievalData, load_text_data
 from finetune_budget.speed import reuse
+
+TOKENIZE_CHUNK = 4096  # texts a tokenizer call gets (bounds its output's memory)
 
 
 class TextRetrievalDataModule(BudgetDataModule):
@@ -59,29 +62,36 @@ class TextRetrievalDataModule(BudgetDataModule):
         self.eval_ids = self._token_ids(data.eval_texts, range(len(data.eval_texts)))
         # by token count (not characters): each eval batch pads to nearly its own length
         self._eval_order = sorted(range(len(data.eval_texts)), key=lambda i: len(self.eval_ids[i]))
-        self._train_ids: dict[int, list[int]] | None = None
-        self._positive_ids: dict[int, list[int]] | None = None
+        self._train_ids: dict[int, np.ndarray] | None = None
+        self._positive_ids: dict[int, np.ndarray] | None = None
 
-    def _token_ids(self, texts: list[str], items) -> dict[int, list[int]]:
-        """{item: token ids of texts[item], truncated at max_length} for `items`: one store per
-        text list and tokenizer in this process, so a sweep's jobs tokenise each item once."""
+    def _token_ids(self, texts: list[str], items) -> dict[int, np.ndarray]:
+        """{item: token ids (int32) of texts[item], truncated at max_length} for `items`: one
+        store per text list and tokenizer in this process, so a sweep's jobs tokenise each item
+        once. Tokenised TOKENIZE_CHUNK texts at a time and kept as arrays: the tokenizer's output
+        for all of a 100,000-item set at once (its encodings, lists of Python ints) would hold
+        several KB an item at its peak."""
         tok = self.tokenizer
         key = (tok.name_or_path, id(tok), self.max_length, len(texts), hash(tuple(texts)))
-        store: dict[int, list[int]] = reuse.cached("token_ids", key, dict)
+        store: dict[int, np.ndarray] = reuse.cached("token_ids", key, dict)
         missing = [i for i in items if i not in store]
-        if missing:
-            ids = tok([texts[i] for i in missing], truncation=True, max_length=self.max_length)
-            store.update(zip(missing, ids["input_ids"], strict=True))
+        for start in range(0, len(missing), TOKENIZE_CHUNK):
+            chunk = missing[start : start + TOKENIZE_CHUNK]
+            ids = tok([texts[i] for i in chunk], truncation=True, max_length=self.max_length)
+            store.update(
+                (i, np.asarray(x, dtype=np.int32))
+                for i, x in zip(chunk, ids["input_ids"], strict=True)
+            )
         return store
 
     @property
-    def train_ids(self) -> dict[int, list[int]]:
+    def train_ids(self) -> dict[int, np.ndarray]:
         if self._train_ids is None:
             self._train_ids = self._token_ids(self.data.train_texts, self.subset.tolist())
         return self._train_ids
 
     @property
-    def positive_ids(self) -> dict[int, list[int]]:
+    def positive_ids(self) -> dict[int, np.ndarray]:
         if self._positive_ids is None:
             self._positive_ids = self._token_ids(self.data.train_positives, self.subset.tolist())
         return self._positive_ids
@@ -103,7 +113,7 @@ class TextRetrievalDataModule(BudgetDataModule):
             sampler, self._train_lengths(), labels, self.length_bucket_pool, self.seed
         )
 
-    def _batch(self, ids: list[list[int]]) -> dict[str, torch.Tensor]:
+    def _batch(self, ids: list[np.ndarray]) -> dict[str, torch.Tensor]:
         """`input_ids` padded to the longest item with the tokenizer's pad id and side, and the
         `attention_mask` of the real tokens."""
         width = max(len(x) for x in ids)
@@ -111,7 +121,7 @@ class TextRetrievalDataModule(BudgetDataModule):
         mask = torch.zeros((len(ids), width), dtype=torch.long)
         for row, seq in enumerate(ids):
             span = slice(width - len(seq), width) if self.pad_left else slice(0, len(seq))
-            input_ids[row, span] = torch.as_tensor(seq)
+            input_ids[row, span] = torch.from_numpy(seq)
             mask[row, span] = 1
         return {"input_ids": input_ids, "attention_mask": mask}
 

@@ -46,7 +46,7 @@ from finetune_budget import identity
 from finetune_budget.config import installed_versions, resolve_precision
 from finetune_budget.errors import ConfigError
 from finetune_budget.tracking.mlflow_run import TrackedRun
-from finetune_budget.training.sweep_states import SWEEP_ENV
+from finetune_budget.tracking.parent import SWEEP_ENV
 from finetune_budget.training.tracker import BudgetTracker
 
 log = logging.getLogger(__name__)

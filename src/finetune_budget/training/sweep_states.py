@@ -15,9 +15,9 @@ from typing import Any
 from hydra.experimental.callback import Callback
 from omegaconf import DictConfig
 
-log = logging.getLogger(__name__)
+from finetune_budget.tracking.parent import SWEEP_ENV
 
-SWEEP_ENV = "FINETUNE_BUDGET_SWEEP_STATES"  # the running sweep's id, set by SweepStates
+log = logging.getLogger(__name__)
 
 
 class SweepStates(Callback):

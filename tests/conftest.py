@@ -158,6 +158,7 @@ def requires_data(*names: str):
 # workers in collection order, so these go first: a long file at the end leaves one worker alone
 # with it while the other idles.
 LONGEST_FILES = (
+    "test_session_longer.py",
     "test_session_invariants.py",
     "test_mlm_price.py",
     "test_ddp.py",

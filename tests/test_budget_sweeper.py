@@ -31,6 +31,7 @@ from finetune_budget.study.search import (
     replay,
     run_search,
 )
+from finetune_budget.study.search import target_gain as search_target_gain
 from finetune_budget.study.table import budget_points
 from finetune_budget.tracking.query import roi_table
 from hydra_plugins.budget_sweeper.budget_sweeper import BudgetSweeper, fixed_overrides
@@ -116,6 +117,20 @@ def test_target_value_is_converted_with_the_baseline():
     # baseline 0.9: a value of 0.972 is a relative gain of 0.08
     result = run_search(Stub(), settings(target_value=0.972))
     assert result.stop_reason.startswith("target gain 0.08"), result.summary()
+
+
+def test_a_target_value_of_an_error_metric_is_a_gain_downwards():
+    # a price error (lower is better) of 50 from a pretrained 80: (80 - 50) / 80 = 0.375, as the
+    # runs' own gain/ keys count it; a score metric counts upwards: (0.972 - 0.9) / 0.9 = 0.08
+    runs = [Observation(100, seed, 1, {1: 0.1}, baseline=80.0) for seed in (0, 1)]
+    error = settings(metric="probe/mae", target_value=50.0)
+    assert search_target_gain(runs, error) == pytest.approx(0.375)
+    score = [Observation(100, 0, 1, {1: 0.01}, baseline=0.9)]
+    assert search_target_gain(score, settings(metric="val/mrr_at_20", target_value=0.972)) == (
+        pytest.approx(0.08)
+    )
+    assert search_target_gain(score, settings(target_gain=0.05)) == 0.05
+    assert search_target_gain([], settings(metric="probe/mae", target_value=50.0)) is None
 
 
 def test_search_never_spends_more_than_its_compute_budget():

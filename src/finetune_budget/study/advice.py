@@ -73,6 +73,14 @@ class AdviceSettings:
     def has_target(self) -> bool:
         return self.target_gain is not None or self.target_value is not None
 
+    def target_as_gain(self, metric: str, baseline: float, floor: float = 0.01) -> float | None:
+        """The target as a relative gain over `baseline` (None: no target): a target_value is
+        converted as the runs' gains are (roi.relative_gain, so errors count downwards); the
+        engine, the plan and the budget search all read the target here."""
+        if self.target_value is not None:
+            return value_to_gain(metric, self.target_value, baseline, floor)
+        return None if self.target_gain is None else float(self.target_gain)
+
     @property
     def prices(self) -> Prices:
         """The prices, checked (a one-line ConfigError for ones a plan cannot use)."""
@@ -532,10 +540,9 @@ def advise(
         rows.append({"n": int(n), **epochs_worth_it(at_n, gain, s)})
     table = pd.DataFrame(rows)
 
-    target = s.target_gain
+    target = s.target_as_gain(metric, baseline, floor)
     what = None if target is None else f"a gain of {fmt_pct(target)}"
     if s.target_value is not None:
-        target = value_to_gain(metric, s.target_value, baseline, floor)
         what = f"{name} = {s.target_value:g} (a gain of {fmt_pct(target)})"
     answers = []
     means = data.groupby("n")[gain].mean()

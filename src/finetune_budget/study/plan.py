@@ -53,7 +53,6 @@ from finetune_budget.study.advice import (
     fmt_int,
     fmt_pct,
     fmt_secs,
-    value_to_gain,
 )
 from finetune_budget.study.calibration import CalibratedCurve
 from finetune_budget.study.curves import CurveFit
@@ -313,12 +312,10 @@ def epochs_at(advice: Advice, share: float) -> Callable[[float], int]:
 
 def target_gain(s: AdviceSettings, metric: str, baseline: float) -> tuple[float | None, str]:
     """The person's target as a relative gain, and how to name it (None: no target)."""
+    g = s.target_as_gain(metric, baseline)
     if s.target_value is not None:
-        g = value_to_gain(metric, s.target_value, baseline)
         return g, f"{metric_name(metric)} = {s.target_value:g}"
-    if s.target_gain is not None:
-        return float(s.target_gain), fmt_pct(s.target_gain)
-    return None, ""
+    return g, "" if g is None else fmt_pct(g)
 
 
 def size_grid(fit: CurveFit | CalibratedCurve, have: float = 0.0) -> np.ndarray:

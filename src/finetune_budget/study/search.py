@@ -81,7 +81,7 @@ from finetune_budget.study import advice as engine
 from finetune_budget.study.calibration import adaptive_alpha
 from finetune_budget.study.curves import fit_learning_curve, quiet_numerics
 from finetune_budget.study.prices import Prices
-from finetune_budget.study.roi import gain_ceiling, gains, metric_name
+from finetune_budget.study.roi import gain_ceiling, metric_name
 from finetune_budget.study.table import GROUP, budget_points
 
 log = logging.getLogger(__name__)
@@ -425,15 +425,10 @@ def target_gain(observations: Sequence[Observation], settings: SearchSettings) -
     """The target as a relative gain (a target_value is converted with the runs' baseline): the
     search's own, else the advice engine's (hydra.sweeper.advise.target_*)."""
     asked = settings.engine()
-    if asked.target_gain is not None:
-        return float(asked.target_gain)
-    if asked.target_value is None:
-        return None
     base = [o.baseline for o in observations if math.isfinite(o.baseline)]
-    if not base:
-        return None
-    m0 = float(np.mean(base))
-    return gains({"m": asked.target_value}, {"m": m0}, 1, 1.0)["gain/m"]
+    if asked.target_value is not None and not base:
+        return None  # a target value needs the runs' pretrained value
+    return asked.target_as_gain(asked.metric or "", float(np.mean(base)) if base else math.nan)
 
 
 def nice(n: float) -> int:

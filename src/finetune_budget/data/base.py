@@ -30,6 +30,15 @@ from finetune_budget.data.samplers import ClassChunkBatchSampler, ShuffledBatchS
 from finetune_budget.data.subsets import nested_subset
 from finetune_budget.errors import ConfigError
 
+# the keys of a `data` group that set the loaders (BudgetDataModule's); the others: the source
+LOADER_KEYS = ("batch_size", "samples_per_class", "eval_batch_size", "num_workers", "seed")
+
+
+def take_loader_keys(keys: dict[str, Any], **defaults: Any) -> dict[str, Any]:
+    """The loader settings (LOADER_KEYS) taken out of a data group's `keys`, over a DataModule's
+    own `defaults`; what stays in `keys` describes the data set for its loader."""
+    return {**defaults, **{key: keys.pop(key) for key in LOADER_KEYS if key in keys}}
+
 
 class BudgetDataModule(L.LightningDataModule):
     """Base of every task's DataModule. `subset`: (n,) ids of the training items used, the first

@@ -19,7 +19,7 @@ import torch
 from PIL import Image, UnidentifiedImageError
 from torch.utils.data import DataLoader, Dataset
 
-from finetune_budget.data.base import BudgetDataModule
+from finetune_budget.data.base import BudgetDataModule, take_loader_keys
 from finetune_budget.data.text import read_flickr8k_captions, require_file, split_images
 from finetune_budget.errors import DataError
 
@@ -178,20 +178,15 @@ class ImageTextDataModule(BudgetDataModule):
         *,
         n: int,
         subset_seed: int = 0,
-        batch_size: int = 32,
-        eval_batch_size: int = 128,
-        num_workers: int = 0,
-        seed: int = 0,
         **source: Any,
     ) -> None:
         """data: the loaded pairs, or None to load the ones `source` describes (the `data`
-        group's other keys: format, path, eval_images, ...; load_image_text_data)."""
+        group's other keys: format, path, eval_images, ...; load_image_text_data). The loader
+        keys (data.base.LOADER_KEYS) go to the base."""
+        loader = take_loader_keys(source, eval_batch_size=128)
         if data is None:
             data = load_image_text_data(source)
-        super().__init__(
-            len(data), n, subset_seed, name=f"{data.name} train pairs", batch_size=batch_size,
-            eval_batch_size=eval_batch_size, num_workers=num_workers, seed=seed,
-        )  # fmt: skip
+        super().__init__(len(data), n, subset_seed, name=f"{data.name} train pairs", **loader)
         self.data = data
         self.tokenizer = tokenizer
         self.train_transform, self.eval_transform = train_transform, eval_transform

@@ -8,7 +8,7 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader, Sampler
 
-from finetune_budget.data.base import BudgetDataModule
+from finetune_budget.data.base import BudgetDataModule, take_loader_keys
 from finetune_budget.data.samplers import LengthBucketBatchSampler
 from finetune_budget.data.text import TextRetrievalData, load_text_data
 from finetune_budget.speed import reuse
@@ -34,24 +34,17 @@ class TextRetrievalDataModule(BudgetDataModule):
         *,
         n: int,
         subset_seed: int = 0,
-        batch_size: int = 32,
-        samples_per_class: int = 4,
-        eval_batch_size: int = 256,
         max_length: int = 128,
-        num_workers: int = 0,
-        seed: int = 0,
         length_bucket_pool: int = 0,
         **source: Any,
     ) -> None:
         """data: the loaded data set, or None to load the one `source` describes (the `data`
-        group's other keys: format, path, ...; data.text.load_text_data)."""
+        group's other keys: format, path, ...; data.text.load_text_data). The loader keys
+        (batch_size, samples_per_class, ...: data.base.LOADER_KEYS) go to the base."""
+        loader = take_loader_keys(source)
         if data is None:
             data = load_text_data(source)
-        super().__init__(
-            len(data), n, subset_seed, name=f"{data.name} train", batch_size=batch_size,
-            samples_per_class=samples_per_class, eval_batch_size=eval_batch_size,
-            num_workers=num_workers, seed=seed,
-        )  # fmt: skip
+        super().__init__(len(data), n, subset_seed, name=f"{data.name} train", **loader)
         self.data = data
         self.tokenizer = tokenizer
         self.max_length = max_length

@@ -28,7 +28,7 @@ from transformers import (
 )
 
 from finetune_budget.data.airbnb import Listings, load_listings
-from finetune_budget.data.base import BudgetDataModule, build_datamodule
+from finetune_budget.data.base import BudgetDataModule, build_datamodule, take_loader_keys
 from finetune_budget.errors import ConfigError, ModelError
 from finetune_budget.export.formats import encoder_as_sentence_transformer
 from finetune_budget.models.text import (
@@ -79,30 +79,25 @@ class MaskedLMDataModule(BudgetDataModule):
         listings: Listings | None = None,
         tokenizer: Any = None,
         *,
-        n: int,
-        subset_seed: int = 0,
-        batch_size: int = 16,
         chunk_length: int = 128,
         mlm_probability: float = 0.2,
         probe_max_length: int = 128,
         probe_max_listings: int | None = None,
-        eval_batch_size: int = 256,
-        num_workers: int = 0,
-        seed: int = 0,
+        n: int,
+        subset_seed: int = 0,
         **source: Any,
     ) -> None:
         """listings: the loaded listings, or None to load the ones `source` describes (the
-        `data` group's path, text_column and price_column)."""
+        `data` group's path, text_column and price_column). The loader keys
+        (data.base.LOADER_KEYS) go to the base."""
+        loader = take_loader_keys(source, batch_size=16)
         if listings is None:
             listings = load_listings(source["path"], source["text_column"], source["price_column"])
         if not 0 < mlm_probability < 1:
             raise ConfigError(
                 f"data.mlm_probability={mlm_probability} must lie in (0, 1), e.g. 0.2"
             )
-        super().__init__(
-            len(listings), n, subset_seed, name="the listings", batch_size=batch_size,
-            eval_batch_size=eval_batch_size, num_workers=num_workers, seed=seed,
-        )  # fmt: skip
+        super().__init__(len(listings), n, subset_seed, name="the listings", **loader)
         self.listings = listings
         self.tokenizer = tokenizer
         self.chunk_length = int(chunk_length)

@@ -228,13 +228,13 @@ def why_stale(run: Any, stale_after_s: float | None, now_s: float | None = None)
             return f"its process {pid} on {host} is gone (killed or crashed)"
         return None
     age_s = (now_s or time.time()) - run.info.start_time / 1000
-    if stale_after_s is not None and age_s > stale_after_s:
-        where = f"on {host}" if host else "on an unknown host"
-        return (
-            f"it started {age_s / 3600:.1f} h ago {where}, more than tracking.stale_after_s="
-            f"{stale_after_s:g}"
-        )
-    return None
+    if stale_after_s is None or age_s <= stale_after_s:
+        return None
+    where = f"on {host}" if host else "on an unknown host"
+    return (
+        f"it started {age_s / 3600:.1f} h ago {where}, more than tracking.stale_after_s="
+        f"{stale_after_s:g}"
+    )
 
 
 def mark_stale_runs(

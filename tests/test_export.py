@@ -17,7 +17,8 @@ from mlflow.tracking import MlflowClient
 from omegaconf import OmegaConf, open_dict
 from transformers import BertConfig, BertModel
 
-from finetune_budget.app.modes import evaluate, run_mode
+from finetune_budget.app.model_modes import evaluate
+from finetune_budget.app.modes import run_mode
 from finetune_budget.app.sweep_parent import SweepParentRun
 from finetune_budget.errors import ConfigError
 from finetune_budget.export.formats import (

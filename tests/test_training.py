@@ -8,7 +8,7 @@ import pytest
 import yaml
 from mlflow.tracking import MlflowClient
 
-from finetune_budget.app.modes import evaluate
+from finetune_budget.app.model_modes import evaluate
 from finetune_budget.errors import DataError, DivergedError
 from finetune_budget.training.run import train
 from tests.conftest import run_train_py

@@ -1,6 +1,6 @@
 """Fine-tuned models in their ecosystem's format (library code: no MLflow, no training).
 
-    python evaluate.py mode=export run_id=<id>     write a run's model (app.modes.export_mode)
+    python evaluate.py mode=export run_id=<id>     a run's model (app.model_modes.export_mode)
 
 - text encoders (`text_text`, `mlm_price`): a sentence-transformers folder,
   `SentenceTransformer(folder)`; in MLflow the `sentence_transformers` flavor.

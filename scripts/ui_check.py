@@ -135,13 +135,14 @@ class Browser:
         self.call("Page.navigate", url=url)
         time.sleep(settle_s)
 
-    def text_when(self, needle: str, timeout_s: float) -> str:
-        """The page's text once it contains `needle` (or at the timeout)."""
+    def text_when(self, needle: str, timeout_s: float, or_at: str | None = None) -> str:
+        """The page's text once it contains `needle`, or once the app has moved to a page whose
+        address contains `or_at` (or at the timeout)."""
         deadline = time.time() + timeout_s
         text = ""
         while time.time() < deadline:
             text = self.js("document.body ? document.body.innerText : ''") or ""
-            if needle in text:
+            if needle in text or (or_at and or_at in (self.js("location.href") or "")):
                 break
             time.sleep(1)
         return text
@@ -241,7 +242,8 @@ def main(argv: list[str] | None = None) -> int:
         browser = Browser(args.cdp_port, work / "chromium")
         page = f"{base}/#/experiments/{exp_id}"
         browser.open(page, args.settle)  # what `make ui` shows a browser that has no settings yet
-        first = browser.text_when("matching runs", 60)
+        # MLflow may open an experiment on its overview (the GenAI workflow's first page)
+        first = browser.text_when("matching runs", 60, or_at="/overview")
         landed = browser.js("location.href") or ""
         opened_on = "runs table" if "matching runs" in first else f"no runs table ({landed})"
         state_key = f'MLflowLocalStorage-1.1-ExperimentPage-["{exp_id}"]-ReactComponentState'

@@ -241,10 +241,10 @@ def test_minilm_adapted_on_airbnb_listings(make_cfg):
 
     cfg = make_cfg(
         "task=mlm_price",
-        "data.n=200",
+        "data.n=100",
         "trainer.max_epochs=1",
         "trainer.accelerator=cpu",
-        "eval.price_probe.max_listings=800",
+        "eval.price_probe.max_listings=400",
         "eval.price_probe.max_iter=50",
         "tracking.save_checkpoint=false",
     )

@@ -29,7 +29,9 @@ def test_the_ui_opens_a_sweep_on_its_runs_and_charts_mrr_against_n(tmp_path, cap
     import ui_check
 
     png = tmp_path / "ui.png"
-    assert ui_check.main(["--out", str(png), "--port", "5991", "--cdp-port", "9341"]) == 0
+    # --settle 3: the checks below poll the page until it shows what they read
+    args = ["--out", str(png), "--port", "5991", "--cdp-port", "9341", "--settle", "3"]
+    assert ui_check.main(args) == 0
     out = capsys.readouterr().out
     assert "3 training runs, 3 listed" in out
     assert "chart data.n vs. val/mrr_at_20: 3 points" in out

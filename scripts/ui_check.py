@@ -24,6 +24,7 @@ import tempfile
 import time
 import urllib.parse
 import urllib.request
+from collections.abc import Sequence
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -135,14 +136,16 @@ class Browser:
         self.call("Page.navigate", url=url)
         time.sleep(settle_s)
 
-    def text_when(self, needle: str, timeout_s: float, or_at: str | None = None) -> str:
-        """The page's text once it contains `needle`, or once the app has moved to a page whose
-        address contains `or_at` (or at the timeout)."""
+    def text_when(self, needles: Sequence[str], timeout_s: float, or_at: str | None = None) -> str:
+        """The page's text once it contains every one of `needles`, or once the app has moved to
+        a page whose address contains `or_at` (or at the timeout)."""
         deadline = time.time() + timeout_s
         text = ""
         while time.time() < deadline:
             text = self.js("document.body ? document.body.innerText : ''") or ""
-            if needle in text or (or_at and or_at in (self.js("location.href") or "")):
+            if all(n in text for n in needles):
+                break
+            if or_at and or_at in (self.js("location.href") or ""):
                 break
             time.sleep(1)
         return text
@@ -243,7 +246,7 @@ def main(argv: list[str] | None = None) -> int:
         page = f"{base}/#/experiments/{exp_id}"
         browser.open(page, args.settle)  # what `make ui` shows a browser that has no settings yet
         # MLflow may open an experiment on its overview (the GenAI workflow's first page)
-        first = browser.text_when("matching runs", 60, or_at="/overview")
+        first = browser.text_when(["matching runs"], 60, or_at="/overview")
         landed = browser.js("location.href") or ""
         opened_on = "runs table" if "matching runs" in first else f"no runs table ({landed})"
         state_key = f'MLflowLocalStorage-1.1-ExperimentPage-["{exp_id}"]-ReactComponentState'
@@ -260,17 +263,18 @@ def main(argv: list[str] | None = None) -> int:
         query = urllib.parse.urlencode(
             {"workflowType": "machine_learning", "compareRunsMode": "CHART"}
         )
+        names = [r.info.run_name for r in runs]
+        shows = ["matching runs", f"{PARAM} vs.", *filter(None, names)]  # what is checked below
         browser.open(f"{page}/runs?{query}", args.settle)
-        text = browser.text_when("matching runs", 120)
         points = browser.wait_js(SCATTER_POINTS, len(runs), 120)
         if points < len(runs):  # the app may still have been saving its own first-visit state
             browser.open(f"{page}/runs?{query}", args.settle)
             points = browser.wait_js(SCATTER_POINTS, len(runs), 120)
+        text = browser.text_when(shows, 120)  # the page drawn (a loaded machine draws slowly)
         traces = browser.js(PLOT_TRACES)
         browser.js(CLOSE_ASSISTANT)
         time.sleep(2)
         browser.screenshot(Path(args.out))
-        names = [r.info.run_name for r in runs]
         shown = [n for n in names if n and n in text]
         if experiment.tags.get("mlflow.experimentKind") != "custom_model_development":
             failures.append(

@@ -14,11 +14,13 @@ from conftest import compose_config, store_uri
 from mlflow.entities import Metric
 from mlflow.tracking import MlflowClient
 from omegaconf import open_dict
+from scipy import stats
 
 from finetune_budget.app.modes import run_mode
 from finetune_budget.errors import ConfigError
 from finetune_budget.report.build import ReportSettings, build_report
 from finetune_budget.study.advice import AdviceSettings, advise
+from finetune_budget.study.calibration import split_normal_excess
 from finetune_budget.study.plan import collect, make_plan, miss_probability
 from finetune_budget.study.prices import Prices
 
@@ -70,6 +72,24 @@ def test_the_chance_of_missing_comes_from_the_interval_and_falls_with_more_label
         assert miss_probability(center, lo, hi, target, 0.9)[0] == pytest.approx(p, abs=1e-9)
     s = miss_probability(np.array([0.1, 0.3, 0.2]), lo, hi + 0.2, 0.2, 0.9)
     assert s[0] > s[1] and s[2] == s[1]  # never more likely to miss with more labels
+
+
+@pytest.mark.parametrize("best", [0.05, 0.2, 0.3, 0.5])
+def test_the_expected_excess_over_the_best_matches_integration_of_the_split_normal(best):
+    # the same split normal (median 0.2, 90% interval [0.1, 0.4]): E[max(G - best, 0)] by
+    # numerical integration of its density, each half a normal's half with its own spread
+    z = stats.norm.ppf(0.95)
+    s_lo, s_hi = 0.1 / z, 0.2 / z
+    by_integration = 0.0
+    for x in (
+        np.linspace(0.2 - 12 * s_lo, 0.2, 200_001),
+        np.linspace(0.2, 0.2 + 12 * s_hi, 200_001),
+    ):
+        density = stats.norm.pdf(x, 0.2, s_lo if x[0] < 0.2 else s_hi)  # the density jumps at 0.2
+        by_integration += np.trapezoid(np.maximum(x - best, 0.0) * density, x)
+    got = split_normal_excess(best, 0.2, 0.1, 0.4, 0.9)
+    assert got == pytest.approx(by_integration, rel=1e-6, abs=1e-9)
+    assert split_normal_excess(best, 0.2, np.nan, np.nan, 0.9) == max(0.2 - best, 0.0)
 
 
 # -- a plan on a known curve ---------------------------------------------------------------------

@@ -1,8 +1,8 @@
 """What the entry points run (the top layer: it may import any other, none imports it).
 
 cli.py            train.py / evaluate.py / tune.py: config check, jobs, exit codes
-modes.py          evaluate.py's modes: report, advise, check (light), and the dispatch to the others
-model_modes.py    the modes that load a model (eval, export): torch and Lightning imported for them
+modes.py          evaluate.py's modes: report, advise, check (light); dispatch to the others
+model_modes.py    the modes that load a model (eval, export): torch and Lightning
 runs.py           a run's model: kept in memory, logged, its checkpoint, or rebuilt
 sweep_parent.py   a `-m` sweep's parent run and its report (a Hydra callback)
 sweep_end.py      the model of the run the sweep's report recommends, logged

@@ -42,6 +42,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import numpy as np
+from scipy import stats
 
 from finetune_budget.study.curves import CurveFit, fit_learning_curve
 
@@ -185,6 +186,54 @@ def conformal_bounds(scores: Sequence[float], level: float) -> tuple[float, floa
     lo = float(s[k_lo - 1]) if k_lo >= 1 else -math.inf
     hi = float(s[k_hi - 1]) if k_hi <= m else math.inf
     return lo, float(np.median(s)), hi
+
+
+def split_normal_cdf(x: float, center, lo, hi, level: float) -> np.ndarray:
+    """P(gain <= x) under the split normal with median `center` whose `level` central interval is
+    [lo, hi]; without an interval (NaN ends) the point mass at `center`; NaN center: 1 (missed)."""
+    center, lo, hi = (np.asarray(v, dtype=float) for v in (center, lo, hi))
+    z = stats.norm.ppf(0.5 + level / 2)
+    with np.errstate(invalid="ignore", divide="ignore"):
+        s_lo = np.maximum(center - lo, 0.0) / z
+        s_hi = np.maximum(hi - center, 0.0) / z
+        below = x < center
+        spread = np.where(below, s_lo, s_hi)
+        cdf = stats.norm.cdf((x - center) / np.where(spread > 0, spread, np.nan))
+    point = np.where(x < center, 0.0, 1.0)
+    cdf = np.where(np.isfinite(cdf), cdf, point)
+    return np.where(np.isfinite(center), cdf, 1.0)
+
+
+def split_normal_mean(center, lo, hi, level: float) -> np.ndarray:
+    """The mean of that split normal: center + sqrt(2 / pi) (s_hi - s_lo)."""
+    center, lo, hi = (np.asarray(v, dtype=float) for v in (center, lo, hi))
+    z = stats.norm.ppf(0.5 + level / 2)
+    shift = math.sqrt(2 / math.pi) * (np.nan_to_num(hi - center) - np.nan_to_num(center - lo)) / z
+    return center + shift
+
+
+def split_normal_excess(best: float, center, lo, hi, level: float) -> np.ndarray:
+    """E[max(G - best, 0)] for G under that split normal: what keeping the better of G and
+    `best` adds. With d = center - best, s_lo and s_hi its halves' spreads:
+    best >= center: s_hi phi(-d / s_hi) + d (1 - Phi(-d / s_hi));
+    best < center: s_lo phi(d / s_lo) + d Phi(d / s_lo) + (s_hi - s_lo) phi(0)
+    (both halves hold half the mass; s_lo = s_hi: the normal's d Phi(d/s) + s phi(d/s)).
+    Without an interval (NaN ends): max(d, 0)."""
+    center, lo, hi = (np.asarray(v, dtype=float) for v in (center, lo, hi))
+    z = stats.norm.ppf(0.5 + level / 2)
+    d = center - best
+    s_lo = np.nan_to_num(np.maximum(center - lo, 0.0) / z)
+    s_hi = np.nan_to_num(np.maximum(hi - center, 0.0) / z)
+    with np.errstate(invalid="ignore", divide="ignore"):
+        above = s_hi * stats.norm.pdf(-d / s_hi) + d * stats.norm.sf(-d / s_hi)
+        below = (
+            s_lo * stats.norm.pdf(d / s_lo)
+            + d * stats.norm.cdf(d / s_lo)
+            + (s_hi - s_lo) * stats.norm.pdf(0.0)
+        )
+    above = np.where(s_hi > 0, above, 0.0)  # best >= center: only the upper half reaches past it
+    below = np.where(s_lo > 0, below, d + s_hi * stats.norm.pdf(0.0))
+    return np.where(d <= 0, above, below)
 
 
 def adaptive_alpha(alpha_t: float, alpha: float, gamma: float, errs: Sequence[int]) -> float:

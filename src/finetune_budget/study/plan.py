@@ -45,7 +45,6 @@ from dataclasses import dataclass, field
 
 import numpy as np
 import pandas as pd
-from scipy import stats
 
 from finetune_budget.study.advice import (
     Advice,
@@ -54,7 +53,11 @@ from finetune_budget.study.advice import (
     fmt_pct,
     fmt_secs,
 )
-from finetune_budget.study.calibration import CalibratedCurve
+from finetune_budget.study.calibration import (
+    CalibratedCurve,
+    split_normal_cdf,
+    split_normal_mean,
+)
 from finetune_budget.study.curves import CurveFit
 from finetune_budget.study.prices import Prices
 from finetune_budget.study.roi import metric_name
@@ -69,30 +72,6 @@ def gain_distribution(fit: CurveFit | CalibratedCurve, ns: np.ndarray, level: fl
     prediction (NaN center: beyond what the fit may answer)."""
     center, lo, hi = fit.predict(np.asarray(ns, dtype=float), level=level, seeds=1)
     return (np.asarray(v, dtype=float) for v in (center, lo, hi))
-
-
-def split_normal_cdf(x: float, center, lo, hi, level: float) -> np.ndarray:
-    """P(gain <= x) under the split normal with median `center` whose `level` central interval is
-    [lo, hi]; without an interval (NaN ends) the point mass at `center`; NaN center: 1 (missed)."""
-    center, lo, hi = (np.asarray(v, dtype=float) for v in (center, lo, hi))
-    z = stats.norm.ppf(0.5 + level / 2)
-    with np.errstate(invalid="ignore", divide="ignore"):
-        s_lo = np.maximum(center - lo, 0.0) / z
-        s_hi = np.maximum(hi - center, 0.0) / z
-        below = x < center
-        spread = np.where(below, s_lo, s_hi)
-        cdf = stats.norm.cdf((x - center) / np.where(spread > 0, spread, np.nan))
-    point = np.where(x < center, 0.0, 1.0)
-    cdf = np.where(np.isfinite(cdf), cdf, point)
-    return np.where(np.isfinite(center), cdf, 1.0)
-
-
-def split_normal_mean(center, lo, hi, level: float) -> np.ndarray:
-    """The mean of that split normal: center + sqrt(2 / pi) (s_hi - s_lo)."""
-    center, lo, hi = (np.asarray(v, dtype=float) for v in (center, lo, hi))
-    z = stats.norm.ppf(0.5 + level / 2)
-    shift = math.sqrt(2 / math.pi) * (np.nan_to_num(hi - center) - np.nan_to_num(center - lo)) / z
-    return center + shift
 
 
 def miss_probability(center, lo, hi, target: float, level: float) -> np.ndarray:

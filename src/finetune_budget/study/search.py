@@ -41,11 +41,11 @@ One step of the search (`decide`):
 6. With prices (`advise.label_cost` and `advise.value_per_gain`, or a target with
    `advise.miss_penalty`; study/prices.py), the step chosen in 4 or 5 is run only while its
    expected value of information is at least its cost (`step_value`, `step_cost`): its gain
-   predicted as a normal (the fitted curve's interval; for more epochs, the last epoch's gain
-   again per added epoch with the seeds' spread), valued as V x E[max(G - best, 0)] (the better
-   model is kept afterwards) or as miss_penalty x P(G >= target) with G the fitted gain at the
-   farthest size the search may reach (a step on the way to a target is worth the chance of
-   reaching it at all); its cost the labels it adds
+   predicted as the plan's split normal (the fitted curve's interval; for more epochs, the last
+   epoch's gain again per added epoch with the seeds' spread), valued as V x E[max(G - best, 0)]
+   (the better model is kept afterwards) or as miss_penalty x P(G >= target) with G the fitted
+   gain at the farthest size the search may reach (a step on the way to a target is worth the
+   chance of reaching it at all); its cost the labels it adds
    (subsets are nested) and its estimated compute. The summary states what the search cost.
 7. Between rounds the intervals' level adapts to the study at hand (adaptive conformal
    inference, Gibbs & Candès 2021; study.calibration.adaptive_alpha): the size a round measured
@@ -78,7 +78,11 @@ from scipy import stats
 
 from finetune_budget.errors import ConfigError
 from finetune_budget.study import advice as engine
-from finetune_budget.study.calibration import adaptive_alpha
+from finetune_budget.study.calibration import (
+    adaptive_alpha,
+    split_normal_cdf,
+    split_normal_excess,
+)
 from finetune_budget.study.curves import fit_learning_curve, quiet_numerics
 from finetune_budget.study.prices import Prices
 from finetune_budget.study.roi import gain_ceiling, metric_name
@@ -605,10 +609,13 @@ def decide(
         added = sum(n * (new_epochs - epochs) for n in points) * len(s.seeds)
         # what the added epochs may buy at n_top: the last epoch's gain again for each, with
         # the seed-to-seed spread of a mean (an upper estimate: epochs' gains shrink)
-        sd = _seed_sd(points) / math.sqrt(len(s.seeds))
+        half = (
+            _seed_sd(points) / math.sqrt(len(s.seeds)) * float(stats.norm.ppf(0.5 + s.level / 2))
+        )
         expected = means[n_top] + more_epochs * (new_epochs - epochs)
         d = _within_budget(d, rate * added, spent_s, s)
-        return _worth_it(d, expected, sd, max(means.values()), goal, 0, s)
+        span = (expected, expected - half, expected + half)
+        return _worth_it(d, span, max(means.values()), goal, 0, s)
 
     if s.n_max is not None and n_top >= s.n_max:
         d.reason = (
@@ -668,36 +675,34 @@ def decide(
     d.action, d.n = "measure", [n_next]
     d.jobs = [Job(n_next, seed, epochs) for seed in s.seeds]
     d = _within_budget(d, rate * n_next * epochs * len(s.seeds), spent_s, s)
-    # the fitted interval as a normal's spread; an adapted interval is meant to hold `level`
-    z = float(stats.norm.ppf(0.5 + s.level / 2))
-    predicted, sd = d.predicted, (d.predicted_hi - d.predicted_lo) / (2 * z)
+    span = (d.predicted, d.predicted_lo, d.predicted_hi)
     if goal is not None and curve is not None and getattr(curve, "extrapolation_ok", False):
         # a step on the way to the target is worth the chance of reaching it at all: the
         # prediction at the farthest size the search may go (n_max, else growth^steps left)
         far = s.n_max or n_top * s.growth ** (s.max_steps - step + 1)
-        m_far, lo_far, hi_far = (float(np.asarray(a)[0]) for a in curve.predict([float(far)]))
-        predicted, sd = m_far, (hi_far - lo_far) / (2 * z)
-    return _worth_it(d, predicted, sd, max(means.values()), goal, n_next - n_top, s)
+        span = tuple(float(np.asarray(a)[0]) for a in curve.predict([float(far)]))
+    return _worth_it(d, span, max(means.values()), goal, n_next - n_top, s)
 
 
-def step_value(prices: Prices, goal: float | None, mean: float, sd: float, best: float) -> float:
-    """The expected value, in money, of what a step measures when its gain is predicted as
-    Normal(mean, sd) and `best` is the best mean gain measured so far (NaN: the prices value no
-    gain). With `value_per_gain` V: V x E[max(G - best, 0)] = V (d Phi(d/sd) + sd phi(d/sd)),
-    d = mean - best (afterwards the better of the two is kept). With a target and
-    `miss_penalty` P: P x P(G >= target) (stopping now misses it)."""
-    if goal is not None:
-        if prices.miss_penalty is None or not math.isfinite(mean):
-            return math.nan
-        p = float(mean >= goal) if not sd > 0 else float(stats.norm.sf((goal - mean) / sd))
-        return prices.miss_penalty * p
-    if prices.value_per_gain is None or not math.isfinite(mean):
+def step_value(
+    prices: Prices, goal: float | None, span: tuple[float, float, float], best: float, level: float
+) -> float:
+    """The expected value, in money, of what a step measures when its gain G is predicted as
+    span = (center, lo, hi), the `level` interval read as the plan's split normal
+    (calibration.split_normal_cdf), and `best` is the best mean gain measured so far (NaN: the
+    prices value no gain). With `value_per_gain` V: V x E[max(G - best, 0)] (afterwards the better
+    of the two is kept). With a target and `miss_penalty` P: P x P(G >= target) (stopping now
+    misses it)."""
+    center, lo, hi = span
+    if not math.isfinite(center):
         return math.nan
-    d = mean - best
-    if not sd > 0:
-        return prices.value_per_gain * max(d, 0.0)
-    z = d / sd
-    return prices.value_per_gain * (d * stats.norm.cdf(z) + sd * stats.norm.pdf(z))
+    if goal is not None:
+        if prices.miss_penalty is None:
+            return math.nan
+        return prices.miss_penalty * float(1.0 - split_normal_cdf(goal, center, lo, hi, level))
+    if prices.value_per_gain is None:
+        return math.nan
+    return prices.value_per_gain * float(split_normal_excess(best, center, lo, hi, level))
 
 
 def step_cost(prices: Prices, new_labels: int, estimated_s: float) -> float:
@@ -709,8 +714,7 @@ def step_cost(prices: Prices, new_labels: int, estimated_s: float) -> float:
 
 def _worth_it(
     d: Decision,
-    mean: float,
-    sd: float,
+    span: tuple[float, float, float],
     best: float,
     goal: float | None,
     new_labels: int,
@@ -720,7 +724,7 @@ def _worth_it(
     prices = s.prices
     if d.action == "stop" or not prices.priced:
         return d
-    d.value = step_value(prices, goal, mean, sd, best)
+    d.value = step_value(prices, goal, span, best, s.level)
     d.cost = step_cost(prices, new_labels, d.estimated_s)
     if math.isfinite(d.value) and math.isfinite(d.cost) and d.value < d.cost:
         d.reason = (

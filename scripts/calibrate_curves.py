@@ -10,7 +10,8 @@ reach bin (1-2x, 2-4x, 4-8x, 8-16x): the cases, the coverage of the 90% interval
 study is predicted by a calibration computed without it (leave one study out), and the signed
 error (predicted - measured, in units of the gain measured at the largest fitted size) of the
 raw curve and of the calibrated center; for all fits, and for fits on pilots (<= --pilot-max
-labels). --write stores the calibration of all the studies as the package's table.
+labels). --write stores the calibration of all the studies as the package's table;
+--write-loso DIR each study's leave-one-out table (bench/collection_policies.py --calibration).
 --cells: also the surface over labels and epochs (study/surface.py) of each study and metric,
 fitted without each (data.n, epochs) cell in turn: how often the cell's measured mean fell
 inside its 90% interval.
@@ -20,6 +21,7 @@ from __future__ import annotations
 
 import argparse
 import sys
+from pathlib import Path
 
 from finetune_budget.study.calibration import (
     SHIPPED,
@@ -98,6 +100,17 @@ def main(argv=None) -> int:
     p.add_argument("--write", action="store_true", help=f"store the table as {SHIPPED}")
     p.add_argument("--source", default=None, help="what the table says it was computed from")
     p.add_argument("--cells", action="store_true", help="held-out cells of the surface too")
+    p.add_argument(
+        "--write-loso",
+        metavar="DIR",
+        help="store each study's leave-one-out table as DIR/<study>.json (for "
+        "bench/collection_policies.py --calibration)",
+    )
+    p.add_argument(
+        "--weigh-studies",
+        action="store_true",
+        help="each study weighs as much as each other (default: every backtest alike)",
+    )
     args = p.parse_args(argv)
     cases = [
         c
@@ -109,7 +122,8 @@ def main(argv=None) -> int:
     if len(groups) < 2:
         sys.stderr.write("leave-one-study-out needs 2 or more studies\n")
         return 2
-    loso = {g: calibrate(cases, args.level, leave_out=g) for g in groups}
+    w = args.weigh_studies
+    loso = {g: calibrate(cases, args.level, leave_out=g, weigh_studies=w) for g in groups}
     show(
         "all fits, each study predicted by the calibration of the others",
         coverage_table(cases, loso),
@@ -122,13 +136,19 @@ def main(argv=None) -> int:
     for g in groups:
         mine = [c for c in cases if c.group == g]
         show(f"{g}, predicted by the calibration of the others", coverage_table(mine, loso))
+    if args.write_loso:
+        Path(args.write_loso).mkdir(parents=True, exist_ok=True)
+        for g, cal in loso.items():
+            cal.source = f"{', '.join(args.experiments)} without {g}"
+            cal.save(Path(args.write_loso) / f"{g}.json")
+        print(f"\nwrote the leave-one-out tables to {args.write_loso}/<study>.json")
     if args.cells:
         print()
         for e in args.experiments:
             cell_coverage(args.tracking_uri, e, args.metrics, args.level)
     if args.write:
         source = args.source or f"experiments {', '.join(args.experiments)}"
-        cal = calibrate(cases, args.level, source=source)
+        cal = calibrate(cases, args.level, source=source, weigh_studies=args.weigh_studies)
         cal.save(SHIPPED)
         print(f"\nwrote {SHIPPED}: {cal.describe()}")
         for b in cal.bins:

@@ -22,6 +22,7 @@ from finetune_budget.study.calibration import (
     curve_predictor,
     rolling_cases,
     shipped,
+    study_weighted_bounds,
 )
 from finetune_budget.study.curves import fit_learning_curve
 
@@ -143,3 +144,19 @@ def test_the_shipped_table_covers_every_reach_it_names():
     assert len(table.groups) >= 2 and table.level == 0.9
     for b in table.bins[:3]:
         assert b.cases >= 19 and b.q_lo < b.q_mid < b.q_hi  # 19 cases: both 90% bounds exist
+
+
+def test_study_weights_keep_a_larger_study_from_outvoting_a_smaller_one():
+    # one study: the same bounds as split conformal on its scores
+    scores = list(np.random.default_rng(3).normal(size=39))
+    assert study_weighted_bounds(scores, ["a"] * 39, 0.9) == pytest.approx(
+        conformal_bounds(scores, 0.9)
+    )
+    # study a: -19..-1 (19 scores, each 1/38 of the weight); study b: 1..39 (each 1/78).
+    # m = 19: ranks floor(20 x 0.05) = 1 and ceil(20 x 0.95) = 19 of 19, shares 1/19 and 1:
+    # the weight reaches 1/19 at a's second score (-18), 1/2 at a's last (-1), 1 at b's last (39)
+    a, b = list(range(-19, 0)), list(range(1, 40))
+    got = study_weighted_bounds(a + b, ["a"] * 19 + ["b"] * 39, 0.9)
+    assert got == pytest.approx((-18, -1, 39))
+    # pooled, b outvotes a: its median is 10.5, between b's 10th and 11th scores
+    assert conformal_bounds(a + b, 0.9)[1] == pytest.approx(10.5)

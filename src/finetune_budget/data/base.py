@@ -30,14 +30,16 @@ from finetune_budget.data.samplers import ClassChunkBatchSampler, ShuffledBatchS
 from finetune_budget.data.subsets import nested_subset
 from finetune_budget.errors import ConfigError
 
-# the keys of a `data` group that set the loaders (BudgetDataModule's); the others: the source
-LOADER_KEYS = ("batch_size", "samples_per_class", "eval_batch_size", "num_workers", "seed")
+# the keys of a `data` group that BudgetDataModule reads (the training subset and the loaders);
+# the others describe the data source
+BASE_KEYS = ("n", "subset_seed", "batch_size", "samples_per_class", "eval_batch_size")
+BASE_KEYS += ("num_workers", "seed")
 
 
-def take_loader_keys(keys: dict[str, Any], **defaults: Any) -> dict[str, Any]:
-    """The loader settings (LOADER_KEYS) taken out of a data group's `keys`, over a DataModule's
-    own `defaults`; what stays in `keys` describes the data set for its loader."""
-    return {**defaults, **{key: keys.pop(key) for key in LOADER_KEYS if key in keys}}
+def take_base_keys(keys: dict[str, Any], **defaults: Any) -> dict[str, Any]:
+    """The subset and loader settings (BASE_KEYS) taken out of a data group's `keys`, over a
+    DataModule's own `defaults`; what stays in `keys` describes the data set for its loader."""
+    return {**defaults, **{key: keys.pop(key) for key in BASE_KEYS if key in keys}}
 
 
 class BudgetDataModule(L.LightningDataModule):

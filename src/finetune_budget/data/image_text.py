@@ -19,7 +19,7 @@ import torch
 from PIL import Image, UnidentifiedImageError
 from torch.utils.data import DataLoader, Dataset
 
-from finetune_budget.data.base import BudgetDataModule, take_loader_keys
+from finetune_budget.data.base import BudgetDataModule, take_base_keys
 from finetune_budget.data.text import read_flickr8k_captions, require_file, split_images
 from finetune_budget.errors import DataError
 
@@ -175,18 +175,15 @@ class ImageTextDataModule(BudgetDataModule):
         tokenizer: Callable[[list[str]], torch.Tensor],
         train_transform: Callable[[Image.Image], torch.Tensor],
         eval_transform: Callable[[Image.Image], torch.Tensor],
-        *,
-        n: int,
-        subset_seed: int = 0,
         **source: Any,
     ) -> None:
         """data: the loaded pairs, or None to load the ones `source` describes (the `data`
-        group's other keys: format, path, eval_images, ...; load_image_text_data). The loader
-        keys (data.base.LOADER_KEYS) go to the base."""
-        loader = take_loader_keys(source, eval_batch_size=128)
+        group's other keys: format, path, eval_images, ...; load_image_text_data). The subset
+        and loader keys (data.base.BASE_KEYS) go to the base."""
+        base = take_base_keys(source, eval_batch_size=128)
         if data is None:
             data = load_image_text_data(source)
-        super().__init__(len(data), n, subset_seed, name=f"{data.name} train pairs", **loader)
+        super().__init__(len(data), name=f"{data.name} train pairs", **base)
         self.data = data
         self.tokenizer = tokenizer
         self.train_transform, self.eval_transform = train_transform, eval_transform

@@ -8,7 +8,7 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader, Sampler
 
-from finetune_budget.data.base import BudgetDataModule, take_loader_keys
+from finetune_budget.data.base import BudgetDataModule, take_base_keys
 from finetune_budget.data.samplers import LengthBucketBatchSampler
 from finetune_budget.data.text import TextRetrievalData, load_text_data
 from finetune_budget.speed import reuse
@@ -32,19 +32,17 @@ class TextRetrievalDataModule(BudgetDataModule):
         data: TextRetrievalData | None = None,
         tokenizer: Any = None,
         *,
-        n: int,
-        subset_seed: int = 0,
         max_length: int = 128,
         length_bucket_pool: int = 0,
         **source: Any,
     ) -> None:
         """data: the loaded data set, or None to load the one `source` describes (the `data`
-        group's other keys: format, path, ...; data.text.load_text_data). The loader keys
-        (batch_size, samples_per_class, ...: data.base.LOADER_KEYS) go to the base."""
-        loader = take_loader_keys(source)
+        group's other keys: format, path, ...; data.text.load_text_data). The subset and loader
+        keys (n, subset_seed, batch_size, ...: data.base.BASE_KEYS) go to the base."""
+        base = take_base_keys(source)
         if data is None:
             data = load_text_data(source)
-        super().__init__(len(data), n, subset_seed, name=f"{data.name} train", **loader)
+        super().__init__(len(data), name=f"{data.name} train", **base)
         self.data = data
         self.tokenizer = tokenizer
         self.max_length = max_length

@@ -188,16 +188,23 @@ def conformal_bounds(scores: Sequence[float], level: float) -> tuple[float, floa
     return lo, float(np.median(s)), hi
 
 
-def split_normal_cdf(x: float, center, lo, hi, level: float) -> np.ndarray:
-    """P(gain <= x) under the split normal with median `center` whose `level` central interval is
-    [lo, hi]; without an interval (NaN ends) the point mass at `center`; NaN center: 1 (missed)."""
+def split_normal(center, lo, hi, level: float) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """(center, s_lo, s_hi): the split normal with median `center` whose `level` central interval
+    is [lo, hi] is a normal's half with spread s_lo below the median and one with s_hi above it,
+    each holding half the mass (0 where an end is missing: the point mass at `center`)."""
     center, lo, hi = (np.asarray(v, dtype=float) for v in (center, lo, hi))
     z = stats.norm.ppf(0.5 + level / 2)
+    with np.errstate(invalid="ignore"):
+        s_lo = np.nan_to_num(np.maximum(center - lo, 0.0) / z)
+        s_hi = np.nan_to_num(np.maximum(hi - center, 0.0) / z)
+    return center, s_lo, s_hi
+
+
+def split_normal_cdf(x: float, center, lo, hi, level: float) -> np.ndarray:
+    """P(gain <= x) under that split normal; NaN center: 1 (missed)."""
+    center, s_lo, s_hi = split_normal(center, lo, hi, level)
+    spread = np.where(x < center, s_lo, s_hi)
     with np.errstate(invalid="ignore", divide="ignore"):
-        s_lo = np.maximum(center - lo, 0.0) / z
-        s_hi = np.maximum(hi - center, 0.0) / z
-        below = x < center
-        spread = np.where(below, s_lo, s_hi)
         cdf = stats.norm.cdf((x - center) / np.where(spread > 0, spread, np.nan))
     point = np.where(x < center, 0.0, 1.0)
     cdf = np.where(np.isfinite(cdf), cdf, point)
@@ -206,24 +213,18 @@ def split_normal_cdf(x: float, center, lo, hi, level: float) -> np.ndarray:
 
 def split_normal_mean(center, lo, hi, level: float) -> np.ndarray:
     """The mean of that split normal: center + sqrt(2 / pi) (s_hi - s_lo)."""
-    center, lo, hi = (np.asarray(v, dtype=float) for v in (center, lo, hi))
-    z = stats.norm.ppf(0.5 + level / 2)
-    shift = math.sqrt(2 / math.pi) * (np.nan_to_num(hi - center) - np.nan_to_num(center - lo)) / z
-    return center + shift
+    center, s_lo, s_hi = split_normal(center, lo, hi, level)
+    return center + math.sqrt(2 / math.pi) * (s_hi - s_lo)
 
 
 def split_normal_excess(best: float, center, lo, hi, level: float) -> np.ndarray:
     """E[max(G - best, 0)] for G under that split normal: what keeping the better of G and
-    `best` adds. With d = center - best, s_lo and s_hi its halves' spreads:
+    `best` adds. With d = center - best:
     best >= center: s_hi phi(-d / s_hi) + d (1 - Phi(-d / s_hi));
     best < center: s_lo phi(d / s_lo) + d Phi(d / s_lo) + (s_hi - s_lo) phi(0)
-    (both halves hold half the mass; s_lo = s_hi: the normal's d Phi(d/s) + s phi(d/s)).
-    Without an interval (NaN ends): max(d, 0)."""
-    center, lo, hi = (np.asarray(v, dtype=float) for v in (center, lo, hi))
-    z = stats.norm.ppf(0.5 + level / 2)
+    (s_lo = s_hi: the normal's d Phi(d/s) + s phi(d/s)). Without an interval: max(d, 0)."""
+    center, s_lo, s_hi = split_normal(center, lo, hi, level)
     d = center - best
-    s_lo = np.nan_to_num(np.maximum(center - lo, 0.0) / z)
-    s_hi = np.nan_to_num(np.maximum(hi - center, 0.0) / z)
     with np.errstate(invalid="ignore", divide="ignore"):
         above = s_hi * stats.norm.pdf(-d / s_hi) + d * stats.norm.sf(-d / s_hi)
         below = (

@@ -609,9 +609,8 @@ def decide(
         added = sum(n * (new_epochs - epochs) for n in points) * len(s.seeds)
         # what the added epochs may buy at n_top: the last epoch's gain again for each, with
         # the seed-to-seed spread of a mean (an upper estimate: epochs' gains shrink)
-        half = (
-            _seed_sd(points) / math.sqrt(len(s.seeds)) * float(stats.norm.ppf(0.5 + s.level / 2))
-        )
+        z = float(stats.norm.ppf(0.5 + s.level / 2))
+        half = z * _seed_sd(points) / math.sqrt(len(s.seeds))  # the level's half-width
         expected = means[n_top] + more_epochs * (new_epochs - epochs)
         d = _within_budget(d, rate * added, spent_s, s)
         span = (expected, expected - half, expected + half)

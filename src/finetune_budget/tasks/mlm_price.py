@@ -28,7 +28,7 @@ from transformers import (
 )
 
 from finetune_budget.data.airbnb import Listings, load_listings
-from finetune_budget.data.base import BudgetDataModule, build_datamodule, take_loader_keys
+from finetune_budget.data.base import BudgetDataModule, build_datamodule, take_base_keys
 from finetune_budget.errors import ConfigError, ModelError
 from finetune_budget.export.formats import encoder_as_sentence_transformer
 from finetune_budget.models.text import (
@@ -83,21 +83,19 @@ class MaskedLMDataModule(BudgetDataModule):
         mlm_probability: float = 0.2,
         probe_max_length: int = 128,
         probe_max_listings: int | None = None,
-        n: int,
-        subset_seed: int = 0,
         **source: Any,
     ) -> None:
         """listings: the loaded listings, or None to load the ones `source` describes (the
-        `data` group's path, text_column and price_column). The loader keys
-        (data.base.LOADER_KEYS) go to the base."""
-        loader = take_loader_keys(source, batch_size=16)
+        `data` group's path, text_column and price_column). The subset and loader keys
+        (data.base.BASE_KEYS) go to the base."""
+        base = take_base_keys(source, batch_size=16)
         if listings is None:
             listings = load_listings(source["path"], source["text_column"], source["price_column"])
         if not 0 < mlm_probability < 1:
             raise ConfigError(
                 f"data.mlm_probability={mlm_probability} must lie in (0, 1), e.g. 0.2"
             )
-        super().__init__(len(listings), n, subset_seed, name="the listings", **loader)
+        super().__init__(len(listings), name="the listings", **base)
         self.listings = listings
         self.tokenizer = tokenizer
         self.chunk_length = int(chunk_length)

@@ -16,6 +16,7 @@ from finetune_budget.retrieval.probes import (
     LabelledPairs,
     PairProbe,
     best_threshold,
+    build_pair_probe,
     pair_probe,
     price_probe,
 )
@@ -255,3 +256,9 @@ def test_pair_sets_are_balanced_and_split_by_image():
     assert not set(train.a) & set(test.a)  # no image's captions on both sides
     dev = stsb_pairs(DATA_DIR / "stsb", "dev")
     assert set(np.unique(dev.labels)) == {0, 1} and 0 < len(dev.a) < 1500
+
+
+def test_an_unknown_pair_probe_option_is_named_and_refused():
+    with pytest.raises(ConfigError, match=r"eval.pair_probe.max_pair is not an option") as info:
+        build_pair_probe({"name": "stsb", "max_pair": 10}, "/nowhere", tokenizer=None)
+    assert "\n" not in str(info.value)

@@ -98,8 +98,8 @@ def _eval_items(cfg: DictConfig) -> tuple[str, list[str], Any]:
 
         listings = load_listings(
             data_cfg["path"],
-            data_cfg.get("text_column", "description"),
-            data_cfg.get("price_column", "price"),
+            data_cfg["text_column"],
+            data_cfg["price_column"],
         )
         return f"the listings of {data_cfg['name']}", listings.texts, listings.prices
     from finetune_budget.data.text import load_text_data

@@ -257,7 +257,7 @@ class GroupedSubmititLauncher(BaseSubmititLauncher):
         assert self.config is not None
         parallel = self.family_params["parallel"]  # the schema (FamiliesLocalConf) sets both
         # a job on several devices (DDP) holds them all: one family at a time, not pinned
-        pin = str(self.config.trainer.get("devices", 1)) == "1"
+        pin = str(self.config.trainer.devices) == "1"
         try:
             slots = family_slots(
                 parallel if pin else 1,

@@ -49,7 +49,7 @@ def log_sweep_choice(
     """At a sweep's end (tracking.log_model=auto): log the model of the run the sweep's report
     recommends (`sweep_choices`; `advice`: the report's, by (group, metric)). Returns the ids of
     the runs whose model was logged."""
-    if check_log_model_option(config.tracking.get("log_model", "auto")) != "auto":
+    if check_log_model_option(config.tracking.log_model) != "auto":
         return []  # true: every job logged its own; false: none
     client = MlflowClient(config.tracking.uri)
     logged = []

@@ -37,7 +37,6 @@ class SweepParentRun(Callback):
 
     def on_multirun_start(self, config: DictConfig, **kwargs: Any) -> None:
         from finetune_budget.tracking.mlflow_run import (
-            STALE_AFTER_S,
             experiment_id,
             mlflow_client,
             process_tags,
@@ -54,7 +53,7 @@ class SweepParentRun(Callback):
             "command": " ".join(sys.argv)[:5000],
             **process_tags(),
         }
-        stale_after_s = config.tracking.get("stale_after_s", STALE_AFTER_S)
+        stale_after_s = config.tracking.stale_after_s
         run = client.create_run(
             experiment_id(client, experiment, stale_after_s),
             run_name=f"sweep {overrides}"[:250],

@@ -58,9 +58,9 @@ def use_fused(module: L.LightningModule, make: Any, optim: dict[str, Any], group
     device and optim.optimizer sets neither `fused` nor `foreach`; true; false. Under 16-mixed's
     gradient scaler the fused step takes the scaler's inf check itself (no host sync a step, as
     torch's loop has); `clip_for_fused` unscales the gradients before clipping them."""
-    choice = str(optim.get("fused", "auto")).lower()
+    choice = str(optim["fused"]).lower()
     if choice not in ("auto", "true", "false"):
-        raise ConfigError(f"optim.fused={optim.get('fused')!r}: use auto, true or false")
+        raise ConfigError(f"optim.fused={optim['fused']!r}: use auto, true or false")
     if choice == "false":
         return False
     func = getattr(make, "func", make)
@@ -140,9 +140,7 @@ def optimizer_with_schedule(
     extra = {"fused": True} if use_fused(module, make, optim, groups) else {}
     optimizer = make(groups, **extra)
     total = int(module.trainer.estimated_stepping_batches) if module._trainer is not None else 1
-    schedule = lr_lambda(
-        optim.get("schedule", "warmup_constant"), optim.get("warmup_steps", 0), total
-    )
+    schedule = lr_lambda(optim["schedule"], optim["warmup_steps"], total)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, schedule)
     return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
 

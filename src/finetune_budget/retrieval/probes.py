@@ -263,29 +263,39 @@ class PairProbe:
         return {f"probe/{k}": v for k, v in scores.items() if k != "pair_threshold"}
 
 
+# eval.pair_probe's options when given as a mapping (`{name: stsb, max_pairs: 200}`): the pairs
+# kept per side, STS-B's score bounds for a positive and a negative pair and its held-out split,
+# and the held-out Flickr8k images whose captions pair up.
+PROBE_OPTIONS = {
+    "name": None, "max_pairs": 2000, "pos_min": 4.0, "neg_max": 1.0, "eval_split": "dev",
+    "eval_images": 1000,
+}  # fmt: skip
+
+
 def build_pair_probe(
     spec: str | Mapping[str, Any] | None,
     data_dir: str | Path,
     tokenizer: Any,
     max_length: int = 128,
 ) -> PairProbe | None:
-    """`eval.pair_probe`: null, `stsb`, `flickr8k_captions`, or a mapping with `name` and options
-    (max_pairs: cap per side, default 2000; eval_split for STS-B: dev or test)."""
+    """`eval.pair_probe`: null, `stsb`, `flickr8k_captions`, or a mapping with `name` and the
+    options of PROBE_OPTIONS."""
     if not spec:
         return None
-    opts = {"name": spec} if isinstance(spec, str) else dict(spec)
-    name, max_pairs = opts.get("name"), opts.get("max_pairs", 2000)
+    given = {"name": spec} if isinstance(spec, str) else dict(spec)
+    unknown = sorted(set(given) - set(PROBE_OPTIONS))
+    if unknown:
+        raise ConfigError(
+            f"eval.pair_probe.{unknown[0]} is not an option; use {', '.join(PROBE_OPTIONS)}"
+        )
+    opts = {**PROBE_OPTIONS, **given}
+    name, max_pairs = opts["name"], opts["max_pairs"]
     if name == "stsb":
         folder = Path(data_dir) / "stsb"
-        train = stsb_pairs(folder, "train", opts.get("pos_min", 4.0), opts.get("neg_max", 1.0))
-        test = stsb_pairs(
-            folder,
-            opts.get("eval_split", "dev"),
-            opts.get("pos_min", 4.0),
-            opts.get("neg_max", 1.0),
-        )
+        train = stsb_pairs(folder, "train", opts["pos_min"], opts["neg_max"])
+        test = stsb_pairs(folder, opts["eval_split"], opts["pos_min"], opts["neg_max"])
     elif name == "flickr8k_captions":
-        train, test = flickr8k_pairs(Path(data_dir) / "flickr8k", opts.get("eval_images", 1000))
+        train, test = flickr8k_pairs(Path(data_dir) / "flickr8k", opts["eval_images"])
     else:
         raise ConfigError(
             f"eval.pair_probe={name!r} is unknown; use stsb, flickr8k_captions or null"

@@ -71,19 +71,16 @@ def continuation_key(config: dict[str, Any]) -> str:
 
 def why_not_continuable(cfg: DictConfig) -> str | None:
     """None when a run of `cfg` may continue from (and save) an epoch state, else the reason."""
-    if not cfg.get("budget", {}).get("continue_shorter_runs", False):
+    if not cfg.budget.continue_shorter_runs:
         return "budget.continue_shorter_runs is false"
-    schedule = cfg.optim.get("schedule", "warmup_constant")
+    schedule = cfg.optim.schedule
     if schedule not in EPOCH_FREE_SCHEDULES:
         return f"optim.schedule={schedule} depends on trainer.max_epochs"
     if cfg.budget.get("max_train_s") is not None:
         return "budget.max_train_s stops runs by time, not by epochs"
-    if cfg.trainer.get("max_steps", -1) not in (-1, None):
+    if cfg.trainer.get("max_steps") not in (-1, None):
         return "trainer.max_steps is set"
-    if (
-        str(cfg.trainer.get("devices", 1)) not in ("1", "[0]")
-        or cfg.trainer.get("num_nodes", 1) != 1
-    ):
+    if str(cfg.trainer.devices) not in ("1", "[0]") or cfg.trainer.num_nodes != 1:
         return "more than one device (or devices=auto)"
     return None
 
@@ -94,7 +91,7 @@ def why_not_exact(cfg: DictConfig) -> str | None:
     Loader worker processes start afresh in a continued run, so randomness drawn inside them
     (image augmentation, MLM masking) is not restored; text tokenisation draws none.
     """
-    workers = int(cfg.get("data", {}).get("num_workers", 0) or 0)
+    workers = int(cfg.data.num_workers or 0)
     if workers > 0 and cfg.task.name != "text_text":
         return (
             f"data.num_workers={workers}: random augmentation or masking in loader worker "
@@ -127,7 +124,7 @@ def jobs_in_other_processes() -> bool:
 
 
 def store_kind(cfg: DictConfig) -> str:
-    kind = str(cfg.budget.get("continuation_store", "auto"))
+    kind = str(cfg.budget.continuation_store)
     if kind not in STORES:
         raise ConfigError(f"budget.continuation_store={kind} is unknown; use auto, memory or disk")
     if kind == "auto":
@@ -418,8 +415,8 @@ class Continuation:
         self.run = run
         self.key = continuation_key(config)
         self.kind = store_kind(cfg)
-        self.memory_mb = float(cfg.budget.get("continuation_memory_mb", 4096))
-        self.disk = EpochStore(cfg.paths.cache_dir, cfg.budget.get("continuation_max_configs", 10))
+        self.memory_mb = float(cfg.budget.continuation_memory_mb)
+        self.disk = EpochStore(cfg.paths.cache_dir, cfg.budget.continuation_max_configs)
         self.source: SavedState | None = None
         self.callbacks: list[Callback] = []
         self.plugins: list[Any] = []

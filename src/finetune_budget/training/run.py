@@ -24,7 +24,7 @@ from finetune_budget.distributed import is_main_process
 from finetune_budget.export.logged import check_log_model_option, log_model, model_params
 from finetune_budget.speed import reuse, switches
 from finetune_budget.tasks import TaskParts, build_task
-from finetune_budget.tracking.mlflow_run import STALE_AFTER_S, TrackedRun, tracked_run
+from finetune_budget.tracking.mlflow_run import TrackedRun, tracked_run
 from finetune_budget.tracking.parent import current_parent
 from finetune_budget.tracking.resume import (
     POINT_TAG,
@@ -151,7 +151,7 @@ def reused_run(
 ) -> RunResult | None:
     """The FINISHED run of the same point (tags[POINT_TAG]), when it may stand for this job: not
     with budget.rerun=true, extra callbacks, or a run_type other than train."""
-    if callbacks or cfg.budget.get("rerun", False) or tags["run_type"] != "train":
+    if callbacks or cfg.budget.rerun or tags["run_type"] != "train":
         return None
     found = reusable_run(cfg.tracking.uri, cfg.tracking.experiment, tags[POINT_TAG], parent_run_id)
     return None if found is None else RunResult(*found, reused=True)
@@ -175,7 +175,7 @@ def open_run(
         run_name=cfg.tracking.get("run_name") or default_run_name(cfg),
         config_yaml=OmegaConf.to_yaml(config),
         main_process=main_process,
-        stale_after_s=cfg.tracking.get("stale_after_s", STALE_AFTER_S),
+        stale_after_s=cfg.tracking.stale_after_s,
     )
 
 
@@ -255,7 +255,7 @@ def keep_model(
     """The model, where a later step needs it: kept in memory for the sweep's end to log (no
     checkpoint written), and logged to MLflow where tracking.log_model says so."""
     if run.writer and checkpoint is None and logged_at_sweep_end(cfg, parent_run_id):
-        max_mb = cfg.tracking.get("sweep_weights_mb", 0)
+        max_mb = cfg.tracking.sweep_weights_mb
         reuse.keep_final_weights(run.run_id, module, max_mb)
     if run.writer and keep_weights(cfg.tracking, "log_model", parent_run_id is not None):
         log_run_model(cfg, run.run_id, module, history)
@@ -295,7 +295,7 @@ def evaluate_baseline(
 
     Only an evaluation that embedded every held-out item is stored (not one cut short by
     trainer.limit_val_batches)."""
-    cache = BaselineCache(cfg.paths.cache_dir) if cfg.eval.get("cache_baseline", True) else None
+    cache = BaselineCache(cfg.paths.cache_dir) if cfg.eval.cache_baseline else None
     key = hit = None
     if cache is not None:
         key = baseline_key(
@@ -353,5 +353,5 @@ def summarise(cfg: DictConfig, run: TrackedRun, history: list[dict[str, float]])
 def logged_at_sweep_end(cfg, parent_run_id: str | None) -> bool:
     """Whether the sweep this job runs in logs a chosen run's model at its end: a `-m` sweep's
     parent (app.sweep_parent) with tracking.log_model=auto. (An Optuna search logs none.)"""
-    option = check_log_model_option(cfg.tracking.get("log_model", "auto"))
+    option = check_log_model_option(cfg.tracking.log_model)
     return parent_run_id is not None and parent_run_id == current_parent() and option == "auto"

@@ -237,7 +237,7 @@ class TrialObjective:
         self.parent_run_id = parent_run_id
         self.study_name = study_name
         self.prune = prune
-        self.worker = int((cfg.get("tune") or {}).get("worker", 0))
+        self.worker = int(cfg.tune.worker) if "tune" in cfg else 0
         self.client = MlflowClient(cfg.tracking.uri)
         self.output_dir = str(cfg.paths.output_dir)
         self.numbers: list[int] = []
@@ -431,9 +431,7 @@ def run_search(cfg: DictConfig, sweeper: DictConfig | None = None) -> SearchResu
             f"the {len(objectives)} objectives in tune.objectives"
         )
     storage_url = sweeper.get("storage")
-    storage = make_storage(
-        storage_url, float(tune.get("sqlite_timeout_s", 60)), tune.get("heartbeat_interval_s")
-    )
+    storage = make_storage(storage_url, float(tune.sqlite_timeout_s), tune.heartbeat_interval_s)
     study_name = sweeper.get("study_name") or "finetune-budget"
     pruner = make_pruner(pruner_name, (tune.get("pruners") or {}).get(str(pruner_name)))
     created = True
@@ -455,17 +453,13 @@ def run_search(cfg: DictConfig, sweeper: DictConfig | None = None) -> SearchResu
                 "hydra.sweeper.study_name"
             ) from None
     n_before = len(study.get_trials(deepcopy=False, states=STARTED))
-    study.sampler = (
-        _sampler(sweeper, 1000 * int(tune.get("worker", 0)) + n_before) or study.sampler
-    )
+    study.sampler = _sampler(sweeper, 1000 * int(tune.worker) + n_before) or study.sampler
     client, parent = _parent_run(cfg, study, created, sweeper, objectives, storage_url or "")
     for params in tune.get("enqueue") or []:
         study.enqueue_trial(dict(params), skip_if_exists=True)
     objective = TrialObjective(cfg, space, fixed, objectives, parent, study_name, prune)
-    n_trials = int(sweeper.get("n_trials", 10))
-    limit = FailureLimit(
-        objective, float(sweeper.get("max_failure_rate", 0.0)), min_trials=min(3, n_trials)
-    )
+    n_trials = int(sweeper.n_trials)
+    limit = FailureLimit(objective, float(sweeper.max_failure_rate), min_trials=min(3, n_trials))
     remaining = n_trials - n_before
     log.info(
         "study %s (%s): %d trials so far, %d to run; parent MLflow run %s",
@@ -488,9 +482,7 @@ def run_search(cfg: DictConfig, sweeper: DictConfig | None = None) -> SearchResu
         except KeyboardInterrupt:
             client.set_terminated(parent, "KILLED")
             raise
-    result = _record_results(
-        client, parent, study, objectives, float(tune.get("target_share", 0.9))
-    )
+    result = _record_results(client, parent, study, objectives, float(tune.target_share))
     result.worker_trials = list(objective.numbers)
     if limit.message is not None:
         client.set_tag(parent, "error", limit.message[:5000])

@@ -15,6 +15,7 @@ from pathlib import Path
 import pytest
 from hydra import compose, initialize_config_dir
 from hydra.core.global_hydra import GlobalHydra
+from hydra.core.hydra_config import HydraConfig
 from omegaconf import DictConfig, open_dict
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -115,6 +116,16 @@ def compose_config(
         if "trainer" in cfg:
             cfg.trainer.enable_progress_bar = False
     return cfg
+
+
+@pytest.fixture(autouse=True)
+def _no_hydra_run_left_over():
+    """A test that sets Hydra's run config (test_scale_out's launcher tests) would leave it set
+    for the next test of its worker, which then runs as a job of `python train.py` without -m
+    (no epoch state kept for later jobs): each test starts outside a Hydra run, as a process
+    does."""
+    yield
+    HydraConfig.instance().cfg = None
 
 
 @pytest.fixture

@@ -3,6 +3,7 @@ output and cache directories, and tiny random models."""
 
 from __future__ import annotations
 
+import atexit
 import functools
 import os
 import shutil
@@ -37,7 +38,9 @@ def _empty_store() -> Path:
     migrations take seconds for each new store, a copy of the file milliseconds."""
     from mlflow.tracking import MlflowClient
 
-    path = Path(tempfile.mkdtemp(prefix="empty-mlflow-")) / "mlflow.db"
+    folder = tempfile.mkdtemp(prefix="empty-mlflow-")
+    atexit.register(shutil.rmtree, folder, True)  # the test process's copy source, not kept
+    path = Path(folder) / "mlflow.db"
     MlflowClient(f"sqlite:///{path}").search_experiments()
     return path
 

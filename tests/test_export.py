@@ -400,3 +400,28 @@ def test_jobs_whose_sweep_logs_no_model_keep_no_weights_in_memory(tmp_path):
     job = train(cfg, parent_run_id=current_parent())
     assert reuse.final_weights(job.run_id) is None
     callback.on_multirun_end(cfg)
+
+
+def test_a_config_logged_before_a_key_existed_gets_todays_default_for_it():
+    from conftest import CONF
+    from hydra import initialize_config_dir
+    from hydra.core.global_hydra import GlobalHydra
+
+    from finetune_budget.app.runs import with_current_defaults
+
+    # an older version's config: no stale_after_s, no continuation_store, no fused
+    logged = OmegaConf.create(
+        {"tracking": {"uri": "sqlite:///old.db"}, "budget": {"metric": "val/map_at_20"},
+         "optim": {"optimizer": {"lr": 0.5}}, "model": {"name": "tiny-bert"}}
+    )  # fmt: skip
+    assert with_current_defaults(OmegaConf.create(logged)) == logged  # no Hydra: as logged
+    budget_yaml = OmegaConf.load(CONF / "budget" / "default.yaml")
+    train_yaml = OmegaConf.load(CONF / "train.yaml")
+    GlobalHydra.instance().clear()
+    with initialize_config_dir(config_dir=str(CONF), version_base="1.3"):
+        cfg = with_current_defaults(OmegaConf.create(logged))
+    assert cfg.tracking.uri == "sqlite:///old.db" and cfg.budget.metric == "val/map_at_20"
+    assert cfg.optim.optimizer.lr == 0.5 and cfg.model == logged.model  # its own values kept
+    assert cfg.tracking.stale_after_s == train_yaml.tracking.stale_after_s
+    assert cfg.budget.continuation_store == budget_yaml.continuation_store
+    assert cfg.optim.fused == train_yaml.optim.fused

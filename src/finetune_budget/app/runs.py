@@ -15,7 +15,7 @@ import lightning as L
 import mlflow
 import torch
 from mlflow.tracking import MlflowClient
-from omegaconf import OmegaConf, open_dict
+from omegaconf import DictConfig, OmegaConf, open_dict
 
 from finetune_budget.errors import ConfigError, ModelError
 from finetune_budget.export.formats import load_into_module
@@ -77,7 +77,30 @@ def config_of_run(tracking_uri: str, run_id: str):
         raise ConfigError(
             f"run {run_id} has no config.yaml artifact; pick a training run (run_type=train)"
         ) from e
-    return OmegaConf.create(text), run
+    return with_current_defaults(OmegaConf.create(text)), run
+
+
+# The train.yaml sections no group choice (task, model, data) changes: a key added to one of them
+# since a run was logged takes today's default there.
+SHARED_SECTIONS = ("tracking", "budget", "eval", "optim", "speed")
+
+
+def with_current_defaults(logged: DictConfig) -> DictConfig:
+    """A config logged by an older version, with the keys it lacks in SHARED_SECTIONS taken from
+    today's conf/train.yaml (its own values kept). Needs Hydra's config search path (evaluate.py
+    sets it); without it the config is returned as logged."""
+    from hydra import compose
+    from hydra.core.global_hydra import GlobalHydra
+
+    if not GlobalHydra.instance().is_initialized():
+        return logged
+    defaults = compose(config_name="train")
+    with open_dict(logged):
+        for section in SHARED_SECTIONS:
+            if section in defaults:
+                mine = logged[section] if section in logged else {}
+                logged[section] = OmegaConf.merge(defaults[section], mine)
+    return logged
 
 
 def weights_of_run(run) -> tuple[str, str] | None:

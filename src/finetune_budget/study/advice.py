@@ -521,7 +521,7 @@ def advise(
             pts["n"], pts["epoch"], pts[gain], pts["seed"], ceiling, s.level, n_boot=100
         )
     except ValueError as e:
-        log.info("%s: no surface over labels and epochs: %s", name, e)
+        log.debug("%s: no surface over labels and epochs: %s", name, e)
     time_fits: dict[int, CurveFit] = {}
     rows = []
     for n, at_n in pts.groupby("n"):

@@ -402,7 +402,7 @@ def test_jobs_whose_sweep_logs_no_model_keep_no_weights_in_memory(tmp_path):
     callback.on_multirun_end(cfg)
 
 
-def test_a_config_logged_before_a_key_existed_gets_todays_default_for_it():
+def test_a_config_logged_before_a_key_existed_gets_todays_default_for_it(tmp_path):
     from conftest import CONF
     from hydra import initialize_config_dir
     from hydra.core.global_hydra import GlobalHydra
@@ -425,3 +425,7 @@ def test_a_config_logged_before_a_key_existed_gets_todays_default_for_it():
     assert cfg.tracking.stale_after_s == train_yaml.tracking.stale_after_s
     assert cfg.budget.continuation_store == budget_yaml.continuation_store
     assert cfg.optim.fused == train_yaml.optim.fused
+    GlobalHydra.instance().clear()
+    with initialize_config_dir(config_dir=str(tmp_path), version_base="1.3"):  # no train.yaml
+        assert with_current_defaults(OmegaConf.create(logged)) == logged
+    GlobalHydra.instance().clear()

@@ -87,14 +87,18 @@ SHARED_SECTIONS = ("tracking", "budget", "eval", "optim", "speed")
 
 def with_current_defaults(logged: DictConfig) -> DictConfig:
     """A config logged by an older version, with the keys it lacks in SHARED_SECTIONS taken from
-    today's conf/train.yaml (its own values kept). Needs Hydra's config search path (evaluate.py
-    sets it); without it the config is returned as logged."""
+    today's conf/train.yaml (its own values kept). Needs Hydra's config search path with
+    train.yaml (evaluate.py sets it); without it the config is returned as logged."""
     from hydra import compose
     from hydra.core.global_hydra import GlobalHydra
 
     if not GlobalHydra.instance().is_initialized():
         return logged
-    defaults = compose(config_name="train")
+    try:
+        defaults = compose(config_name="train")
+    except Exception as e:  # noqa: BLE001 - another config search path: the config as logged
+        log.debug("no train.yaml to fill a logged config from: %s", e)
+        return logged
     with open_dict(logged):
         for section in SHARED_SECTIONS:
             if section in defaults:

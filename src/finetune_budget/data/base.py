@@ -32,8 +32,9 @@ from finetune_budget.errors import ConfigError
 
 # the keys of a `data` group that BudgetDataModule reads (the training subset and the loaders);
 # the others describe the data source
-BASE_KEYS = ("n", "subset_seed", "batch_size", "samples_per_class", "eval_batch_size")
-BASE_KEYS += ("num_workers", "seed")
+BASE_KEYS = (
+    "n", "subset_seed", "batch_size", "samples_per_class", "eval_batch_size", "num_workers", "seed"
+)  # fmt: skip
 
 
 def take_base_keys(keys: dict[str, Any], **defaults: Any) -> dict[str, Any]:

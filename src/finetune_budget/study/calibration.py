@@ -172,17 +172,23 @@ def load_table(spec: str = "shipped") -> Calibration | None:
     return Calibration.load(path)
 
 
+def conformal_ranks(m: int, level: float) -> tuple[int, int]:
+    """The ranks (1-based) of split conformal's bounds among m scores, alpha / 2 in each tail:
+    floor((m + 1) alpha / 2) and ceil((m + 1)(1 - alpha / 2)); 0 or m + 1: no such score."""
+    alpha = 1.0 - level
+    k_lo = math.floor((m + 1) * alpha / 2 + 1e-9)  # 1e-9: (1 - 0.9) / 2 * 20 is 0.99999...
+    k_hi = math.ceil((m + 1) * (1 - alpha / 2) - 1e-9)
+    return k_lo, k_hi
+
+
 def conformal_bounds(scores: Sequence[float], level: float) -> tuple[float, float, float]:
     """(q_lo, median, q_hi) of split conformal prediction with alpha / 2 in each tail: the
-    floor((m + 1) alpha / 2)-th and ceil((m + 1)(1 - alpha / 2))-th smallest of m scores
-    (-inf / inf where m is too small for that rank)."""
+    scores at conformal_ranks among the m sorted (-inf / inf where m is too small for a rank)."""
     s = np.sort(np.asarray(scores, dtype=float))
     m = len(s)
     if m == 0:
         return -math.inf, math.nan, math.inf
-    alpha = 1.0 - level
-    k_lo = math.floor((m + 1) * alpha / 2 + 1e-9)  # 1e-9: (1 - 0.9) / 2 * 20 is 0.99999...
-    k_hi = math.ceil((m + 1) * (1 - alpha / 2) - 1e-9)
+    k_lo, k_hi = conformal_ranks(m, level)
     lo = float(s[k_lo - 1]) if k_lo >= 1 else -math.inf
     hi = float(s[k_hi - 1]) if k_hi <= m else math.inf
     return lo, float(np.median(s)), hi
@@ -268,9 +274,8 @@ def study_weighted_bounds(
     order = np.argsort(s)
     s, cum = s[order], np.cumsum(weight[order])
     m = int(counts.min())
-    alpha = 1.0 - level
-    tail = math.floor((m + 1) * alpha / 2 + 1e-9) / m  # conformal_bounds' ranks as shares
-    top = math.ceil((m + 1) * (1 - alpha / 2) - 1e-9) / m
+    k_lo, k_hi = conformal_ranks(m, level)
+    tail, top = k_lo / m, k_hi / m  # conformal_bounds' ranks as shares of the weight
 
     def at(q: float) -> float:
         return float(s[min(np.searchsorted(cum, q - 1e-12), len(s) - 1)])

@@ -237,7 +237,7 @@ class TrialObjective:
         self.parent_run_id = parent_run_id
         self.study_name = study_name
         self.prune = prune
-        self.worker = int(cfg.tune.worker) if "tune" in cfg else 0
+        self.worker = int(cfg.tune.worker)
         self.client = MlflowClient(cfg.tracking.uri)
         self.output_dir = str(cfg.paths.output_dir)
         self.numbers: list[int] = []

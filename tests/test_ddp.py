@@ -279,7 +279,9 @@ def test_only_global_rank_0_creates_a_run(monkeypatch, tmp_path):
         monkeypatch.setenv(variable, "1")
         assert not is_main_process(two_devices) and not is_main_process(), variable
         assert is_main_process({"devices": 1}) and is_main_process({"devices": [3]})
-        with tracked_run(uri, "ddp", {"seed": 0}, main_process=is_main_process(two_devices)) as r:
+        with tracked_run(
+            uri, "ddp", {"seed": 0}, stale_after_s=None, main_process=is_main_process(two_devices)
+        ) as r:
             r.log_metrics({"val/mrr_at_20": 1.0}, step=0)
             r.set_tags({"x": "y"})
     client = mlflow.tracking.MlflowClient(uri)

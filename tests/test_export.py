@@ -207,7 +207,7 @@ def test_logged_pytorch_models_load_back_with_the_same_embeddings(tmp_path, kind
     assert not torch.allclose(module_embeddings(fresh, images), module_embeddings(trained, images))
     uri = store_uri(tmp_path / "mlflow.db")
     client = MlflowClient(uri)
-    run = client.create_run(experiment_id(client, "export"))
+    run = client.create_run(experiment_id(client, "export", stale_after_s=None))
     model_uri = log_model(uri, run.info.run_id, trained, step=0)
     loaded = load_logged_model(model_uri)
     assert isinstance(loaded, torch.nn.Module)
@@ -367,13 +367,13 @@ def test_bad_input_gets_one_line_errors(tmp_path):
 # -- experiments open on the runs table ----------------------------------------------------------
 def test_experiments_are_created_as_model_training_experiments(tmp_path):
     client = MlflowClient(store_uri(tmp_path / "mlflow.db"))
-    new = client.get_experiment(experiment_id(client, "fresh"))
+    new = client.get_experiment(experiment_id(client, "fresh", stale_after_s=None))
     assert new.tags[EXPERIMENT_KIND_TAG] == "custom_model_development" == EXPERIMENT_KIND
     old = client.create_experiment("made-before")  # by an older version: no kind
-    experiment_id(client, "made-before")
+    experiment_id(client, "made-before", stale_after_s=None)
     assert client.get_experiment(old).tags[EXPERIMENT_KIND_TAG] == "custom_model_development"
     chosen = client.create_experiment("genai", tags={EXPERIMENT_KIND_TAG: "genai_development"})
-    experiment_id(client, "genai")
+    experiment_id(client, "genai", stale_after_s=None)
     assert client.get_experiment(chosen).tags[EXPERIMENT_KIND_TAG] == "genai_development"
     # `make ui` prints each experiment's runs table, in the UI's model-training view
     assert (

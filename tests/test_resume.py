@@ -15,6 +15,7 @@ import pytest
 from mlflow.tracking import MlflowClient
 
 from finetune_budget import __version__
+from finetune_budget.errors import DataError
 from finetune_budget.tracking import query
 from finetune_budget.tracking.mlflow_run import experiment_id, mark_stale_runs, process_tags
 from finetune_budget.tracking.resume import point_key, save_checkpoint_atomically
@@ -71,7 +72,7 @@ def _dead_pid() -> int:
 def test_running_runs_of_dead_processes_are_marked_killed(tmp_path):
     uri = store_uri(tmp_path / "mlflow.db")
     client = MlflowClient(uri)
-    exp = experiment_id(client, EXPERIMENT)
+    exp = experiment_id(client, EXPERIMENT, stale_after_s=None)
     host = socket.gethostname()
     dead = client.create_run(exp, tags={"host": host, "pid": str(_dead_pid())}).info.run_id
     alive = client.create_run(exp, tags=process_tags()).info.run_id
@@ -95,6 +96,25 @@ def test_running_runs_of_dead_processes_are_marked_killed(tmp_path):
     assert "stale_after_s" in client.get_run(far_old.info.run_id).data.tags["error"]
 
 
+def test_the_check_reads_the_users_stale_after_s(make_cfg, capsys):
+    """`mode=check` calls another host's 2-hour-old RUNNING run left behind under
+    tracking.stale_after_s=3600, not under the default of three days."""
+    from finetune_budget.app.modes import check_mode
+
+    cfg = make_cfg(f"tracking.experiment={EXPERIMENT}")
+    client = MlflowClient(cfg.tracking.uri)
+    exp = experiment_id(client, EXPERIMENT, stale_after_s=None)
+    two_hours_ago_ms = int((time.time() - 2 * 3600) * 1000)
+    client.create_run(exp, start_time=two_hours_ago_ms, tags={"host": "node-7", "pid": "1"})
+    assert cfg.tracking.stale_after_s == 3 * 24 * 3600  # conf/train.yaml
+    assert check_mode(cfg) == []
+    cfg.tracking.stale_after_s = 3600
+    with pytest.raises(DataError, match="1 problem"):
+        check_mode(cfg)
+    [problem] = capsys.readouterr().out.splitlines()[1:]
+    assert "left RUNNING" in problem and "stale_after_s=3600" in problem
+
+
 @pytest.mark.parametrize("n_tags", [2, 101])
 def test_steps_and_tags_go_in_one_mlflow_call_where_they_fit(tmp_path, monkeypatch, n_tags):
     """A continued run logs its earlier epochs and how epoch 0 was got in one log_batch; more
@@ -103,7 +123,7 @@ def test_steps_and_tags_go_in_one_mlflow_call_where_they_fit(tmp_path, monkeypat
 
     uri = store_uri(tmp_path / "mlflow.db")
     client = MlflowClient(uri)
-    exp = experiment_id(client, EXPERIMENT)
+    exp = experiment_id(client, EXPERIMENT, stale_after_s=None)
     run_id = client.create_run(exp).info.run_id
     calls = []
     real = client.log_batch

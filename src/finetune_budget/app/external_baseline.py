@@ -159,6 +159,7 @@ def evaluate_external(cfg: DictConfig) -> dict[str, float] | None:
         cfg.tracking.uri,
         cfg.tracking.experiment,
         run_config(cfg),
+        stale_after_s=cfg.tracking.stale_after_s,
         tags=tags,
         run_name=cfg.tracking.get("run_name") or f"{tags['model']} (external)",
     ) as run:

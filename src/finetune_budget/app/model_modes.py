@@ -54,6 +54,7 @@ def evaluate(cfg: DictConfig) -> dict[str, float]:
         cfg.tracking.uri,
         cfg.tracking.experiment,
         run_config(cfg),
+        stale_after_s=cfg.tracking.stale_after_s,
         tags=tags,
         run_name=cfg.tracking.get("run_name"),
     ) as run:

@@ -90,7 +90,9 @@ def advise_mode(cfg: DictConfig) -> list[Advice]:
 def check_mode(cfg) -> list[str]:
     """evaluate.py mode=check: print the problems of `tracking.experiment`'s runs, one a line;
     fail when there is any."""
-    problems = audit_experiment(cfg.tracking.uri, cfg.tracking.experiment)
+    problems = audit_experiment(
+        cfg.tracking.uri, cfg.tracking.experiment, stale_after_s=cfg.tracking.stale_after_s
+    )
     print_problems(problems, cfg.tracking.experiment)
     return problems
 

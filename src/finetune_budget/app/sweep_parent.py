@@ -55,7 +55,7 @@ class SweepParentRun(Callback):
         }
         stale_after_s = config.tracking.stale_after_s
         run = client.create_run(
-            experiment_id(client, experiment, stale_after_s),
+            experiment_id(client, experiment, stale_after_s=stale_after_s),
             run_name=f"sweep {overrides}"[:250],
             tags=tags,
         )

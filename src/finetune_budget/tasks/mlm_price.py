@@ -79,14 +79,16 @@ class MaskedLMDataModule(BudgetDataModule):
         listings: Listings | None = None,
         tokenizer: Any = None,
         *,
+        probe_max_listings: int | None = None,
+        probe_max_length: int = 128,
         chunk_length: int = 128,
         mlm_probability: float = 0.2,
-        probe_max_length: int = 128,
-        probe_max_listings: int | None = None,
         **source: Any,
     ) -> None:
         """listings: the loaded listings, or None to load the ones `source` describes (the
-        `data` group's path, text_column and price_column). The subset and loader keys
+        `data` group's path, text_column and price_column). probe_max_listings / probe_max_length:
+        the probe's listings (None: all) and their token limit; chunk_length / mlm_probability:
+        the training chunks and the share of their tokens masked. The subset and loader keys
         (data.base.BASE_KEYS) go to the base."""
         base = take_base_keys(source, batch_size=16)
         if listings is None:

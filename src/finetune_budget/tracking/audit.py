@@ -28,7 +28,7 @@ from mlflow.tracking import MlflowClient
 from finetune_budget.errors import DataError
 from finetune_budget.study.roi import gains
 from finetune_budget.tracking.history import HistoryProblem, epoch_values
-from finetune_budget.tracking.mlflow_run import STALE_AFTER_S, why_stale
+from finetune_budget.tracking.mlflow_run import why_stale
 from finetune_budget.tracking.query import all_runs
 from finetune_budget.tracking.resume import EPOCH_PREFIXES, POINT_TAG
 
@@ -88,9 +88,11 @@ def gain_problems(run: Run, by_step: dict[int, dict[str, float]]) -> list[str]:
 
 
 def audit_experiment(
-    tracking_uri: str, experiment: str, stale_after_s: float | None = STALE_AFTER_S
+    tracking_uri: str, experiment: str, *, stale_after_s: float | None
 ) -> list[str]:
-    """The problems of `experiment`'s runs, one line each (empty: the store is sound)."""
+    """The problems of `experiment`'s runs, one line each (empty: the store is sound);
+    stale_after_s: tracking.stale_after_s, the age after which another host's RUNNING run is
+    called left behind (None: never)."""
     client = MlflowClient(tracking_uri)
     found = client.get_experiment_by_name(experiment)
     if found is None:

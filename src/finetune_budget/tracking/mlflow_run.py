@@ -133,17 +133,10 @@ def mlflow_client(tracking_uri: str) -> MlflowClient:
     return client
 
 
-STALE_AFTER_S = (
-    3 * 24 * 3600.0
-)  # tracking.stale_after_s: other hosts' RUNNING runs older than this
-
-
-def experiment_id(
-    client: MlflowClient, name: str, stale_after_s: float | None = STALE_AFTER_S
-) -> str:
+def experiment_id(client: MlflowClient, name: str, *, stale_after_s: float | None) -> str:
     """The experiment's id, created as a model-training experiment when new (an existing one
     without a kind gets it; a kind set in the UI is kept); its runs left RUNNING by dead processes
-    are marked."""
+    are marked (mark_stale_runs; stale_after_s: tracking.stale_after_s)."""
     experiment = client.get_experiment_by_name(name)
     if experiment is not None:
         if experiment.lifecycle_stage == "deleted":
@@ -237,9 +230,7 @@ def why_stale(run: Any, stale_after_s: float | None, now_s: float | None = None)
     )
 
 
-def mark_stale_runs(
-    client: MlflowClient, exp_id: str, stale_after_s: float | None = STALE_AFTER_S
-) -> list[str]:
+def mark_stale_runs(client: MlflowClient, exp_id: str, stale_after_s: float | None) -> list[str]:
     """Mark the experiment's RUNNING runs whose process is gone KILLED, with an `error` tag.
 
     A run of this host is stale when its process (pid, and its start time) no longer runs; a run
@@ -275,13 +266,15 @@ def tracked_run(
     tracking_uri: str,
     experiment: str,
     config: Mapping[str, Any],
+    *,
+    stale_after_s: float | None,
     tags: Mapping[str, Any] | None = None,
     run_name: str | None = None,
     config_yaml: str | None = None,
     main_process: bool = True,
-    stale_after_s: float | None = STALE_AFTER_S,
 ) -> Iterator[TrackedRun]:
     """Create a run, log params/tags/config/versions, and set its final status on exit.
+    stale_after_s: tracking.stale_after_s (experiment_id marks runs left RUNNING).
 
     main_process: False in the extra processes (global ranks 1..) of a multi-process run
     (`distributed.is_main_process`): they create no run and write nothing, under Lightning's
@@ -293,7 +286,7 @@ def tracked_run(
         return
     mlflow.set_tracking_uri(tracking_uri)
     client = mlflow_client(tracking_uri)
-    exp_id = experiment_id(client, experiment, stale_after_s)
+    exp_id = experiment_id(client, experiment, stale_after_s=stale_after_s)
     all_tags = {f"versions.{k}": v for k, v in package_versions().items()}
     all_tags["command"] = " ".join(sys.argv)[:5000]
     all_tags.update(process_tags())

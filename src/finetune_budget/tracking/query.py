@@ -75,7 +75,10 @@ def _experiment_id(client: MlflowClient, tracking_uri: str, experiment: str) -> 
             f"experiment {experiment!r} not found in {tracking_uri}; existing: "
             f"{', '.join(names) or 'none'} (set tracking.experiment=<name> or tracking.uri=...)"
         )
-    mark_stale_runs(client, found.experiment_id)
+    # a reader marks only the runs whose process is provably gone (this host's); calling another
+    # host's run stale by its age is tracking.stale_after_s's, applied where a run or sweep
+    # opens the experiment with its config
+    mark_stale_runs(client, found.experiment_id, stale_after_s=None)
     return found.experiment_id
 
 

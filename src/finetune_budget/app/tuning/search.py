@@ -159,7 +159,7 @@ def _create_parent(
     objectives: Sequence[Objective],
     storage_url: str,
 ) -> str:
-    exp = experiment_id(client, cfg.tracking.experiment)
+    exp = experiment_id(client, cfg.tracking.experiment, stale_after_s=cfg.tracking.stale_after_s)
     run = client.create_run(
         exp,
         run_name=f"search-{study.study_name}",
@@ -244,7 +244,8 @@ class TrialObjective:
         self.errors: dict[int, str] = {}
 
     def _run_of(self, number: int) -> str | None:
-        exp = experiment_id(self.client, self.cfg.tracking.experiment)
+        tracking = self.cfg.tracking
+        exp = experiment_id(self.client, tracking.experiment, stale_after_s=tracking.stale_after_s)
         runs = self.client.search_runs(
             [exp],
             f"tags.`mlflow.parentRunId` = '{self.parent_run_id}' and tags.trial = '{number}'",

@@ -33,8 +33,10 @@ browser:
 # one process). --dist loadfile keeps a test file on one worker, so the tests that share one
 # module's expensive fixture (a PostgreSQL cluster, a DDP run) still start it once. (loadgroup's
 # xdist_group marks do not group under pytest 9.2: xdist 3.8 renames a node id pytest no longer reads.)
+# --no-loadscope-reorder: files go to the workers longest first (tests/conftest.py's
+# LONGEST_FILES), not xdist's default order by the number of tests in a file.
 PYTEST_WORKERS ?= 2
-PYTEST := $(PY) -m pytest -q -n $(PYTEST_WORKERS) --dist loadfile
+PYTEST := $(PY) -m pytest -q -n $(PYTEST_WORKERS) --dist loadfile --no-loadscope-reorder
 test:
 	$(PYTEST) tests
 

@@ -167,25 +167,29 @@ def requires_data(*names: str):
     )
 
 
-# The test files that take longest on the 2-core machine, longest first (`.venv/bin/python -m
-# pytest --durations=40 tests` shows them). pytest-xdist's `--dist loadfile` hands files to the
-# workers in collection order, so these go first: a long file at the end leaves one worker alone
-# with it while the other idles.
+# The test files that take longest on the 2-core machine, longest first (seconds of each file:
+# `pytest --junitxml=t.xml tests` and the sum of its testcases' times per file). With the
+# Makefile's `--dist loadfile --no-loadscope-reorder` pytest-xdist hands files to the workers in
+# collection order, so these go first: a long file at the end leaves one worker alone with it
+# while the other idles.
 LONGEST_FILES = (
     "test_session_longer.py",
-    "test_session_invariants.py",
     "test_ddp.py",
     "test_performance.py",
+    "test_session_invariants.py",
     "test_scale_out.py",
     "test_resume.py",
     "test_mlm_price.py",
-    "test_tuning.py",
     "test_ui_check.py",
-    "test_families.py",
-    "test_text_image.py",
-    "test_surface.py",
-    "test_slow_text.py",
+    "test_tuning.py",
+    "test_config.py",
     "test_image_image.py",
+    "test_text_image.py",
+    "test_budget_sweeper.py",
+    "test_report.py",
+    "test_families.py",
+    "test_slow_text.py",
+    "test_surface.py",
 )
 
 

@@ -19,8 +19,8 @@ from mlflow.entities import ViewType
 from mlflow.tracking import MlflowClient
 
 EXPERIMENT = "finetune-budget"
-METRIC = "val/mrr_at_20"
-GAIN = "gain/mrr_at_20"
+METRIC = "val/ndcg_at_20"  # budget.metric: the main job's table and the answers are of it
+GAIN = "gain/ndcg_at_20"
 FLOOR = 0.01  # budget.gain_floor's default
 EPOCH_PREFIXES = ("val/", "time/", "data/", "gain/", "gain_abs/", "roi_label/", "roi_s/")
 COMMON = (

@@ -225,9 +225,9 @@ def test_advise_mode_prints_the_plan_the_report_card_leads_with(tmp_path, capsys
     monkeypatch.chdir(tmp_path)  # a sqlite store's artifacts go under ./mlruns
     uri = store_uri(tmp_path / "plan.db")
     _log_runs(uri, "plan")
-    metrics = "report.metrics=[val/mrr_at_20,val/recall_at_20]"
+    metrics = ("budget.metric=val/mrr_at_20", "report.metrics=[val/recall_at_20]")  # as logged
     cfg = compose_config(
-        ["mode=advise", "tracking.experiment=plan", metrics, *PRICED], tmp_path, "evaluate"
+        ["mode=advise", "tracking.experiment=plan", *metrics, *PRICED], tmp_path, "evaluate"
     )
     with open_dict(cfg):
         cfg.tracking.uri = uri

@@ -433,6 +433,7 @@ def test_advise_mode_answers_from_a_synthetic_experiment(known_store, tmp_path, 
         [
             "mode=advise",
             "tracking.experiment=known",
+            "budget.metric=val/mrr_at_20",  # the metric these runs logged
             "report.metrics=[val/mrr_at_20]",
             "advise.data_epoch=best",
             "advise.extra_labels=1000",
@@ -584,3 +585,22 @@ def test_alongside_runs_here_while_the_forked_process_takes_the_tasks(cores, mon
         assert pids == {os.getpid()}
     else:
         assert pids - {os.getpid()}, "the forked process took none of the tasks"
+
+
+def test_the_report_and_the_advice_lead_with_the_budget_metric(tmp_path):
+    """budget.metric (nDCG@20 by default) comes first in the report's metrics, so the decision
+    card and mode=advise answer on the metric the runs were summarised and searched on; a
+    budget.metric already in report.metrics is not repeated (conf/report/default.yaml's list)."""
+    from omegaconf import OmegaConf
+
+    def metrics(*overrides):
+        cfg = compose_config(["mode=report", *overrides], tmp_path, "evaluate")
+        node = OmegaConf.to_container(cfg.report, resolve=True)
+        return ReportSettings.from_config(node, cfg.budget.metric).metrics
+
+    reported = ["val/mrr_at_20", "val/recall_at_20", "val/map_at_20", "val/map_hits_at_20"]
+    assert metrics() == ["val/ndcg_at_20", *reported]
+    assert metrics("budget.metric=val/recall_at_20") == [
+        "val/recall_at_20", "val/mrr_at_20", "val/map_at_20", "val/map_hits_at_20"
+    ]  # fmt: skip
+    assert metrics("task=mlm_price")[0] == "probe/r2"  # a task's own budget metric

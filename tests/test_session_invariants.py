@@ -59,7 +59,7 @@ def test_the_answer_is_the_same_before_and_after_the_model_is_logged(tmp_path):
     code, main_out = s.run(step_command(s, "main", {}))
     assert code == 0, main_out[-3000:]
     main_run = last_train_run(snapshot(s.uri))
-    # the main job's own table: its gain at epoch 2 (the table's last row, column gain/mrr_at_20)
+    # the main job's own table: its gain at epoch 2 (the table's last row, column gain/ndcg_at_20)
     header, *rows = [line.split() for line in main_out.splitlines() if line.strip()][-4:]
     main_gain = float(rows[-1][header.index(GAIN)])
     code, out = s.run(step_command(s, "sweep", {}))

@@ -173,7 +173,7 @@ def test_early_stopping_is_off_by_default_and_an_option(make_cfg) -> None:
     assert "early_stopping" not in make_cfg(*TINY).callbacks
     cfg = make_cfg(*TINY, "callbacks=with_early_stopping", "callbacks.early_stopping.patience=1")
     callback = instantiate(cfg.callbacks.early_stopping)
-    assert callback.monitor == "val/mrr_at_20" and callback.patience == 1
+    assert callback.monitor == cfg.budget.metric == "val/ndcg_at_20" and callback.patience == 1
     assert "lr_monitor" in cfg.callbacks  # the default callbacks stay
 
 
@@ -213,15 +213,15 @@ def test_search_records_nested_tagged_runs_and_resumes(tmp_path: Path) -> None:
     assert {r.data.tags["state"] for r in runs} == {"complete"}
     assert {r.info.status for r in runs} == {"FINISHED"}
     by_id = {r.info.run_id: r for r in runs}
-    for t in study.trials:  # the trial's value is the run's best val/mrr_at_20
+    for t in study.trials:  # the trial's value is the run's best val/ndcg_at_20 (budget.metric)
         run = by_id[t.user_attrs["mlflow_run_id"]]
-        assert t.value == pytest.approx(run.data.metrics["best/mrr_at_20"])
+        assert t.value == pytest.approx(run.data.metrics["best/ndcg_at_20"])
         assert run.data.params["optim.optimizer.lr"] == str(t.params["optim.optimizer.lr"])
     parent = MlflowClient(cfg.tracking.uri).get_run(result.parent_run_id)
     assert parent.info.status == "FINISHED" and parent.data.tags["run_type"] == "search"
     assert parent.data.tags["best_trial"] == str(study.best_trial.number)
     assert parent.data.tags["best.data.batch_size"] == str(study.best_params["data.batch_size"])
-    assert parent.data.metrics["best/val/mrr_at_20"] == pytest.approx(study.best_value)
+    assert parent.data.metrics["best/val/ndcg_at_20"] == pytest.approx(study.best_value)
     assert parent.data.metrics["trials/complete_n"] == 3
 
     # the same command with more trials resumes the study under the same parent
@@ -393,8 +393,8 @@ def test_hydra_optuna_sweeper_runs_two_trials(tmp_path: Path) -> None:
     client = MlflowClient(store_uri(tmp_path / "mlflow.db"))
     exp = client.get_experiment_by_name("finetune-budget").experiment_id
     runs = client.search_runs([exp], "tags.run_type = 'train'")
-    # what the sweeper optimised is the best val/mrr_at_20 of a trained epoch of each run
+    # what the sweeper optimised is the best val/ndcg_at_20 of a trained epoch of each run
     assert sorted(t.value for t in study.trials) == pytest.approx(
-        sorted(r.data.metrics["best/mrr_at_20"] for r in runs)
+        sorted(r.data.metrics["best/ndcg_at_20"] for r in runs)
     )
     assert (tmp_path / "multirun" / "optimization_results.yaml").exists()

@@ -127,7 +127,8 @@ def _fmt(value: Any) -> str:
 def format_table(
     history: list[dict[str, float]],
     metric_keys: Sequence[str] | None = None,
-    budget_metric: str = "val/mrr_at_20",
+    *,
+    budget_metric: str,
 ) -> str:
     """Per epoch: metrics, relative gain, training seconds and both ROIs of `budget_metric`."""
     if not history:

@@ -52,7 +52,7 @@ def report_mode(cfg: DictConfig) -> dict[str, float]:
     """evaluate.py mode=report: the report of `tracking.experiment` (of one sweep with
     `report.sweep=<parent run id>`). Returns a few headline numbers for the console."""
     node = _node(cfg, "report")
-    settings = ReportSettings.from_config(node)
+    settings = ReportSettings.from_config(node, cfg.budget.metric)
     settings.advise = AdviceSettings.from_config(_node(cfg, "advise"))
     sweep = (node or {}).get("sweep")
     report = build_report(cfg.tracking.uri, cfg.tracking.experiment, settings, parent_run_id=sweep)
@@ -63,8 +63,8 @@ def advise_mode(cfg: DictConfig) -> list[Advice]:
     """evaluate.py mode=advise: with prices, the plan first (study/plan.py: labels to buy, epochs,
     base model, cost, P(reach the target), what each of report.metrics says there); then the
     recommendation and the questions answered, in a few lines on stdout, for `advise.metric`
-    (default: the first of report.metrics)."""
-    report = ReportSettings.from_config(_node(cfg, "report"))
+    (default: budget.metric, the first of the report's metrics)."""
+    report = ReportSettings.from_config(_node(cfg, "report"), cfg.budget.metric)
     s = AdviceSettings.from_config(_node(cfg, "advise"))
     prices = s.prices  # bad prices: one line before anything is read
     metric = s.metric or report.metrics[0]

@@ -108,7 +108,8 @@ class SweepParentRun(Callback):
             else:
                 outcome.append(None)
 
-        report = self._attach_report(uri, experiment, run_id, client, log_choice)
+        metric = config.budget.metric
+        report = self._attach_report(uri, experiment, metric, run_id, client, log_choice)
         if not outcome:  # no report, or it stopped before its figures
             log_choice(report.advice if report is not None else None)
         if outcome[0] is not None:
@@ -120,14 +121,20 @@ class SweepParentRun(Callback):
         log.info("sweep parent run %s finished: %d jobs, %d failed", run_id, jobs, failed)
 
     def _attach_report(
-        self, uri: str, experiment: str, run_id: str, client: Any, alongside: Any = None
+        self,
+        uri: str,
+        experiment: str,
+        budget_metric: str,
+        run_id: str,
+        client: Any,
+        alongside: Any = None,
     ) -> Any:
         if not self.report:
             return None
         from finetune_budget.errors import BudgetError
         from finetune_budget.report.build import ReportSettings, build_report
 
-        settings = ReportSettings.from_config(self.report_settings)
+        settings = ReportSettings.from_config(self.report_settings, budget_metric)
         if settings.out_dir is None:
             settings.out_dir = str(Path(self.sweep_dir or ".") / "report")
         try:

@@ -64,17 +64,21 @@ class ReportSettings:
     advise: AdviceSettings = field(default_factory=AdviceSettings)
 
     @classmethod
-    def from_config(cls, node: Any | None) -> ReportSettings:
-        if not node:
-            return cls()
+    def from_config(cls, node: Any | None, budget_metric: str | None = None) -> ReportSettings:
+        """The `report` group's settings; budget_metric (budget.metric) leads the metrics, so the
+        decision card, `mode=advise` and the sweep's chosen run answer on the metric the runs
+        were summarised and searched on."""
         known = cls.__dataclass_fields__
         values = {
             k: (list(v) if isinstance(v, Sequence) and not isinstance(v, str) else v)
-            for k, v in dict(node).items()
+            for k, v in dict(node or {}).items()
             if k in known and k != "advise"
         }
-        if "advise" in node:
+        if node and "advise" in node:
             values["advise"] = AdviceSettings.from_config(node["advise"])
+        if budget_metric:
+            metrics = values.get("metrics", DEFAULT_METRICS)
+            values["metrics"] = list(dict.fromkeys([budget_metric, *metrics]))
         return cls(**values)
 
     def advice_settings(self) -> AdviceSettings:
@@ -125,7 +129,7 @@ def check_runs(
         have = sorted(c for c in df.columns if c.startswith("val/"))
         raise DataError(
             f"the runs of {experiment!r} logged none of {', '.join(metrics)}; "
-            f"they have {', '.join(have) or 'no val/ metrics'} (set report.metrics=[...])"
+            f"they have {', '.join(have) or 'no val/ metrics'} (set budget.metric=<one of them>)"
         )
     if missing:
         notes.append(f"not logged by these runs, left out: {', '.join(missing)}")

@@ -780,7 +780,7 @@ def _within_budget(d: Decision, estimate: float, spent: float, s: SearchSettings
 
 # --- the advice and the whole search -----------------------------------------------------------
 
-DEFAULT_METRIC = "val/mrr_at_20"  # the metric of stub observations (budget.metric's fallback)
+DEFAULT_METRIC = "val/ndcg_at_20"  # the metric of stub observations (budget.metric's default)
 
 
 def points_frame(observations: Sequence[Observation], settings: SearchSettings) -> pd.DataFrame:

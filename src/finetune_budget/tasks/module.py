@@ -171,5 +171,8 @@ class FineTuner(L.LightningModule):
         self._eval_parts = {}
         check_finite_embeddings(self, *(emb for _, emb in parts.values()))
         self.eval_metrics = self.score(parts)
-        key = self.primary_metric
-        self.log(key, self.eval_metrics[key], prog_bar=True, logger=False, rank_zero_only=True)
+        # every metric where callbacks read them (EarlyStopping on budget.metric), the primary one
+        # also in the progress bar; the budget tracker logs them to MLflow
+        for key, value in self.eval_metrics.items():
+            prog_bar = key == self.primary_metric
+            self.log(key, value, prog_bar=prog_bar, logger=False, rank_zero_only=True)

@@ -3,6 +3,7 @@ other or the model logged while a forked process draws the report's figures (wha
 
     .venv/bin/python bench/bench_sweep.py --keep /tmp/sweep_store   # a sweep's store, kept
     .venv/bin/python bench/bench_sweep_end.py /tmp/sweep_store --repeats 3
+    .venv/bin/python bench/bench_sweep_end.py /tmp/sweep_store --set budget.metric=val/mrr_at_20
 
 Each call runs in a fresh process (so each imports sentence-transformers and walks MLflow's
 package map once, as a sweep does) on a fresh copy of the store, with the chosen runs' weights
@@ -26,7 +27,7 @@ ROOT = Path(__file__).resolve().parents[1]
 EXPERIMENT = "bench-sweep"
 
 
-def one_call(way: str, store: str, work: str) -> float:
+def one_call(way: str, store: str, work: str, overrides: list[str]) -> float:
     """In this (fresh) process: the sweep's end on a copy of `store`; its seconds."""
     sys.path.insert(0, str(ROOT / "src"))
     from hydra import compose, initialize_config_dir
@@ -51,11 +52,14 @@ def one_call(way: str, store: str, work: str) -> float:
         [exp], f"tags.`mlflow.parentRunId` = '{parent}'", max_results=5000
     )
     with initialize_config_dir(config_dir=str(ROOT / "conf"), version_base="1.3"):
-        config = compose(config_name="train", overrides=[f"tracking.uri={uri}"])
+        config = compose(config_name="train", overrides=[f"tracking.uri={uri}", *overrides])
 
-    # which runs a sweep logs, and their weights in memory as its jobs leave them
-    probe = build_report(uri, EXPERIMENT, ReportSettings(f"{work}/probe", log_to_mlflow=False))
-    settings = ReportSettings(f"{work}/report")
+    # the report a sweep's parent makes (budget.metric first), which runs it logs, and their
+    # weights in memory as its jobs leave them
+    metric = config.budget.metric
+    probe_settings = {"out_dir": f"{work}/probe", "log_to_mlflow": False}
+    probe = build_report(uri, EXPERIMENT, ReportSettings.from_config(probe_settings, metric))
+    settings = ReportSettings.from_config({"out_dir": f"{work}/report"}, metric)
     for run_id, _ in sweep_choices(config, children, probe.advice):
         cfg, _ = config_of_run(uri, run_id)
         reuse.keep_final_weights(run_id, build_task(cfg).module, 4096)
@@ -80,9 +84,13 @@ def main() -> None:
     parser.add_argument("store", help="a folder bench_sweep.py --keep wrote")
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--call", nargs=2, metavar=("WAY", "WORK"), help=argparse.SUPPRESS)
+    parser.add_argument(
+        "--set", dest="overrides", action="append", default=[], help="a config override (repeat)"
+    )
     args = parser.parse_args()
     if args.call:  # the child process of one call
-        print(f"SECONDS {one_call(args.call[0], args.store, args.call[1]):.3f}")
+        seconds = one_call(args.call[0], args.store, args.call[1], args.overrides)
+        print(f"SECONDS {seconds:.3f}")
         return
     seconds: dict[str, list[float]] = {"after": [], "alongside": []}
     with tempfile.TemporaryDirectory(prefix="bench_sweep_end_") as tmp:
@@ -90,7 +98,8 @@ def main() -> None:
             for way in seconds:
                 work = str(Path(tmp) / f"{way}{i}")
                 out = subprocess.run(
-                    [sys.executable, __file__, args.store, "--call", way, work],
+                    [sys.executable, __file__, args.store, "--call", way, work]
+                    + [f"--set={o}" for o in args.overrides],
                     capture_output=True,
                     text=True,
                     env={"HF_HUB_OFFLINE": "1", **os.environ},
@@ -106,7 +115,8 @@ def main() -> None:
         "after: the report, then the model logged; alongside: the model logged while a forked "
         "process draws the figures"
     )
-    print(f"repeat: nice -n 5 .venv/bin/python bench/bench_sweep_end.py {args.store}")
+    extra = "".join(f" --set {o}" for o in args.overrides)
+    print(f"repeat: nice -n 5 .venv/bin/python bench/bench_sweep_end.py {args.store}{extra}")
 
 
 if __name__ == "__main__":

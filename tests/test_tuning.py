@@ -298,14 +298,15 @@ def test_pareto_search_returns_a_front_of_gain_against_seconds(tmp_path: Path) -
         "trainer.max_epochs=1",
         search="budget_pareto",
     )
-    # 6 epochs against 1: the seconds differ far beyond a loaded machine's noise
-    set_space(cfg, trainer__max_epochs="choice(1, 6)", optim__optimizer__lr="choice(0.01, 1.0)")
+    # one epoch of 512 labels against one of 32: 16 steps against 1, seconds far apart beyond a
+    # loaded machine's noise (and whatever warm-up an earlier test of the process left), at
+    # the only epoch a trial's values can come from
+    set_space(cfg, data__n="choice(32, 512)", optim__optimizer__lr="choice(0.01, 1.0)")
     with open_dict(cfg):
         cfg.tune.enqueue = [
-            # the first trial pays the warm-up seconds: give them to the longer one
-            {"trainer.max_epochs": 6, "optim.optimizer.lr": 0.01},
-            {"trainer.max_epochs": 1, "optim.optimizer.lr": 0.01},
-            {"trainer.max_epochs": 6, "optim.optimizer.lr": 1.0},  # slow and bad: dominated
+            {"data.n": 512, "optim.optimizer.lr": 0.01},
+            {"data.n": 32, "optim.optimizer.lr": 0.01},
+            {"data.n": 512, "optim.optimizer.lr": 1.0},  # slow and bad: dominated
         ]
     result = run_search(cfg)
     rows = result.rows

@@ -29,8 +29,9 @@ def row_count(tokens: int) -> int:
 
     On the CPU oneDNN builds a kernel (a "primitive", JIT-compiled) for each matrix shape it has
     not met and keeps the last 1024. A batch's real-token count is a new shape nearly every step,
-    and each builds a dozen (a BERT layer's products forward and backward), ~0.8 ms each
-    (docs/performance.md). Rounded, a run's few shapes stay built, for 1-3% more rows."""
+    and each builds a dozen (a BERT layer's products forward and backward), each a compilation
+    (docs/performance.md has the cost). Rounded, a run's few shapes stay built, for 1-3% more
+    rows."""
     step = max(16, 1 << max(tokens.bit_length() - 5, 0))
     return -(-tokens // step) * step
 
@@ -84,7 +85,7 @@ def unpadded_hidden_states(
             None if any(b is None for b in biases) else torch.cat(biases),
         )
         # a fresh buffer: zeros in the padding rows only (attention masks their keys, but their
-        # values must be finite), the real rows copied in place (3.4 -> 1.9 ms a layer, pairs)
+        # values must be finite), the real rows copied in place (no zeroed copy of the whole)
         padded = qkv.new_empty(batch * length, qkv.shape[1]).index_fill_(0, pads, 0.0)
         padded.index_copy_(0, keep, qkv[:tokens])
         q, k, v = padded.view(batch, length, 3, heads, -1).permute(2, 0, 3, 1, 4).unbind(0)

@@ -3,8 +3,7 @@
 Importing torch, Lightning (with torchmetrics' imports of torchvision and `torch._dynamo`),
 transformers and MLflow creates ~800k objects that live as long as the process: modules,
 functions, classes. While they are created the collector makes full passes over all of them and
-frees almost nothing: 10 passes of 20-390 ms, 1.4 s, in the small grid's start-up; its full
-passes took 2.9 s of the user's sweep (docs/performance.md).
+frees almost nothing (what that costs a sweep: docs/performance.md, the fast paths).
 
 `pause_during_startup` (train.py, evaluate.py, tune.py) turns the collector off.
 `resume_after_startup` (each job, once its heavy modules are imported) moves what is alive then

@@ -1,8 +1,8 @@
 """A `-m` grid's job configs without composing each one from the YAML files.
 
 Hydra's launcher composes every job's config from scratch (`load_sweep_config`: read and merge
-the config tree, then apply the job's overrides): 0.14-0.2 s a job with this project's configs,
-~4 s of the 30-job `data.n=100,500,1000 trainer.max_epochs=1..10`. Jobs that differ only in the
+the config tree, then apply the job's overrides), every job alike, though most of a grid's jobs
+share one tree (docs/performance.md has what it costs). Jobs that differ only in the
 values of plain keys (`data.n=500`, `trainer.max_epochs=3`: no config group option, no `+`/`~`,
 no package, no `hydra.` key, a scalar value) have the same composed tree up to those values. So
 `DerivedSweepConfigs` composes the first job of each such family with Hydra and derives the

@@ -168,10 +168,9 @@ def requires_data(*names: str):
 
 
 # The test files that take longest on the 2-core machine, longest first (seconds of each file:
-# `pytest --junitxml=t.xml tests` and the sum of its testcases' times per file). With the
-# Makefile's `--dist loadfile --no-loadscope-reorder` pytest-xdist hands files to the workers in
-# collection order, so these go first: a long file at the end leaves one worker alone with it
-# while the other idles.
+# `pytest --junitxml=t.xml tests` and the sum of its testcases' times per file). pytest-xdist's
+# `--dist loadfile` hands files to the workers by their number of tests, most first, and in this
+# order among files with as many (the Makefile says why not strictly longest first).
 LONGEST_FILES = (
     "test_session_longer.py",
     "test_ddp.py",

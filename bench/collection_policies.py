@@ -190,7 +190,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--synthetic", action="store_true")
     ap.add_argument("--uri")
     ap.add_argument("--experiment", action="append", default=[])
-    ap.add_argument("--metric", default="val/mrr_at_20")
+    ap.add_argument("--metric", default="val/ndcg_at_20", help="budget.metric's default")
     ap.add_argument("--pilots", type=int, default=3)
     ap.add_argument("--penalty-x", type=float, default=50.0)
     ap.add_argument("--calibration", default="shipped")

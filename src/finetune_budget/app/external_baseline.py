@@ -26,8 +26,7 @@ from omegaconf import DictConfig, OmegaConf
 
 from finetune_budget.errors import ConfigError, DataError
 from finetune_budget.retrieval.metrics import retrieval_metrics
-from finetune_budget.tracking.mlflow_run import tracked_run
-from finetune_budget.training.run import run_config
+from finetune_budget.training.run import evaluation_run
 
 log = logging.getLogger(__name__)
 
@@ -155,14 +154,7 @@ def evaluate_external(cfg: DictConfig) -> dict[str, float] | None:
         "run_type": RUN_TYPE,
         "baseline_file": str(Path(path).expanduser().resolve()),
     }
-    with tracked_run(
-        cfg.tracking.uri,
-        cfg.tracking.experiment,
-        run_config(cfg),
-        stale_after_s=cfg.tracking.stale_after_s,
-        tags=tags,
-        run_name=cfg.tracking.get("run_name") or f"{tags['model']} (external)",
-    ) as run:
+    with evaluation_run(cfg, tags, f"{tags['model']} (external)") as run:
         start = time.perf_counter()
         metrics = score(cfg, emb, target)
         metrics["time/eval_s"] = time.perf_counter() - start

@@ -26,8 +26,7 @@ from finetune_budget.config import resolve_precision
 from finetune_budget.errors import ConfigError
 from finetune_budget.export.formats import Exported, export_model
 from finetune_budget.tasks import build_task
-from finetune_budget.tracking.mlflow_run import tracked_run
-from finetune_budget.training.run import run_config
+from finetune_budget.training.run import evaluation_run
 
 log = logging.getLogger(__name__)
 
@@ -50,14 +49,7 @@ def evaluate(cfg: DictConfig) -> dict[str, float]:
     }
     if cfg.get("run_id"):
         tags["evaluated_run_id"] = cfg.run_id
-    with tracked_run(
-        cfg.tracking.uri,
-        cfg.tracking.experiment,
-        run_config(cfg),
-        stale_after_s=cfg.tracking.stale_after_s,
-        tags=tags,
-        run_name=cfg.tracking.get("run_name"),
-    ) as run:
+    with evaluation_run(cfg, tags) as run:
         L.seed_everything(cfg.seed, verbose=False)
         parts = build_task(cfg)
         if weights is not None:

@@ -179,6 +179,19 @@ def open_run(
     )
 
 
+def evaluation_run(cfg: DictConfig, tags: dict[str, str], run_name: str | None = None):
+    """A run that is not a training job (mode=eval, the external baseline) in the config's
+    store and experiment, its config logged; named tracking.run_name, else `run_name`."""
+    return tracked_run(
+        cfg.tracking.uri,
+        cfg.tracking.experiment,
+        run_config(cfg),
+        stale_after_s=cfg.tracking.stale_after_s,
+        tags=tags,
+        run_name=cfg.tracking.get("run_name") or run_name,
+    )
+
+
 def build(
     cfg: DictConfig,
     config: dict[str, Any],

@@ -72,15 +72,13 @@ class SweepParentRun(Callback):
 
         from finetune_budget.tracking.resume import REUSED_TAG_PREFIX
 
-        uri, experiment = config.tracking.uri, config.tracking.experiment
-        client = MlflowClient(uri)
+        client = MlflowClient(config.tracking.uri)
+        exp_id = client.get_run(run_id).info.experiment_id
         children = client.search_runs(
-            [client.get_run(run_id).info.experiment_id],
-            f"tags.`mlflow.parentRunId` = '{run_id}'",
-            max_results=5000,
+            [exp_id], f"tags.`mlflow.parentRunId` = '{run_id}'", max_results=5000
         )
         reused = client.search_runs(
-            [client.get_run(run_id).info.experiment_id],
+            [exp_id],
             f"tags.`{REUSED_TAG_PREFIX}{run_id}` = 'true'",
             max_results=5000,
         )
@@ -108,8 +106,7 @@ class SweepParentRun(Callback):
             else:
                 outcome.append(None)
 
-        metric = config.budget.metric
-        report = self._attach_report(uri, experiment, metric, run_id, client, log_choice)
+        report = self._attach_report(config, run_id, client, log_choice)
         if not outcome:  # no report, or it stopped before its figures
             log_choice(report.advice if report is not None else None)
         if outcome[0] is not None:
@@ -121,26 +118,21 @@ class SweepParentRun(Callback):
         log.info("sweep parent run %s finished: %d jobs, %d failed", run_id, jobs, failed)
 
     def _attach_report(
-        self,
-        uri: str,
-        experiment: str,
-        budget_metric: str,
-        run_id: str,
-        client: Any,
-        alongside: Any = None,
+        self, config: DictConfig, run_id: str, client: Any, alongside: Any = None
     ) -> Any:
+        """The sweep's report on its jobs, budget.metric first, attached to its parent."""
         if not self.report:
             return None
         from finetune_budget.errors import BudgetError
         from finetune_budget.report.build import ReportSettings, build_report
 
-        settings = ReportSettings.from_config(self.report_settings, budget_metric)
+        settings = ReportSettings.from_config(self.report_settings, config.budget.metric)
         if settings.out_dir is None:
             settings.out_dir = str(Path(self.sweep_dir or ".") / "report")
         try:
             return build_report(
-                uri,
-                experiment,
+                config.tracking.uri,
+                config.tracking.experiment,
                 settings,
                 parent_run_id=run_id,
                 attach_to_run=run_id,

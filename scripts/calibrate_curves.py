@@ -24,6 +24,7 @@ import sys
 from pathlib import Path
 
 from finetune_budget.study.calibration import (
+    CV_WEIGHT,
     SHIPPED,
     calibrate,
     coverage_table,
@@ -38,7 +39,7 @@ from finetune_budget.tracking.query import roi_table
 METRICS = ("val/mrr_at_20", "val/recall_at_20", "val/map_at_20", "val/ndcg_at_20")
 
 
-def study_cases(uri: str, experiment: str, metrics, level: float):
+def study_cases(uri: str, experiment: str, metrics, level: float, cv_weight: float = CV_WEIGHT):
     df = roi_table(uri, experiment, list(metrics))
     points = budget_points(df)
     cases = []
@@ -53,7 +54,7 @@ def study_cases(uri: str, experiment: str, metrics, level: float):
                 at["n"],
                 at[gain],
                 at["seed"],
-                curve_predictor(ceiling),
+                curve_predictor(ceiling, cv_weight=cv_weight),
                 f"{data} · {metric.split('/', 1)[1]} · epoch {epoch}",
                 str(data),
             )
@@ -101,6 +102,13 @@ def main(argv=None) -> int:
     p.add_argument("--source", default=None, help="what the table says it was computed from")
     p.add_argument("--cells", action="store_true", help="held-out cells of the surface too")
     p.add_argument(
+        "--cv-weight",
+        type=float,
+        default=CV_WEIGHT,
+        help="the unit of error: max(gain at the largest fitted size, this x the fit's "
+        "leave-one-budget-out error) (0: the gain alone)",
+    )
+    p.add_argument(
         "--write-loso",
         metavar="DIR",
         help="store each study's leave-one-out table as DIR/<study>.json (for "
@@ -115,15 +123,17 @@ def main(argv=None) -> int:
     cases = [
         c
         for e in args.experiments
-        for c in study_cases(args.tracking_uri, e, args.metrics, args.level)
+        for c in study_cases(args.tracking_uri, e, args.metrics, args.level, args.cv_weight)
     ]
     groups = sorted({c.group for c in cases})
     print(f"{len(cases)} backtests of {len(groups)} studies: {', '.join(groups)}")
     if len(groups) < 2:
         sys.stderr.write("leave-one-study-out needs 2 or more studies\n")
         return 2
-    w = args.weigh_studies
-    loso = {g: calibrate(cases, args.level, leave_out=g, weigh_studies=w) for g in groups}
+    w, cv = args.weigh_studies, args.cv_weight
+    loso = {
+        g: calibrate(cases, args.level, leave_out=g, weigh_studies=w, cv_weight=cv) for g in groups
+    }
     show(
         "all fits, each study predicted by the calibration of the others",
         coverage_table(cases, loso),
@@ -136,6 +146,10 @@ def main(argv=None) -> int:
     for g in groups:
         mine = [c for c in cases if c.group == g]
         show(f"{g}, predicted by the calibration of the others", coverage_table(mine, loso))
+        mine = [c for c in pilots if c.group == g]
+        show(f"{g}, fits on pilots", coverage_table(mine, loso))
+    others = [c for c in pilots if c.group != groups[0]]
+    show(f"fits on pilots without {groups[0]}", coverage_table(others, loso))
     if args.write_loso:
         Path(args.write_loso).mkdir(parents=True, exist_ok=True)
         for g, cal in loso.items():
@@ -148,7 +162,7 @@ def main(argv=None) -> int:
             cell_coverage(args.tracking_uri, e, args.metrics, args.level)
     if args.write:
         source = args.source or f"experiments {', '.join(args.experiments)}"
-        cal = calibrate(cases, args.level, source=source, weigh_studies=args.weigh_studies)
+        cal = calibrate(cases, args.level, source=source, weigh_studies=w, cv_weight=cv)
         cal.save(SHIPPED)
         print(f"\nwrote {SHIPPED}: {cal.describe()}")
         for b in cal.bins:

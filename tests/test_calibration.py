@@ -137,6 +137,45 @@ def test_three_points_of_one_seed_get_the_width_the_table_gives():
     assert again.family == fit.family
 
 
+def _loglin_lobo_rmse(x: np.ndarray, y: np.ndarray) -> float:
+    """Leave-one-budget-out RMSE of gain = a + b ln x by least squares, from its definition."""
+    errs = []
+    for i in range(len(x)):
+        keep = np.arange(len(x)) != i
+        b, a = np.polyfit(np.log(x[keep]), y[keep], 1)
+        errs.append(a + b * np.log(x[i]) - y[i])
+    return float(np.sqrt(np.mean(np.square(errs))))
+
+
+def test_pilots_that_show_no_curve_get_intervals_in_units_of_their_noise():
+    # one seed of pilots whose gains are noise around +0.3% (CelebA's after one epoch): the unit
+    # of error is twice the leave-one-budget-out error, not the tiny gain at the largest size
+    x = np.array([100.0, 200.0, 400.0, 800.0])
+    y = np.array([0.001, 0.009, -0.004, 0.006])
+    fit = fit_learning_curve(x, y, families=("loglin",), check=False)
+    cv = _loglin_lobo_rmse(x, y)
+    assert fit.cv_error == pytest.approx(cv, rel=1e-6)
+    gain = float(fit(800.0)[0])
+    assert 2 * cv > max(abs(gain), SCALE_FLOOR)
+    bins = [ReachBin(1, 2, 200, -0.8, -0.1, 0.5), ReachBin(2, 4, 150, -1.5, -0.2, 0.9)]
+    in_noise = CalibratedCurve(fit, Calibration(0.9, bins, ["a", "b"], cv_weight=2.0))
+    in_gain = CalibratedCurve(fit, Calibration(0.9, bins, ["a", "b"]))  # a table before cv_weight
+    _, lo, hi = in_noise.predict([1600.0, 3200.0])
+    assert hi - lo == pytest.approx([1.3 * 2 * cv, 2.4 * 2 * cv])
+    _, lo, hi = in_gain.predict([1600.0, 3200.0])
+    assert hi - lo == pytest.approx(
+        [1.3 * max(abs(gain), SCALE_FLOOR), 2.4 * max(abs(gain), SCALE_FLOOR)]
+    )
+    # a table says the unit it was made in; one written before it said none is in the gain's
+    assert Calibration.from_dict(in_noise.calibration.to_dict()).cv_weight == 2.0
+    old = in_gain.calibration.to_dict()
+    del old["cv_weight"]
+    assert Calibration.from_dict(old).cv_weight == 0.0
+    # where the curve has risen far above its noise, the unit is its gain as before
+    rising = fit_learning_curve(x, 0.02 * np.log(x / 50), families=("loglin",), check=False)
+    assert CalibratedCurve(rising, in_noise.calibration).scale == pytest.approx(0.02 * np.log(16))
+
+
 def test_the_shipped_table_covers_every_reach_it_names():
     table = shipped()
     assert table is not None, "the package ships study/calibration.json"
@@ -144,6 +183,7 @@ def test_the_shipped_table_covers_every_reach_it_names():
     assert len(table.groups) >= 2 and table.level == 0.9
     for b in table.bins[:3]:
         assert b.cases >= 19 and b.q_lo < b.q_mid < b.q_hi  # 19 cases: both 90% bounds exist
+    assert table.cv_weight == 2.0  # its scores in units of max(gain, 2 x the fit's cv error)
 
 
 def test_study_weights_keep_a_larger_study_from_outvoting_a_smaller_one():

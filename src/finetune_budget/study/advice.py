@@ -619,7 +619,8 @@ def advise(
             if surface is not None
             else f" (predicted; epochs and seconds scaled from data.n={near})"
         )
-        why += "; " + data_fit.rests_on(n_rec) if isinstance(data_fit, CalibratedCurve) else ""
+        rests_on = data_fit.rests_on(n_rec) if isinstance(data_fit, CalibratedCurve) else ""
+        why += f"; {rests_on}" if rests_on else ""  # "": within the measured data.n
     extra = s.extra_labels or n_rec
     more_labels = _more_labels(data_fit, n_rec, extra, data, gain, s.level)
     more_time = _more_time(at_near, gain, epochs, time_fits.get(near), s, surface)

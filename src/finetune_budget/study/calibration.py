@@ -9,9 +9,16 @@ Here a prediction at reach f = x / x_max (x_max: the largest budget the fit saw)
 interval from split conformal prediction on rolling backtests of measured studies (each study's
 curve fitted on its first k budgets, every larger budget predicted, for every k, each seed alone
 and all seeds together). A backtest's score is its signed error in units of the gain already
-measured:
+measured or of the curve's own unpredictability, whichever is larger:
 
-    r = (measured - predicted) / scale,     scale = max(|fit(x_max)|, SCALE_FLOOR)
+    r = (measured - predicted) / scale,     scale = max(|fit(x_max)|, w * cv, SCALE_FLOOR)
+
+with cv the fit's leave-one-budget-out error (CurveFit.cv_error) and w a table's `cv_weight`
+(CV_WEIGHT for tables written now; 0, the gain alone, for older ones). Pilots whose gains are
+still noise around zero (CelebA's after one epoch) have a gain near 0 and a cv as large as their
+noise: in units of the gain alone, the rise that follows is dozens of units and no table made
+from curves that had started can cover it; in units of the noise it can. w = 2 was chosen from 0,
+1, 1.5, 2 and 3 by leave-one-study-out coverage on the four measured studies (docs/results.md).
 
 Scores are binned by reach, REACH_BINS: (1, 2], (2, 4], (4, 8], (8, 16]. In a bin of m scores, the
 interval of level 1 - alpha is [p + q_lo * scale, p + q_hi * scale] with q_lo the
@@ -49,6 +56,7 @@ from finetune_budget.study.curves import CurveFit, fit_learning_curve
 REACH_BINS = (1.0, 2.0, 4.0, 8.0, 16.0)
 ALPHA_RANGE = (0.005, 0.5)  # the miscoverage an adapted interval may ask: a level of 50-99.5%
 SCALE_FLOOR = 0.002  # a relative gain of 0.2%: the unit of error where nothing was gained yet
+CV_WEIGHT = 2.0  # the unit of error: at least this many times the fit's leave-one-budget-out error
 SHIPPED = Path(__file__).with_name("calibration.json")
 
 
@@ -62,7 +70,8 @@ class Case:
     x: float
     predicted: float
     measured: float
-    scale: float
+    scale: float  # the unit of its score (error_scale)
+    gain: float = math.nan  # the fit's gain at x_fit_max: the unit coverage_table reports in
 
     @property
     def reach(self) -> float:
@@ -97,6 +106,7 @@ class Calibration:
     bins: list[ReachBin]
     groups: list[str] = field(default_factory=list)  # the studies it was computed from
     source: str = ""
+    cv_weight: float = 0.0  # the unit its scores are in (error_scale); 0: tables before it
 
     def bin_for(self, reach: float) -> ReachBin | None:
         for b in self.bins:
@@ -135,13 +145,15 @@ class Calibration:
             "level": self.level,
             "groups": self.groups,
             "source": self.source,
+            "cv_weight": self.cv_weight,
             "bins": [asdict(b) for b in self.bins],
         }
 
     @classmethod
     def from_dict(cls, d: dict) -> Calibration:
         bins = [ReachBin(**b) for b in d["bins"]]
-        return cls(float(d["level"]), bins, list(d.get("groups", [])), d.get("source", ""))
+        groups, source = list(d.get("groups", [])), d.get("source", "")
+        return cls(float(d["level"]), bins, groups, source, float(d.get("cv_weight", 0.0)))
 
     def save(self, path: str | Path) -> None:
         Path(path).write_text(json.dumps(self.to_dict(), indent=1) + "\n")
@@ -292,9 +304,11 @@ def calibrate(
     bins: Sequence[float] = REACH_BINS,
     source: str = "",
     weigh_studies: bool = False,
+    cv_weight: float = CV_WEIGHT,
 ) -> Calibration:
     """The calibration of `cases` (without those of study group `leave_out`); weigh_studies:
-    each study's cases weigh as much as each other study's (study_weighted_bounds)."""
+    each study's cases weigh as much as each other study's (study_weighted_bounds); cv_weight:
+    the unit the cases' scales are in (that of the curve_predictor which made them)."""
     kept = [c for c in cases if c.group != leave_out]
     out = []
     for lo, hi in zip(bins[:-1], bins[1:], strict=True):
@@ -306,10 +320,12 @@ def calibrate(
             q_lo, q_mid, q_hi = conformal_bounds(scores, level)
         out.append(ReachBin(lo, hi, len(scores), q_lo, q_mid, q_hi))
     groups = sorted({c.group for c in kept})
-    return Calibration(level, out, groups, source)
+    return Calibration(level, out, groups, source, cv_weight)
 
 
-Predictor = Callable[[np.ndarray, np.ndarray, np.ndarray, np.ndarray], tuple[np.ndarray, float]]
+Predictor = Callable[
+    [np.ndarray, np.ndarray, np.ndarray, np.ndarray], tuple[np.ndarray, float, float]
+]
 
 
 def rolling_cases(
@@ -326,8 +342,9 @@ def rolling_cases(
     smallest budgets predicts the mean measured at every larger budget, for all seeds together
     and (per_seed) for each seed alone.
 
-    predictor(x_fit, y_fit, seeds_fit, x_new) -> (predictions at x_new, scale): the curve and
-    the scale of its errors (see the module docstring); it raises ValueError where no curve fits.
+    predictor(x_fit, y_fit, seeds_fit, x_new) -> (predictions at x_new, scale, gain): the curve,
+    the scale of its errors (see the module docstring) and its gain at its largest budget; it
+    raises ValueError where no curve fits.
     """
     x, y, g = (np.asarray(v) for v in (x, y, seeds))
     x, y = x.astype(float), y.astype(float)
@@ -343,7 +360,7 @@ def rolling_cases(
             fit_rows = rows & (x <= budgets[k - 1])
             later = budgets[k:]
             try:
-                pred, scale = predictor(x[fit_rows], y[fit_rows], g[fit_rows], later)
+                pred, scale, gain = predictor(x[fit_rows], y[fit_rows], g[fit_rows], later)
             except ValueError:
                 continue
             for xb, p in zip(later, np.atleast_1d(pred), strict=True):
@@ -359,6 +376,7 @@ def rolling_cases(
                         float(p),
                         measured,
                         float(scale),
+                        float(gain),
                     )
                 )
     return cases
@@ -368,9 +386,10 @@ def coverage_table(
     cases: Sequence[Case], calibrations: dict[str, Calibration] | Calibration
 ) -> list[dict]:
     """Per reach bin: cases, the share inside their calibrated interval, the signed error of the
-    raw and of the corrected point predictions (mean of predicted - measured in units of scale:
-    above 0, the predictions were optimistic),
-    and the median interval width. `calibrations`: one for all cases, or one per study group
+    raw and of the corrected point predictions (mean of predicted - measured; above 0, the
+    predictions were optimistic) and the median interval width, both in units of the gain the
+    fit had at its largest budget (at least SCALE_FLOOR; a case without one: its scale), one unit
+    for tables of any cv_weight. `calibrations`: one for all cases, or one per study group
     (leave-one-study-out: each case judged by the calibration that did not see its study)."""
     rows = []
     for lo, hi in zip(REACH_BINS[:-1], REACH_BINS[1:], strict=True):
@@ -387,9 +406,10 @@ def coverage_table(
                 continue
             n += 1
             inside += ilo <= c.measured <= ihi
-            raw.append(-c.score)
-            fixed.append((center - c.measured) / c.scale)
-            widths.append((ihi - ilo) / c.scale)
+            unit = max(abs(c.gain), SCALE_FLOOR) if math.isfinite(c.gain) else c.scale
+            raw.append((c.predicted - c.measured) / unit)
+            fixed.append((center - c.measured) / unit)
+            widths.append((ihi - ilo) / unit)
         rows.append(
             {
                 "reach": f"{lo:g}-{hi:g}x",
@@ -404,9 +424,11 @@ def coverage_table(
 
 
 # -- a fitted curve whose answers beyond the measured budgets are calibrated ---------------------
-def curve_predictor(ceiling: float | None = None, n_boot: int = 20) -> Predictor:
+def curve_predictor(
+    ceiling: float | None = None, n_boot: int = 20, cv_weight: float = CV_WEIGHT
+) -> Predictor:
     """The predictor of rolling_cases for report.curves.fit_learning_curve (families chosen by
-    leave-one-budget-out error, as every answer chooses them)."""
+    leave-one-budget-out error, as every answer chooses them), its errors in error_scale's unit."""
 
     def predict(x_fit, y_fit, seeds_fit, x_new):
         fit = fit_learning_curve(
@@ -414,14 +436,16 @@ def curve_predictor(ceiling: float | None = None, n_boot: int = 20) -> Predictor
         )
         if not fit.extrapolation_ok:
             raise ValueError(fit.reason)
-        return fit(x_new), error_scale(fit)
+        return fit(x_new), error_scale(fit, cv_weight), float(fit(fit.x_max)[0])
 
     return predict
 
 
-def error_scale(fit: CurveFit) -> float:
-    """The unit of a fit's errors: its gain at its largest budget (at least SCALE_FLOOR)."""
-    return max(abs(float(fit(fit.x_max)[0])), SCALE_FLOOR)
+def error_scale(fit: CurveFit, cv_weight: float = CV_WEIGHT) -> float:
+    """The unit of a fit's errors: its gain at its largest budget or cv_weight times its
+    leave-one-budget-out error, whichever is larger (at least SCALE_FLOOR)."""
+    cv = fit.cv_error if math.isfinite(fit.cv_error) else 0.0
+    return max(abs(float(fit(fit.x_max)[0])), cv_weight * cv, SCALE_FLOOR)
 
 
 class CalibratedCurve:
@@ -431,7 +455,7 @@ class CalibratedCurve:
     def __init__(self, fit: CurveFit, calibration: Calibration) -> None:
         self.fit = fit
         self.calibration = calibration
-        self.scale = error_scale(fit)
+        self.scale = error_scale(fit, calibration.cv_weight)
 
     def __getattr__(self, name: str):
         # only what the instance lacks reaches here; while unpickling (the forked report sends

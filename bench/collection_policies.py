@@ -4,6 +4,9 @@ labels it buys beyond those needed.
     .venv/bin/python bench/collection_policies.py --synthetic
     .venv/bin/python bench/collection_policies.py --uri sqlite:////tmp/studies/studies.db \
         --experiment stsb-epochs [--metric val/mrr_at_20] [--pilots 3] [--penalty-x 50]
+    .venv/bin/python bench/collection_policies.py --uri ... --epoch 1 \
+        --experiment clinc-epochs5 --calibration loso/clinc150.json \
+        --experiment stsb-epochs --calibration loso/stsb.json      # each with its own table
 
 Each (task, model, data) and seed of the experiment is a ground truth: its measured gain at the
 final epoch of each data.n, linear in log n between the measured sizes (and flat beyond the
@@ -20,7 +23,10 @@ gain up on the measured curve:
 - naive: the curve's point estimate of the labels to the target (one round).
 
 Printed per policy: cases, miss rate, median over-collection (labels bought / labels needed - 1)
-and median labels bought / needed. No training runs: the grid's runs must be in the store.
+and its 90th percentile; per experiment, then over all of them where there are several. One
+`--calibration` serves every experiment, or one is given per `--experiment` in the same order
+(leave one study out: each grid planned by the table made without it). No training runs: the
+grid's runs must be in the store.
 """
 
 from __future__ import annotations
@@ -193,17 +199,33 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--metric", default="val/ndcg_at_20", help="budget.metric's default")
     ap.add_argument("--pilots", type=int, default=3)
     ap.add_argument("--penalty-x", type=float, default=50.0)
-    ap.add_argument("--calibration", default="shipped")
+    ap.add_argument(
+        "--calibration",
+        action="append",
+        default=[],
+        help="a table for all (default: shipped), or one per --experiment in order",
+    )
     ap.add_argument(
         "--epoch", type=int, default=None, help="the gain at this epoch (default: final)"
     )
     args = ap.parse_args(argv)
-    table = load_table(args.calibration)
+    specs = args.calibration or ["shipped"]
+    if len(specs) not in (1, len(args.experiment)):
+        ap.error(
+            f"{len(specs)} --calibration for {len(args.experiment)} --experiment: give one, or "
+            "one per --experiment"
+        )
+    tables = [load_table(spec) for spec in specs]
     frames = []
     if args.synthetic:
-        frames.append(simulate(synthetic_grid(), {}, args.pilots, args.penalty_x, table))
-    for name in args.experiment:
+        frames.append(
+            simulate(synthetic_grid(), {}, args.pilots, args.penalty_x, tables[0]).assign(
+                experiment="synthetic"
+            )
+        )
+    for i, name in enumerate(args.experiment):
         grid, ceilings = measured_grid(args.uri, name, args.metric, args.epoch)
+        table = tables[i if len(tables) > 1 else 0]
         frames.append(
             simulate(grid, ceilings, args.pilots, args.penalty_x, table).assign(experiment=name)
         )
@@ -213,10 +235,16 @@ def main(argv: list[str] | None = None) -> int:
         return 1
     print(" ".join(["python", *sys.argv]))
     print(
-        f"calibration: {args.calibration}; pilots: the {args.pilots} smallest data.n; penalty "
+        f"calibration: {', '.join(specs)}; pilots: the {args.pilots} smallest data.n; penalty "
         f"{args.penalty_x:g} x the largest pilot n, label cost 1"
     )
-    print(summary(cases).to_string(float_format=lambda v: f"{v:.3f}"))
+    parts = list(cases.groupby("experiment", sort=False))
+    for name, part in parts:
+        print(f"\n{name}" if len(parts) > 1 else "")
+        print(summary(part).to_string(float_format=lambda v: f"{v:.3f}"))
+    if len(parts) > 1:
+        print(f"\nall {len(parts)}")
+        print(summary(cases).to_string(float_format=lambda v: f"{v:.3f}"))
     return 0
 
 

@@ -22,8 +22,10 @@ gain up on the measured curve:
   target is reached, else refit with that point and plan the rounds left;
 - naive: the curve's point estimate of the labels to the target (one round).
 
-Printed per policy: cases, miss rate, median over-collection (labels bought / labels needed - 1)
-and its 90th percentile; per experiment, then over all of them where there are several. One
+Printed per policy: cases, miss rate, the mean chance of missing the plan itself stated when it
+was first made (its P(n_needed > the last size); 3 rounds: of the plan for all three, which
+replans after each), median over-collection (labels bought / labels needed - 1) and its 90th
+percentile; per experiment, then over all of them where there are several. One
 `--calibration` serves every experiment, or one is given per `--experiment` in the same order
 (leave one study out: each grid planned by the table made without it). No training runs: the
 grid's runs must be in the store.
@@ -135,7 +137,8 @@ def simulate(
                 continue
             case = {"group": " · ".join(map(str, key)), "seed": seed, "share": share}
             # LOC, one round
-            n1 = next_purchase(pilot_fit, target, prices, 1, have)
+            one = next_purchase(pilot_fit, target, prices, 1, have)
+            n1 = one.sizes[0]
             rows.append(
                 {
                     **case,
@@ -143,12 +146,14 @@ def simulate(
                     "bought": n1,
                     "needed": need,
                     "reached": at(n1) >= target,
+                    "p_miss": one.p_miss,
                 }
             )
             # LOC, three rounds: buy, look up, refit
             x, y, f, q, reached = list(x0), list(y0), pilot_fit, have, False
+            p_miss = next_purchase(pilot_fit, target, prices, 3, have).p_miss  # as first planned
             for left in (3, 2, 1):
-                q = max(next_purchase(f, target, prices, left, q), q)
+                q = max(next_purchase(f, target, prices, left, q).sizes[0], q)
                 if at(q) >= target:
                     reached = True
                     break
@@ -159,7 +164,14 @@ def simulate(
                 except ValueError:
                     pass
             rows.append(
-                {**case, "policy": "LOC 3 rounds", "bought": q, "needed": need, "reached": reached}
+                {
+                    **case,
+                    "policy": "LOC 3 rounds",
+                    "bought": q,
+                    "needed": need,
+                    "reached": reached,
+                    "p_miss": p_miss,
+                }
             )
             # naive: the point estimate
             point = float(pilot_fit.budget_for(target)[0])
@@ -171,6 +183,7 @@ def simulate(
                     "bought": n0,
                     "needed": need,
                     "reached": at(n0) >= target,
+                    "p_miss": math.nan,  # it states no chance
                 }
             )
     return pd.DataFrame(rows)
@@ -184,6 +197,7 @@ def summary(cases: pd.DataFrame) -> pd.DataFrame:
         .agg(
             cases=("reached", "size"),
             miss_rate=("reached", lambda r: 1 - r.mean()),
+            predicted_miss=("p_miss", "mean"),
             median_over_collection=("over", "median"),
             p90_over_collection=("over", lambda v: v.quantile(0.9)),
         )

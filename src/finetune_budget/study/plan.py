@@ -390,12 +390,13 @@ def next_purchase(
     sec_per_label_epoch: float = 0.0,
     epochs: Callable[[float], int] = lambda n: 1,
     level: float = 0.9,
-) -> float:
-    """The collection policy's next step: the total labels to hold after this round, from the
-    curve fitted to everything measured so far (`have` labels missed the target)."""
+) -> Collection:
+    """The collection policy's plan from here: the total labels to hold after each round left
+    (`sizes[0]`: after this one) and the chance it misses the target, from the curve fitted to
+    everything measured so far (`have` labels missed the target)."""
     curve = plan_curve(fit, target, prices, sec_per_label_epoch, epochs, level, have)
     c, _, _ = choose(curve, prices, target, rounds_left, level, have)
-    return c.sizes[0]
+    return c
 
 
 def make_plan(advice: Advice, s: AdviceSettings, baseline: float | None = None) -> Plan:

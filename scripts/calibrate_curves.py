@@ -1,7 +1,8 @@
 """The calibration of learning-curve predictions by reach, from measured studies in MLflow.
 
     python scripts/calibrate_curves.py --tracking-uri sqlite:///studies.db \
-        --experiments clinc-epochs stsb-epochs captions-epochs [--write]
+        --experiments clinc-epochs5 stsb-epochs flickr-captions celeba-epochs \
+        --weigh-studies [--write]
 
 For every study (experiment: its data set), metric and epoch count, the data curve (gain against
 data.n at that epoch) is backtested on a rolling basis (study/calibration.py): fitted on its
@@ -10,7 +11,8 @@ reach bin (1-2x, 2-4x, 4-8x, 8-16x): the cases, the coverage of the 90% interval
 study is predicted by a calibration computed without it (leave one study out), and the signed
 error (predicted - measured, in units of the gain measured at the largest fitted size) of the
 raw curve and of the calibrated center; for all fits, and for fits on pilots (<= --pilot-max
-labels). --write stores the calibration of all the studies as the package's table;
+labels), also each study's alone and all the others'. --write stores the calibration of all
+the studies as the package's table;
 --write-loso DIR each study's leave-one-out table (bench/collection_policies.py --calibration).
 --cells: also the surface over labels and epochs (study/surface.py) of each study and metric,
 fitted without each (data.n, epochs) cell in turn: how often the cell's measured mean fell
@@ -148,8 +150,8 @@ def main(argv=None) -> int:
         show(f"{g}, predicted by the calibration of the others", coverage_table(mine, loso))
         mine = [c for c in pilots if c.group == g]
         show(f"{g}, fits on pilots", coverage_table(mine, loso))
-    others = [c for c in pilots if c.group != groups[0]]
-    show(f"fits on pilots without {groups[0]}", coverage_table(others, loso))
+        others = [c for c in pilots if c.group != g]
+        show(f"fits on pilots without {g}", coverage_table(others, loso))
     if args.write_loso:
         Path(args.write_loso).mkdir(parents=True, exist_ok=True)
         for g, cal in loso.items():

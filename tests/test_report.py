@@ -604,3 +604,34 @@ def test_the_report_and_the_advice_lead_with_the_budget_metric(tmp_path):
         "val/recall_at_20", "val/mrr_at_20", "val/map_at_20", "val/map_hits_at_20"
     ]  # fmt: skip
     assert metrics("task=mlm_price")[0] == "probe/r2"  # a task's own budget metric
+
+
+def test_a_gain_whose_interval_includes_none_says_no_gain_is_shown():
+    # the card of the issue: "+0.34% [-0.13%, +0.80%]" must not read as a gain shown
+    from finetune_budget.report.html import decision_card
+    from finetune_budget.study.advice import Advice
+
+    def card(lo: float) -> Advice:
+        return Advice(("t", "m", "d"), "val/mrr_at_20", 400, 3, 0.0034, lo, 0.0080, 12.0,
+                      None, None, "untested", "the budget search's choice")  # fmt: skip
+
+    caveat = "no gain is shown at this confidence"
+    assert caveat in card(-0.0013).lines()[0] and caveat in decision_card(card(-0.0013))
+    assert caveat in card(0.0).lines()[0]  # an interval down to exactly 0 shows no gain either
+    assert caveat not in card(0.0010).lines()[0] and caveat not in decision_card(card(0.0010))
+    assert caveat not in card(math.nan).lines()[0]  # one seed: no interval, nothing to say
+
+
+def test_labels_to_a_target_a_falling_curve_never_reaches_say_why():
+    # a log-linear curve has no level: "levels off at n/a" said nothing; it falls here
+    from finetune_budget.study.advice import _labels_for
+    from finetune_budget.study.curves import fit_learning_curve
+
+    n = np.array([100.0, 200.0, 400.0, 800.0])
+    gain = np.array([0.030, 0.026, 0.019, 0.015])
+    fit = fit_learning_curve(n, gain, families=("loglin",), check=False)
+    assert fit.params["b"] < 0  # least squares of gain on ln n: it falls
+    data = pd.DataFrame({"n": n, "gain": gain, "seed": 0})
+    answer = _labels_for(fit, 0.05, data, "gain", "+5.00%")
+    assert answer.value == math.inf
+    assert answer.text == "not reached: the fitted curve (loglin) does not rise with more labels"

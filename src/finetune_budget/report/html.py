@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pandas as pd
 
-from finetune_budget.study.advice import Advice
+from finetune_budget.study.advice import Advice, no_gain_shown
 from finetune_budget.study.plan import Plan
 from finetune_budget.study.roi import metric_name
 
@@ -68,7 +68,11 @@ def decision_card(a: Advice) -> str:
         f" [{_pct(a.gain_lo)}, {_pct(a.gain_hi)}]" if math.isfinite(a.gain_lo) else " (one seed)"
     )
     rows = [
-        ("expected gain", f"{_pct(a.gain)}{interval} in {name} over the pretrained model"),
+        (
+            "expected gain",
+            f"{_pct(a.gain)}{interval} in {name} over the pretrained model"
+            f"{no_gain_shown(a.gain_lo)}",
+        ),
         ("training time", f"≈ {a.seconds:.0f} s on this machine (items seen / measured items/s)"),
     ]
     for extra in (a.more_labels, a.more_time):

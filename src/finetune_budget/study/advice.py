@@ -139,7 +139,8 @@ class Advice:
             return [f"{head}: {self.why}"]
         out = [
             f"{head}: train with data.n={self.n} for trainer.max_epochs={self.epochs}: expected "
-            f"gain {fmt_pct(self.gain)} {_iv(self.gain_lo, self.gain_hi, fmt_pct)}, about "
+            f"gain {fmt_pct(self.gain)} {_iv(self.gain_lo, self.gain_hi, fmt_pct)}"
+            f"{no_gain_shown(self.gain_lo)}, about "
             f"{fmt_secs(self.seconds)} of training here (trust: {self.trust}; {self.why})"
         ]
         for extra in (self.more_labels, self.more_time):
@@ -156,6 +157,14 @@ class Advice:
 
 
 # -- small helpers --------------------------------------------------------------------------------
+def no_gain_shown(lo: float) -> str:
+    """The caveat of an expected gain whose interval reaches zero or below ("" where it does
+    not, or where there is no interval)."""
+    if math.isfinite(lo) and lo <= 0:
+        return " (no gain is shown at this confidence: the interval includes none)"
+    return ""
+
+
 def fmt_pct(x: float) -> str:
     return "n/a" if not math.isfinite(x) else f"{100 * x:+.2f}%"
 
@@ -311,8 +320,13 @@ def _labels_for(fit: CurveFit | None, target: float, data: pd.DataFrame, gain: s
                 f"predictions end ({fit.calibration.describe()})"
             )
             return Answer(q, text, math.inf, lo, math.inf, rests, "untested")
-        levels = fmt_pct(fit.asymptote)
-        text = f"not reached: the fitted curve ({fit.family}) levels off at {levels}"
+        if math.isfinite(fit.asymptote):
+            shape = f"levels off at {fmt_pct(fit.asymptote)}"
+        elif fit.params.get("b", 0.0) <= 0:  # loglin, which has no level: it falls or is flat
+            shape = "does not rise with more labels"
+        else:
+            shape = "rises too slowly to reach it"
+        text = f"not reached: the fitted curve ({fit.family}) {shape}"
         return Answer(q, text, math.inf, lo, math.inf, rests, fit.trust)
     text = f"≈ {fmt_int(x)} labels {_iv(lo, hi, fmt_int)}"
     return Answer(q, text, x, lo, hi, _with_calibration(rests, fit, x), fit.trust_at(x))

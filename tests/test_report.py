@@ -620,6 +620,15 @@ def test_a_gain_whose_interval_includes_none_says_no_gain_is_shown():
     assert caveat in card(0.0).lines()[0]  # an interval down to exactly 0 shows no gain either
     assert caveat not in card(0.0010).lines()[0] and caveat not in decision_card(card(0.0010))
     assert caveat not in card(math.nan).lines()[0]  # one seed: no interval, nothing to say
+    # the priced plan's first line alike
+    from finetune_budget.study.plan import Plan
+    from finetune_budget.study.prices import Prices
+
+    def plan(lo: float) -> str:
+        return Plan(("t", "m", "d"), "val/mrr_at_20", Prices(label_cost=1.0), 1, (400,), 3,
+                    0.0034, lo, 0.0080).lines()[0]  # fmt: skip
+
+    assert caveat in plan(-0.0013) and caveat not in plan(0.0010)
 
 
 def test_labels_to_a_target_a_falling_curve_never_reaches_say_why():

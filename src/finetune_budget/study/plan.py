@@ -52,6 +52,7 @@ from finetune_budget.study.advice import (
     fmt_int,
     fmt_pct,
     fmt_secs,
+    no_gain_shown,
 )
 from finetune_budget.study.calibration import (
     CalibratedCurve,
@@ -234,7 +235,7 @@ class Plan:
         first = (
             f"plan: {head}: {buy}, train {self.epochs} epochs (trainer.max_epochs={self.epochs}): "
             f"expected gain {fmt_pct(self.gain)} "
-            f"[{fmt_pct(self.gain_lo)}, {fmt_pct(self.gain_hi)}] "
+            f"[{fmt_pct(self.gain_lo)}, {fmt_pct(self.gain_hi)}]{no_gain_shown(self.gain_lo)} "
             f"at data.n={n:,}"
         )
         out = [first]

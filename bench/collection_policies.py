@@ -151,9 +151,12 @@ def simulate(
             )
             # LOC, three rounds: buy, look up, refit
             x, y, f, q, reached = list(x0), list(y0), pilot_fit, have, False
-            p_miss = next_purchase(pilot_fit, target, prices, 3, have).p_miss  # as first planned
+            plan = next_purchase(pilot_fit, target, prices, 3, have)
+            p_miss = plan.p_miss  # as first planned
             for left in (3, 2, 1):
-                q = max(next_purchase(f, target, prices, left, q).sizes[0], q)
+                if left < 3:  # re-planned on what the rounds before measured
+                    plan = next_purchase(f, target, prices, left, q)
+                q = max(plan.sizes[0], q)
                 if at(q) >= target:
                     reached = True
                     break

@@ -256,11 +256,10 @@ class MemoryStore:
     version counters are recorded and checked). A later job that loads it gets those tensors,
     not copies: loading copies the weights into the job's module, and AdamW takes its moments as
     they are and updates them in place (a copy would cost every job a pass over the weights and
-    both moments). From then on the
-    state is that job's: it replaces it with its own when it finishes (the store keeps one
-    state per key, the latest epoch), and where it does not finish, the changed version
-    counters drop the state at the next `get`. Past `limit_mb` the oldest move to `spill` (an
-    EpochStore)."""
+    both moments). From then on the state is that job's: it replaces it with its own when it
+    finishes (the store keeps one state per key, the latest epoch), and where it does not
+    finish, the changed version counters drop the state at the next `get`. Past `limit_mb` the
+    oldest move to `spill` (an EpochStore)."""
 
     def __init__(self) -> None:
         # key -> (state, checkpoint, its bytes, its tensors' version counters summed)

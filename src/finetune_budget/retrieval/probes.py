@@ -20,17 +20,6 @@ from typing import Any
 import numpy as np
 import torch
 import torch.nn.functional as F
-from sklearn.decomposition import PCA
-from sklearn.ensemble import HistGradientBoostingRegressor
-from sklearn.metrics import (
-    mean_absolute_error,
-    median_absolute_error,
-    r2_score,
-    roc_auc_score,
-)
-from sklearn.model_selection import KFold, cross_val_predict
-from sklearn.pipeline import make_pipeline
-from threadpoolctl import threadpool_limits
 
 from finetune_budget.errors import ConfigError, DataError
 
@@ -60,6 +49,14 @@ def price_probe(
     n_threads: OpenMP threads of the regressor; 1 (default) avoids the oversubscription that makes
     it 10-20x slower on a busy machine; None = all cores.
     """
+    # scikit-learn where a probe runs: every text_text job imports this module (its hooks)
+    from sklearn.decomposition import PCA
+    from sklearn.ensemble import HistGradientBoostingRegressor
+    from sklearn.metrics import mean_absolute_error, median_absolute_error, r2_score
+    from sklearn.model_selection import KFold, cross_val_predict
+    from sklearn.pipeline import make_pipeline
+    from threadpoolctl import threadpool_limits
+
     x = np.asarray(
         embeddings.float().cpu() if torch.is_tensor(embeddings) else embeddings, dtype=np.float32
     )
@@ -123,6 +120,8 @@ def pair_probe(
 
     *_scores: (P,) cosine similarities; *_labels: (P,) 1 = duplicate, 0 = not.
     """
+    from sklearn.metrics import roc_auc_score
+
     test_labels = np.asarray(test_labels, dtype=int)
     if len(np.unique(test_labels)) < 2 or len(np.unique(np.asarray(train_labels))) < 2:
         raise DataError(

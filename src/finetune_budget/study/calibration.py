@@ -406,7 +406,7 @@ def coverage_table(
                 continue
             n += 1
             inside += ilo <= c.measured <= ihi
-            unit = max(abs(c.gain), SCALE_FLOOR) if math.isfinite(c.gain) else c.scale
+            unit = gain_unit(c.gain) if math.isfinite(c.gain) else c.scale
             raw.append((c.predicted - c.measured) / unit)
             fixed.append((center - c.measured) / unit)
             widths.append((ihi - ilo) / unit)
@@ -441,11 +441,17 @@ def curve_predictor(
     return predict
 
 
+def gain_unit(gain: float) -> float:
+    """The unit of error in the gain alone (tables of cv_weight 0): |gain| at the fit's largest
+    budget, at least SCALE_FLOOR."""
+    return max(abs(gain), SCALE_FLOOR)
+
+
 def error_scale(fit: CurveFit, cv_weight: float = CV_WEIGHT) -> float:
     """The unit of a fit's errors: its gain at its largest budget or cv_weight times its
     leave-one-budget-out error, whichever is larger (at least SCALE_FLOOR)."""
     cv = fit.cv_error if math.isfinite(fit.cv_error) else 0.0
-    return max(abs(float(fit(fit.x_max)[0])), cv_weight * cv, SCALE_FLOOR)
+    return max(gain_unit(float(fit(fit.x_max)[0])), cv_weight * cv)
 
 
 class CalibratedCurve:

@@ -28,6 +28,7 @@ from pathlib import Path
 from finetune_budget.study.calibration import (
     CV_WEIGHT,
     SHIPPED,
+    SIZE_STRATA,
     calibrate,
     coverage_table,
     curve_predictor,
@@ -117,6 +118,12 @@ def main(argv=None) -> int:
         "bench/collection_policies.py --calibration)",
     )
     p.add_argument(
+        "--pooled",
+        action="store_true",
+        help="one table for fits on any number of sizes (default: strata by sizes, "
+        "study/calibration.py SIZE_STRATA)",
+    )
+    p.add_argument(
         "--weigh-studies",
         action="store_true",
         help="each study weighs as much as each other (default: every backtest alike)",
@@ -133,8 +140,10 @@ def main(argv=None) -> int:
         sys.stderr.write("leave-one-study-out needs 2 or more studies\n")
         return 2
     w, cv = args.weigh_studies, args.cv_weight
+    strata = () if args.pooled else SIZE_STRATA
     loso = {
-        g: calibrate(cases, args.level, leave_out=g, weigh_studies=w, cv_weight=cv) for g in groups
+        g: calibrate(cases, args.level, g, weigh_studies=w, cv_weight=cv, strata=strata)
+        for g in groups
     }
     show(
         "all fits, each study predicted by the calibration of the others",
@@ -164,12 +173,17 @@ def main(argv=None) -> int:
             cell_coverage(args.tracking_uri, e, args.metrics, args.level)
     if args.write:
         source = args.source or f"experiments {', '.join(args.experiments)}"
-        cal = calibrate(cases, args.level, source=source, weigh_studies=w, cv_weight=cv)
+        cal = calibrate(
+            cases, args.level, source=source, weigh_studies=w, cv_weight=cv, strata=strata
+        )
         cal.save(SHIPPED)
         print(f"\nwrote {SHIPPED}: {cal.describe()}")
-        for b in cal.bins:
-            bounds = f"[{b.q_lo:+.3f}, {b.q_hi:+.3f}] median {b.q_mid:+.3f}"
-            print(f"  {b.label}: {b.cases} cases, {bounds}")
+        for title, bins in [("all fits", cal.bins)] + [(s.label, s.bins) for s in cal.strata]:
+            print(f"  {title}")
+            for b in bins:
+                bounds = f"[{b.q_lo:+.3f}, {b.q_hi:+.3f}] median {b.q_mid:+.3f}"
+                pooled = " (too few studies: all fits')" if b.pooled else ""
+                print(f"    {b.label}: {b.cases} cases, {bounds}{pooled}")
     return 0
 
 

@@ -20,12 +20,25 @@ noise: in units of the gain alone, the rise that follows is dozens of units and 
 from curves that had started can cover it; in units of the noise it can. w = 2 was chosen from 0,
 1, 1.5, 2 and 3 by leave-one-study-out coverage on the four measured studies (docs/results.md).
 
-Scores are binned by reach, REACH_BINS: (1, 2], (2, 4], (4, 8], (8, 16]. In a bin of m scores, the
-interval of level 1 - alpha is [p + q_lo * scale, p + q_hi * scale] with q_lo the
-floor((m + 1) alpha / 2)-th and q_hi the ceil((m + 1)(1 - alpha / 2))-th smallest score (split
-conformal, each tail at alpha / 2: no bound where m is too small), and the point prediction is
-moved by the median score, p + q_mid * scale, so that a curve family's habit of predicting too
-high is taken out. Beyond the last bin there is no calibrated interval.
+Scores are binned by reach, REACH_BINS: (1, 2], (2, 4], (4, 8], (8, 16], and within each by how
+many sizes the fit saw (Mondrian conformal prediction, SIZE_STRATA: at most 4, or 5 and more). A
+curve through 3 or 4 pilot sizes misses more, and further low, than one through 6: pooled, the
+many well-fitted curves narrow the pilots' intervals and pull their correction towards zero. A
+stratum's reach bin computed from fewer than MIN_STUDIES studies is the pooled bin instead (with
+one or two studies a stratum's quantiles are those studies' habits, not a calibration). In a bin
+of m scores, the interval of level 1 - alpha is [p + q_lo * scale, p + q_hi * scale] with q_lo
+the floor((m + 1) alpha / 2)-th and q_hi the ceil((m + 1)(1 - alpha / 2))-th smallest score
+(split conformal, each tail at alpha / 2: no bound where m is too small), and the point
+prediction is moved by the median score, p + q_mid * scale, so that a curve family's habit of
+predicting too high or too low is taken out.
+
+Those quantiles hold where the bin's backtests are: at `ReachBin.at`, the median of their
+reaches (the bins' upper edges, 2x, 4x, 8x, 16x, where the grids double). Between those, and from
+the fit's own interval at its largest size (reach 1, no correction) to the first, each quantile
+is linear in log reach (reach_quantiles): a label count just past the measured ones is neither
+moved by the median of predictions twice as far nor given their width, and no answer steps where
+the reach crosses a bin's edge. Tables written before `at` keep each bin's quantiles throughout
+the bin. Beyond the last bin there is no calibrated interval.
 
 The package ships a table (calibration.json beside this module) computed from the project's
 measured studies; `scripts/calibrate_curves.py` refreshes it from MLflow stores. Every
@@ -45,7 +58,7 @@ import functools
 import json
 import math
 from collections.abc import Callable, Sequence
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 
 import numpy as np
@@ -57,6 +70,8 @@ REACH_BINS = (1.0, 2.0, 4.0, 8.0, 16.0)
 ALPHA_RANGE = (0.005, 0.5)  # the miscoverage an adapted interval may ask: a level of 50-99.5%
 SCALE_FLOOR = 0.002  # a relative gain of 0.2%: the unit of error where nothing was gained yet
 CV_WEIGHT = 2.0  # the unit of error: at least this many times the fit's leave-one-budget-out error
+SIZE_STRATA = ((0, 4), (5, None))  # fits on at most 4 sizes, and on 5 or more (None: no end)
+MIN_STUDIES = 3  # a stratum's reach bin from fewer studies than this is the pooled bin
 SHIPPED = Path(__file__).with_name("calibration.json")
 
 
@@ -72,6 +87,7 @@ class Case:
     measured: float
     scale: float  # the unit of its score (error_scale)
     gain: float = math.nan  # the fit's gain at x_fit_max: the unit coverage_table reports in
+    sizes: int = 0  # how many sizes the fit saw (0: not known; only the pooled bins judge it)
 
     @property
     def reach(self) -> float:
@@ -92,6 +108,8 @@ class ReachBin:
     q_lo: float
     q_mid: float
     q_hi: float
+    pooled: bool = False  # a stratum's bin that is the pooled one (too few studies of its own)
+    at: float = math.nan  # the median reach of its cases, where its quantiles hold (NaN: all bin)
 
     @property
     def label(self) -> str:
@@ -99,46 +117,92 @@ class ReachBin:
 
 
 @dataclass
+class Stratum:
+    """The reach bins of the fits on min_sizes to max_sizes measured sizes (None: no upper end)."""
+
+    min_sizes: int
+    max_sizes: int | None
+    bins: list[ReachBin]
+
+    def holds(self, sizes: int) -> bool:
+        return self.min_sizes <= sizes and (self.max_sizes is None or sizes <= self.max_sizes)
+
+    @property
+    def label(self) -> str:
+        if self.max_sizes is None:
+            return f"fits on {self.min_sizes} or more sizes"
+        return f"fits on at most {self.max_sizes} sizes"
+
+    def to_dict(self) -> dict:
+        return {
+            "min_sizes": self.min_sizes,
+            "max_sizes": self.max_sizes,
+            "bins": [asdict(b) for b in self.bins],
+        }
+
+    @classmethod
+    def from_dict(cls, d: dict) -> Stratum:
+        return cls(int(d["min_sizes"]), d["max_sizes"], [ReachBin(**b) for b in d["bins"]])
+
+
+@dataclass
 class Calibration:
-    """Per reach bin, where measured means fell around the curves' predictions."""
+    """Per reach bin, where measured means fell around the curves' predictions: pooled over all
+    fits (`bins`) and per stratum of the fits' number of sizes (`strata`; none in older tables)."""
 
     level: float
     bins: list[ReachBin]
     groups: list[str] = field(default_factory=list)  # the studies it was computed from
     source: str = ""
     cv_weight: float = 0.0  # the unit its scores are in (error_scale); 0: tables before it
+    strata: list[Stratum] = field(default_factory=list)
 
-    def bin_for(self, reach: float) -> ReachBin | None:
-        for b in self.bins:
+    def stratum_for(self, sizes: int) -> Stratum | None:
+        """The stratum of fits on `sizes` sizes (None: the pooled bins judge it)."""
+        return next((s for s in self.strata if sizes and s.holds(sizes)), None)
+
+    def bins_for(self, sizes: int = 0) -> list[ReachBin]:
+        stratum = self.stratum_for(sizes)
+        return stratum.bins if stratum else self.bins
+
+    def bin_for(self, reach: float, sizes: int = 0) -> ReachBin | None:
+        for b in self.bins_for(sizes):
             if b.lo < reach <= b.hi + 1e-9:
                 return b
         return None
 
-    def describe(self, reach: float | None = None) -> str:
-        """What an interval rests on: `calibrated on 576 backtests at 1-2x of clinc150, stsb`."""
+    def describe(self, reach: float | None = None, sizes: int = 0) -> str:
+        """What an interval rests on: `calibrated on 576 backtests at 1-2x (fits on at most 4
+        sizes) of clinc150, stsb`."""
         studies = ", ".join(self.groups) or "no study"
         if reach is None:
             total = sum(b.cases for b in self.bins)
             return f"calibrated on {total} backtests of {studies}"
-        b = self.bin_for(reach)
+        b = self.bin_for(reach, sizes)
         if b is None:
             return f"{reach:.1f}x the measured labels: beyond every calibrated reach"
-        return f"calibrated on {b.cases} backtests at {b.label} of {studies}"
+        stratum = self.stratum_for(sizes)
+        of = "" if stratum is None or b.pooled else f" ({stratum.label})"
+        return f"calibrated on {b.cases} backtests at {b.label}{of} of {studies}"
 
     def interval(
-        self, predicted: np.ndarray, scale: float, reach: np.ndarray
+        self,
+        predicted: np.ndarray,
+        scale: float,
+        reach: np.ndarray,
+        sizes: int = 0,
+        start: tuple[float, float] = (0.0, 0.0),
     ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-        """(center, lo, hi) of predictions at `reach` (arrays of one shape); NaN where no bin
-        holds the reach, -inf / inf where a bin has too few cases for a bound."""
+        """(center, lo, hi) of predictions at `reach` (arrays of one shape) of a fit on `sizes`
+        sizes (0: the pooled bins); `start`: the fit's own interval at its largest size (reach
+        1), in units of `scale` around its prediction, where the calibrated one begins
+        (reach_quantiles).
+        NaN where no bin holds the reach, -inf / inf where a bin has too few cases for a bound."""
         predicted = np.asarray(predicted, dtype=float)
         reach = np.broadcast_to(np.asarray(reach, dtype=float), predicted.shape)
-        center, lo, hi = (np.full(predicted.shape, np.nan) for _ in range(3))
-        for b in self.bins:
-            at = (reach > b.lo) & (reach <= b.hi + 1e-9)
-            center[at] = predicted[at] + b.q_mid * scale
-            lo[at] = predicted[at] + b.q_lo * scale
-            hi[at] = predicted[at] + b.q_hi * scale
-        return center, lo, hi
+        q_lo, q_mid, q_hi = reach_quantiles(self.bins_for(sizes), reach, start)
+        lo, hi = predicted + q_lo * scale, predicted + q_hi * scale
+        return np.clip(predicted + q_mid * scale, lo, hi), lo, hi
 
     def to_dict(self) -> dict:
         return {
@@ -147,13 +211,16 @@ class Calibration:
             "source": self.source,
             "cv_weight": self.cv_weight,
             "bins": [asdict(b) for b in self.bins],
+            "strata": [s.to_dict() for s in self.strata],
         }
 
     @classmethod
     def from_dict(cls, d: dict) -> Calibration:
         bins = [ReachBin(**b) for b in d["bins"]]
         groups, source = list(d.get("groups", [])), d.get("source", "")
-        return cls(float(d["level"]), bins, groups, source, float(d.get("cv_weight", 0.0)))
+        strata = [Stratum.from_dict(s) for s in d.get("strata", [])]
+        cv_weight = float(d.get("cv_weight", 0.0))
+        return cls(float(d["level"]), bins, groups, source, cv_weight, strata)
 
     def save(self, path: str | Path) -> None:
         Path(path).write_text(json.dumps(self.to_dict(), indent=1) + "\n")
@@ -161,6 +228,36 @@ class Calibration:
     @classmethod
     def load(cls, path: str | Path = SHIPPED) -> Calibration:
         return cls.from_dict(json.loads(Path(path).read_text()))
+
+
+def reach_quantiles(
+    bins: Sequence[ReachBin], reach: np.ndarray, start: tuple[float, float] = (0.0, 0.0)
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """(q_lo, q_mid, q_hi) at each reach, in units of the scale. Each bin's quantiles stand at its
+    cases' median reach `at`; between those, and from (start[0], 0, start[1]) at reach 1 (the
+    fit's own interval, no correction) to the first, they are linear in log reach, and beyond the
+    last `at` they are the last bin's. A bound stays the bin's own where a neighbour's is
+    infinite. Without `at` in every bin (tables before it): each bin's quantiles throughout it.
+    NaN outside every bin."""
+    reach = np.asarray(reach, dtype=float)
+    step = [np.full(reach.shape, np.nan) for _ in range(3)]
+    for b in bins:
+        inside = (reach > b.lo) & (reach <= b.hi + 1e-9)
+        for out, q in zip(step, (b.q_lo, b.q_mid, b.q_hi), strict=True):
+            out[inside] = q
+    known = [b for b in bins if math.isfinite(b.q_mid)]
+    if not known or any(not math.isfinite(b.at) for b in known):
+        return tuple(step)
+    xs = np.log([1.0] + [b.at for b in known])
+    held = np.isfinite(step[1])  # within some bin's reach
+    out = []
+    names = ("q_lo", "q_mid", "q_hi")
+    for first, name, stepped in zip((start[0], 0.0, start[1]), names, step, strict=True):
+        ys = np.array([first] + [getattr(b, name) for b in known])
+        with np.errstate(divide="ignore", invalid="ignore"):
+            smooth = np.interp(np.log(np.where(held, reach, 1.0)), xs, ys)
+        out.append(np.where(held & np.isfinite(smooth), smooth, stepped))
+    return tuple(out)
 
 
 def shipped() -> Calibration | None:
@@ -305,22 +402,40 @@ def calibrate(
     source: str = "",
     weigh_studies: bool = False,
     cv_weight: float = CV_WEIGHT,
+    strata: Sequence[tuple[int, int | None]] = SIZE_STRATA,
 ) -> Calibration:
     """The calibration of `cases` (without those of study group `leave_out`); weigh_studies:
     each study's cases weigh as much as each other study's (study_weighted_bounds); cv_weight:
-    the unit the cases' scales are in (that of the curve_predictor which made them)."""
+    the unit the cases' scales are in (that of the curve_predictor which made them); strata:
+    (min, max) sizes of the fits each stratum's bins are computed from (none: pooled bins only),
+    a bin of fewer than MIN_STUDIES studies taking the pooled bin's place."""
     kept = [c for c in cases if c.group != leave_out]
-    out = []
-    for lo, hi in zip(bins[:-1], bins[1:], strict=True):
-        inside = [c for c in kept if lo < c.reach <= hi + 1e-9]
-        scores = [c.score for c in inside]
-        if weigh_studies:
-            q_lo, q_mid, q_hi = study_weighted_bounds(scores, [c.group for c in inside], level)
-        else:
-            q_lo, q_mid, q_hi = conformal_bounds(scores, level)
-        out.append(ReachBin(lo, hi, len(scores), q_lo, q_mid, q_hi))
+
+    def reach_bins(of: list[Case]) -> list[ReachBin]:
+        out = []
+        for lo, hi in zip(bins[:-1], bins[1:], strict=True):
+            inside = [c for c in of if lo < c.reach <= hi + 1e-9]
+            scores = [c.score for c in inside]
+            if weigh_studies:
+                q_lo, q_mid, q_hi = study_weighted_bounds(scores, [c.group for c in inside], level)
+            else:
+                q_lo, q_mid, q_hi = conformal_bounds(scores, level)
+            at = float(np.median([c.reach for c in inside])) if inside else math.nan
+            out.append(ReachBin(lo, hi, len(scores), q_lo, q_mid, q_hi, at=at))
+        return out
+
+    pooled = reach_bins(kept)
+    stratified = []
+    for min_sizes, max_sizes in strata:
+        stratum = Stratum(min_sizes, max_sizes, [])
+        mine = [c for c in kept if c.sizes and stratum.holds(c.sizes)]
+        for own, whole in zip(reach_bins(mine), pooled, strict=True):
+            studies = {c.group for c in mine if own.lo < c.reach <= own.hi + 1e-9}
+            enough = len(studies) >= MIN_STUDIES
+            stratum.bins.append(own if enough else replace(whole, pooled=True))
+        stratified.append(stratum)
     groups = sorted({c.group for c in kept})
-    return Calibration(level, out, groups, source, cv_weight)
+    return Calibration(level, pooled, groups, source, cv_weight, stratified)
 
 
 Predictor = Callable[
@@ -377,6 +492,7 @@ def rolling_cases(
                         measured,
                         float(scale),
                         float(gain),
+                        k,
                     )
                 )
     return cases
@@ -400,7 +516,9 @@ def coverage_table(
             cal = calibrations if isinstance(calibrations, Calibration) else calibrations[c.group]
             center, ilo, ihi = (
                 float(v[0])
-                for v in cal.interval(np.array([c.predicted]), c.scale, np.array([c.reach]))
+                for v in cal.interval(
+                    np.array([c.predicted]), c.scale, np.array([c.reach]), c.sizes
+                )
             )
             if not math.isfinite(center):
                 continue
@@ -482,13 +600,23 @@ class CalibratedCurve:
         """The calibration an answer at x rests on ("" within the measured budgets)."""
         if x <= self.fit.x_max * (1 + 1e-9):
             return ""
-        return self.calibration.describe(x / self.fit.x_max)
+        return self.calibration.describe(x / self.fit.x_max, self.fit.n_budgets)
 
-    def _calibrated(self, xs: np.ndarray, mean, lo, hi):
+    def _calibrated(self, xs: np.ndarray, mean, lo, hi, own):
+        """The fit's (mean, lo, hi) at xs, calibrated beyond its largest size; own: the fit's
+        (mean, lo, hi) at that size, where the calibrated interval begins."""
         beyond = xs > self.fit.x_max * (1 + 1e-9)
         if beyond.any():
+            p, own_lo, own_hi = (float(v[0]) for v in own)
+            start = tuple(
+                (v - p) / self.scale if math.isfinite(v - p) else 0.0 for v in (own_lo, own_hi)
+            )
             center, low, high = self.calibration.interval(
-                self.fit(xs[beyond]), self.scale, xs[beyond] / self.fit.x_max
+                self.fit(xs[beyond]),
+                self.scale,
+                xs[beyond] / self.fit.x_max,
+                self.fit.n_budgets,
+                start,
             )
             bound = self.fit._bounded
             mean, lo, hi = (np.array(v, dtype=float) for v in (mean, lo, hi))
@@ -497,11 +625,13 @@ class CalibratedCurve:
 
     def predict(self, x, level: float | None = None, seeds: int | None = None):
         xs = np.atleast_1d(np.asarray(x, dtype=float))
-        return self._calibrated(xs, *self.fit.predict(xs, level, seeds))
+        own = self.fit.predict([self.fit.x_max], level, seeds)
+        return self._calibrated(xs, *self.fit.predict(xs, level, seeds), own)
 
     def expected(self, x, level: float | None = None):
         xs = np.atleast_1d(np.asarray(x, dtype=float))
-        return self._calibrated(xs, *self.fit.expected(xs, level))
+        own = self.fit.expected([self.fit.x_max], level)
+        return self._calibrated(xs, *self.fit.expected(xs, level), own)
 
     def difference(self, x0: float, x1: float, level: float | None = None):
         if max(x0, x1) <= self.fit.x_max * (1 + 1e-9):

@@ -14,6 +14,8 @@ raw curve and of the calibrated center; for all fits, and for fits on pilots (<=
 labels), also each study's alone and all the others'. --write stores the calibration of all
 the studies as the package's table;
 --write-loso DIR each study's leave-one-out table (bench/collection_policies.py --calibration).
+--weigh-families: predict with the curve families weighed by 1 / cv^2 (the comparison in
+docs/results.md) instead of the one of least leave-one-budget-out error.
 --cells: also the surface over labels and epochs (study/surface.py) of each study and metric,
 fitted without each (data.n, epochs) cell in turn: how often the cell's measured mean fell
 inside its 90% interval.
@@ -22,6 +24,7 @@ inside its 90% interval.
 from __future__ import annotations
 
 import argparse
+import math
 import sys
 from pathlib import Path
 
@@ -34,6 +37,7 @@ from finetune_budget.study.calibration import (
     curve_predictor,
     rolling_cases,
 )
+from finetune_budget.study.curves import fit_learning_curve
 from finetune_budget.study.roi import gain_ceiling
 from finetune_budget.study.surface import held_out_cells
 from finetune_budget.study.table import budget_points
@@ -42,7 +46,40 @@ from finetune_budget.tracking.query import roi_table
 METRICS = ("val/mrr_at_20", "val/recall_at_20", "val/map_at_20", "val/ndcg_at_20")
 
 
-def study_cases(uri: str, experiment: str, metrics, level: float, cv_weight: float = CV_WEIGHT):
+def families_weighed(ceiling: float | None, cv_weight: float = CV_WEIGHT):
+    """A predictor that weighs the curve families by 1 / (leave-one-budget-out error)^2 instead
+    of keeping the one of least error (tried against it: docs/results.md; scales and gains as
+    curve_predictor's, so the scores are in one unit)."""
+    chosen = curve_predictor(ceiling, cv_weight=cv_weight)
+
+    def predict(x_fit, y_fit, seeds_fit, x_new):
+        pred, scale, gain = chosen(x_fit, y_fit, seeds_fit, x_new)
+        cv = fit_learning_curve(x_fit, y_fit, seeds_fit, ceiling=ceiling, n_boot=2, check=False).cv
+        errors = {f: e for f, e in cv.items() if math.isfinite(e)}
+        if len(errors) > 1:
+            weights = {f: 1.0 / max(e, 1e-12) ** 2 for f, e in errors.items()}
+            total = sum(weights.values())
+            pred = sum(
+                w
+                / total
+                * fit_learning_curve(
+                    x_fit, y_fit, seeds_fit, (f,), ceiling=ceiling, n_boot=2, check=False
+                )(x_new)
+                for f, w in weights.items()
+            )
+        return pred, scale, gain
+
+    return predict
+
+
+def study_cases(
+    uri: str,
+    experiment: str,
+    metrics,
+    level: float,
+    cv_weight: float = CV_WEIGHT,
+    predictor=curve_predictor,
+):
     df = roi_table(uri, experiment, list(metrics))
     points = budget_points(df)
     cases = []
@@ -57,7 +94,7 @@ def study_cases(uri: str, experiment: str, metrics, level: float, cv_weight: flo
                 at["n"],
                 at[gain],
                 at["seed"],
-                curve_predictor(ceiling, cv_weight=cv_weight),
+                predictor(ceiling, cv_weight=cv_weight),
                 f"{data} · {metric.split('/', 1)[1]} · epoch {epoch}",
                 str(data),
             )
@@ -118,6 +155,12 @@ def main(argv=None) -> int:
         "bench/collection_policies.py --calibration)",
     )
     p.add_argument(
+        "--weigh-families",
+        action="store_true",
+        help="predict with the curve families weighed by 1 / cv^2 (default: the one of least "
+        "leave-one-budget-out error, as every answer does)",
+    )
+    p.add_argument(
         "--pooled",
         action="store_true",
         help="one table for fits on any number of sizes (default: strata by sizes, "
@@ -132,7 +175,14 @@ def main(argv=None) -> int:
     cases = [
         c
         for e in args.experiments
-        for c in study_cases(args.tracking_uri, e, args.metrics, args.level, args.cv_weight)
+        for c in study_cases(
+            args.tracking_uri,
+            e,
+            args.metrics,
+            args.level,
+            args.cv_weight,
+            families_weighed if args.weigh_families else curve_predictor,
+        )
     ]
     groups = sorted({c.group for c in cases})
     print(f"{len(cases)} backtests of {len(groups)} studies: {', '.join(groups)}")

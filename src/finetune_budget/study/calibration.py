@@ -109,7 +109,7 @@ class ReachBin:
     q_mid: float
     q_hi: float
     pooled: bool = False  # a stratum's bin that is the pooled one (too few studies of its own)
-    at: float = math.nan  # the median reach of its cases, where its quantiles hold (NaN: all bin)
+    at: float = math.nan  # the median reach of its cases, where its quantiles hold (NaN: all)
 
     @property
     def label(self) -> str:

@@ -11,6 +11,8 @@ Prints, for the runs of one experiment (every data.n x seed at one epoch count):
 2b. rolling backtests for every metric of --backtest-metrics: for each measured size from the
    fourth on, fit the sizes below it (report.curves.backtest), predict it, and count how often the
    interval covered the measured mean (the coverage the report's trust labels rest on);
+2c. the same kind of backtests (every fit on 3 or more sizes, every larger size) judged by a
+   calibration table (--calibration): coverage and signed error per reach, 1-2x to 8-16x;
 3. the advice of the full grid (budget_search.grid_advice: study.advice.advise on its runs)
    and its cost;
 4. the adaptive search replayed on the same runs (budget_search.replay: its jobs are looked up
@@ -30,6 +32,13 @@ from scipy import stats
 
 from finetune_budget.app.budget_search import from_mlflow
 from finetune_budget.study import search as bs
+from finetune_budget.study.calibration import (
+    Calibration,
+    coverage_table,
+    curve_predictor,
+    load_table,
+    rolling_cases,
+)
 from finetune_budget.study.curves import backtest, fit_learning_curve
 
 
@@ -61,6 +70,38 @@ def rolling_backtests(found, metric_of, epochs: int, rule: str, level: float, fi
             bound = bs.gain_bound(obs, metric)
             rows.append((metric, backtest(x, y, groups, level, ceiling=bound)))
     return rows
+
+
+def calibrated_by_reach(found, metric_of, epochs: int, rule: str, table: Calibration) -> None:
+    """Rolling backtests (each fit on the k smallest sizes, k >= 3, all seeds together and each
+    alone, predicting every larger size) judged by a calibration table: per reach bin the
+    coverage of its intervals and the signed error (predicted - measured, in units of the gain at
+    the largest fitted size) of the raw curve and of the calibrated center."""
+    cases = []
+    for metric in metric_of:
+        obs = [o for o in found[metric].values() if o.epochs == epochs]
+        bound = bs.gain_bound(obs, metric)
+        if bound == 0:
+            continue
+        points = bs.curve_points(obs, epochs, rule)
+        x = [n for n, g in points.items() for _ in g]
+        y = [v for g in points.values() for v in g.values()]
+        seeds = [s for g in points.values() for s in g]
+        predictor = curve_predictor(bound, cv_weight=table.cv_weight)
+        cases += rolling_cases(x, y, seeds, predictor, metric, "this study")
+    print(
+        f"\ncalibrated {table.level:.0%} intervals by reach ({', '.join(metric_of)}; "
+        f"{table.describe()}):\n"
+    )
+    print("| reach | cases | coverage | signed error, raw | calibrated | median width |")
+    print("|---|---|---|---|---|---|")
+    for r in coverage_table(cases, table):
+        if r["cases"]:
+            print(
+                f"| {r['reach']} | {r['cases']} | {r['coverage']:.3f} | "
+                f"{r['signed_error_raw']:+.3f} | {r['signed_error_corrected']:+.3f} | "
+                f"{r['median_width']:.2f} |"
+            )
 
 
 def print_backtests(rows, level: float) -> None:
@@ -106,6 +147,12 @@ def main() -> None:
         nargs="*",
         default=["val/mrr_at_20", "val/recall_at_20", "val/map_at_20"],
         help="metrics of the rolling backtests",
+    )
+    p.add_argument(
+        "--calibration",
+        default="shipped",
+        help="the table the backtests by reach are judged by: shipped, none, or a file "
+        "(scripts/calibrate_curves.py --write-loso: one made without this study)",
     )
     args = p.parse_args()
 
@@ -169,6 +216,9 @@ def main() -> None:
         by_metric, args.backtest_metrics, args.epochs, args.epoch_rule, args.level
     )
     print_backtests(rows, args.level)
+    table = load_table(args.calibration)
+    if table is not None:
+        calibrated_by_reach(by_metric, args.backtest_metrics, args.epochs, args.epoch_rule, table)
 
     settings = bs.SearchSettings(
         pilot_n=tuple(args.search_pilot or [n for n in points if n <= 400]),

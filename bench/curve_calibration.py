@@ -6,7 +6,8 @@ Each repetition draws a sweep from gain(n) = 0.3 - 2 n^-0.5 + N(0, sigma) (sizes
 50..2000 for the label questions) and checks: the prediction interval of a new measured mean at
 twice the largest size, the curve's own interval there, and the interval of "labels to reach a
 gain" (budget_for). Prints the share of repetitions whose interval held the truth; then the
-calibrated intervals by reach (1-2x, 2-4x, 4-8x) on synthetic studies, leave one study out.
+calibrated intervals by reach (1-2x, 2-4x, 4-8x) on synthetic studies, leave one study out, and
+the same table judged on studies of a denser grid, at the reaches between its anchors.
 """
 
 from __future__ import annotations
@@ -80,18 +81,28 @@ def main() -> None:
     by_reach(args.studies)
 
 
-def by_reach(n_studies: int) -> None:
-    """Calibrated intervals by reach (study/calibration.py): synthetic studies (power laws with
-    random a, b, c; 7 sizes 100..6400, 3 seeds) backtested on a rolling basis, each study's
-    cases judged by the calibration of the others (leave one study out)."""
-    rng = np.random.default_rng(7)
-    sizes = np.repeat([100, 200, 400, 800, 1600, 3200, 6400], 3).astype(float)
-    seeds = np.tile([0, 1, 2], 7)
+def synthetic_cases(rng, grid: list[float], n_studies: int, prefix: str) -> list:
+    """Rolling backtests of synthetic studies: power laws with random a, b, c on `grid`, 3
+    seeds."""
+    sizes = np.repeat(grid, 3).astype(float)
+    seeds = np.tile([0, 1, 2], len(grid))
     cases = []
     for i in range(n_studies):
         a, b, c = rng.uniform(0.03, 0.12), rng.uniform(0.3, 1.5), rng.uniform(0.3, 0.8)
         y = a - b * sizes**-c + rng.normal(0, 0.002, sizes.size)
-        cases += rolling_cases(sizes, y, seeds, curve_predictor(1.0), f"s{i}", f"s{i}")
+        name = f"{prefix}{i}"
+        cases += rolling_cases(sizes, y, seeds, curve_predictor(1.0), name, name)
+    return cases
+
+
+def by_reach(n_studies: int) -> None:
+    """Calibrated intervals by reach (study/calibration.py): synthetic studies on a doubling grid
+    (7 sizes 100..6400) backtested on a rolling basis, each study's cases judged by the
+    calibration of the others (leave one study out); then studies on a grid twice as dense (11
+    sizes, steps of sqrt 2) judged by the calibration of all the doubling ones: the reaches
+    between the table's anchors (1.4x, 2.8x, 5.7x), and a dense grid's own stratum."""
+    rng = np.random.default_rng(7)
+    cases = synthetic_cases(rng, [100, 200, 400, 800, 1600, 3200, 6400], n_studies, "s")
     loso = {g: calibrate(cases, 0.9, leave_out=g) for g in {c.group for c in cases}}
     print(f"calibrated 90% intervals by reach ({n_studies} synthetic studies, leave one out):")
     print(f"{'reach':>7} {'cases':>6} {'coverage':>9} {'err raw':>8} {'err cal':>8}")
@@ -100,6 +111,18 @@ def by_reach(n_studies: int) -> None:
             f"{r['reach']:>7} {r['cases']:>6} {r['coverage']:>9.3f} "
             f"{r['signed_error_raw']:>8.3f} {r['signed_error_corrected']:>8.3f}"
         )
+    table = calibrate(cases, 0.9)
+    dense = synthetic_cases(rng, list(np.round(100 * np.sqrt(2) ** np.arange(11))), 16, "d")
+    held: dict[float, list[bool]] = {}
+    for c in dense:
+        _, lo, hi = (
+            float(v[0])
+            for v in table.interval(np.array([c.predicted]), c.scale, np.array([c.reach]), c.sizes)
+        )
+        if np.isfinite(lo) and np.isfinite(hi):
+            held.setdefault(round(c.reach, 1), []).append(lo <= c.measured <= hi)
+    print("the same table on 16 studies of 11 sizes in steps of sqrt 2 (at each reach):")
+    print("  " + "  ".join(f"{r:g}x {np.mean(v):.3f} ({len(v)})" for r, v in sorted(held.items())))
 
 
 if __name__ == "__main__":

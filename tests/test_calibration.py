@@ -23,6 +23,7 @@ from finetune_budget.study.calibration import (
     coverage_table,
     curve_predictor,
     rolling_cases,
+    seen_sizes,
     shipped,
     study_weighted_bounds,
 )
@@ -340,3 +341,22 @@ def test_the_calibrated_interval_moves_smoothly_with_reach_from_the_fits_own():
     # calibrate puts each bin's median at the median reach of its cases
     cases = [Case("s", "s", 100.0, 100.0 * f, 0.05, 0.05, 0.01) for f in (1.5, 2.0, 2.0, 3.0)]
     assert [b.at for b in calibrate(cases, 0.9).bins[:2]] == [2.0, 3.0]
+
+
+def test_a_dense_grid_counts_the_sizes_its_span_holds_when_it_picks_a_stratum():
+    # 100, 141, 200, 283, 400 span 4x: as much of the curve as the doubling grid 100, 200, 400
+    assert seen_sizes(100.0, 400.0, 5) == 3
+    assert seen_sizes(100.0, 3200.0, 6) == 6  # a doubling grid: its own count
+    assert seen_sizes(100.0, 1000.0, 3) == 3  # the user's 100, 500, 1000: its count is fewer
+    pooled = [ReachBin(1, 2, 200, -0.8, -0.1, 0.5)]
+    few = Stratum(0, 4, [ReachBin(1, 2, 100, -1.5, -0.6, 0.4)])
+    many = Stratum(5, None, [ReachBin(1, 2, 100, -0.3, 0.0, 0.3)])
+    table = Calibration(0.9, pooled, ["a", "b", "c"], "", 0.0, [few, many])
+    dense = np.round(100 * np.sqrt(2) ** np.arange(5))  # 100 ... 400
+    doubling = 100.0 * 2.0 ** np.arange(6)  # 100 ... 3200
+    for x, stratum in ((dense, few), (doubling, many)):
+        fit = fit_learning_curve(x, 0.02 * np.log(x / 50), families=("loglin",), check=False)
+        curve = CalibratedCurve(fit, table)
+        _, lo, hi = curve.predict([fit.x_max * 1.5])
+        b = stratum.bins[0]
+        assert hi[0] - lo[0] == pytest.approx((b.q_hi - b.q_lo) * curve.scale)

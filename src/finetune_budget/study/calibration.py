@@ -21,9 +21,11 @@ from curves that had started can cover it; in units of the noise it can. w = 2 w
 1, 1.5, 2 and 3 by leave-one-study-out coverage on the four measured studies (docs/results.md).
 
 Scores are binned by reach, REACH_BINS: (1, 2], (2, 4], (4, 8], (8, 16], and within each by how
-many sizes the fit saw (Mondrian conformal prediction, SIZE_STRATA: at most 4, or 5 and more). A
-curve through 3 or 4 pilot sizes misses more, and further low, than one through 6: pooled, the
-many well-fitted curves narrow the pilots' intervals and pull their correction towards zero. A
+much of the curve the fit saw (Mondrian conformal prediction, SIZE_STRATA: at most 4 sizes, or 5
+and more, counted by seen_sizes: at most one per doubling of the fit's span, so that 5 sizes
+between 100 and 400 count as the 3 of 100, 200, 400). A curve through 3 or 4 pilot sizes misses
+more, and further low, than one through 6: pooled, the many well-fitted curves narrow the pilots'
+intervals and pull their correction towards zero. A
 stratum's reach bin computed from fewer than MIN_STUDIES studies is the pooled bin instead (with
 one or two studies a stratum's quantiles are those studies' habits, not a calibration). In a bin
 of m scores, the interval of level 1 - alpha is [p + q_lo * scale, p + q_hi * scale] with q_lo
@@ -87,7 +89,9 @@ class Case:
     measured: float
     scale: float  # the unit of its score (error_scale)
     gain: float = math.nan  # the fit's gain at x_fit_max: the unit coverage_table reports in
-    sizes: int = 0  # how many sizes the fit saw (0: not known; only the pooled bins judge it)
+    sizes: int = (
+        0  # how many sizes the fit saw, seen_sizes (0: not known; the pooled bins judge it)
+    )
 
     @property
     def reach(self) -> float:
@@ -228,6 +232,16 @@ class Calibration:
     @classmethod
     def load(cls, path: str | Path = SHIPPED) -> Calibration:
         return cls.from_dict(json.loads(Path(path).read_text()))
+
+
+def seen_sizes(x_min: float, x_max: float, n_budgets: int) -> int:
+    """How many sizes a fit saw, for its stratum: its number of sizes, but at most as many as a
+    doubling grid over its span (1 + floor(log2(x_max / x_min))). The measured studies double, so
+    there the two are one; a denser grid (100, 141, 200, 283, 400) has seen no more of the curve
+    than 100, 200, 400, and its backtests miss like theirs."""
+    if n_budgets < 1 or not x_min > 0 or not x_max >= x_min:
+        return max(n_budgets, 0)
+    return min(n_budgets, 1 + math.floor(math.log2(x_max / x_min) + 1e-9))
 
 
 def reach_quantiles(
@@ -492,7 +506,7 @@ def rolling_cases(
                         measured,
                         float(scale),
                         float(gain),
-                        k,
+                        seen_sizes(float(budgets[0]), float(budgets[k - 1]), k),
                     )
                 )
     return cases
@@ -580,11 +594,12 @@ class CalibratedCurve:
         self.fit = fit
         self.calibration = calibration
         self.scale = error_scale(fit, calibration.cv_weight)
+        self.sizes = seen_sizes(fit.x_min, fit.x_max, fit.n_budgets)  # its stratum's count
 
     def __getattr__(self, name: str):
         # only what the instance lacks reaches here; while unpickling (the forked report sends
         # fits between processes) it has nothing yet, and asking self.fit would recurse
-        if name.startswith("__") or name in ("fit", "calibration", "scale"):
+        if name.startswith("__") or name in ("fit", "calibration", "scale", "sizes"):
             raise AttributeError(name)
         return getattr(self.fit, name)
 
@@ -600,7 +615,7 @@ class CalibratedCurve:
         """The calibration an answer at x rests on ("" within the measured budgets)."""
         if x <= self.fit.x_max * (1 + 1e-9):
             return ""
-        return self.calibration.describe(x / self.fit.x_max, self.fit.n_budgets)
+        return self.calibration.describe(x / self.fit.x_max, self.sizes)
 
     def _calibrated(self, xs: np.ndarray, mean, lo, hi, own):
         """The fit's (mean, lo, hi) at xs, calibrated beyond its largest size; own: the fit's
@@ -615,7 +630,7 @@ class CalibratedCurve:
                 self.fit(xs[beyond]),
                 self.scale,
                 xs[beyond] / self.fit.x_max,
-                self.fit.n_budgets,
+                self.sizes,
                 start,
             )
             bound = self.fit._bounded

@@ -112,7 +112,7 @@ def by_reach(n_studies: int) -> None:
             f"{r['signed_error_raw']:>8.3f} {r['signed_error_corrected']:>8.3f}"
         )
     table = calibrate(cases, 0.9)
-    dense = synthetic_cases(rng, list(np.round(100 * np.sqrt(2) ** np.arange(11))), 16, "d")
+    dense = synthetic_cases(rng, list(np.round(100 * np.sqrt(2) ** np.arange(11))), 48, "d")
     held: dict[float, list[bool]] = {}
     for c in dense:
         _, lo, hi = (
@@ -121,7 +121,7 @@ def by_reach(n_studies: int) -> None:
         )
         if np.isfinite(lo) and np.isfinite(hi):
             held.setdefault(round(c.reach, 1), []).append(lo <= c.measured <= hi)
-    print("the same table on 16 studies of 11 sizes in steps of sqrt 2 (at each reach):")
+    print("the same table on 48 studies of 11 sizes in steps of sqrt 2 (at each reach):")
     print("  " + "  ".join(f"{r:g}x {np.mean(v):.3f} ({len(v)})" for r, v in sorted(held.items())))
 
 

@@ -50,26 +50,20 @@ def families_weighed(ceiling: float | None, cv_weight: float = CV_WEIGHT):
     """A predictor that weighs the curve families by 1 / (leave-one-budget-out error)^2 instead
     of keeping the one of least error (tried against it: docs/results.md; scales and gains as
     curve_predictor's, so the scores are in one unit)."""
-    chosen = curve_predictor(ceiling, cv_weight=cv_weight)
 
-    def predict(x_fit, y_fit, seeds_fit, x_new):
-        pred, scale, gain = chosen(x_fit, y_fit, seeds_fit, x_new)
-        cv = fit_learning_curve(x_fit, y_fit, seeds_fit, ceiling=ceiling, n_boot=2, check=False).cv
-        errors = {f: e for f, e in cv.items() if math.isfinite(e)}
-        if len(errors) > 1:
-            weights = {f: 1.0 / max(e, 1e-12) ** 2 for f, e in errors.items()}
-            total = sum(weights.values())
-            pred = sum(
-                w
-                / total
-                * fit_learning_curve(
-                    x_fit, y_fit, seeds_fit, (f,), ceiling=ceiling, n_boot=2, check=False
-                )(x_new)
-                for f, w in weights.items()
-            )
-        return pred, scale, gain
+    def weighed(fit, x_new, points):
+        errors = {f: e for f, e in fit.cv.items() if math.isfinite(e)}
+        if len(errors) < 2:
+            return fit(x_new)
+        weights = {f: 1.0 / max(e, 1e-12) ** 2 for f, e in errors.items()}
+        total = sum(weights.values())
+        one = {
+            f: fit_learning_curve(*points, (f,), ceiling=ceiling, n_boot=1, check=False)
+            for f in weights
+        }
+        return sum(w / total * one[f](x_new) for f, w in weights.items())
 
-    return predict
+    return curve_predictor(ceiling, cv_weight, weighed)
 
 
 def study_cases(

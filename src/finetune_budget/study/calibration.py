@@ -557,18 +557,24 @@ def coverage_table(
 
 # -- a fitted curve whose answers beyond the measured budgets are calibrated ---------------------
 def curve_predictor(
-    ceiling: float | None = None, n_boot: int = 20, cv_weight: float = CV_WEIGHT
+    ceiling: float | None = None,
+    cv_weight: float = CV_WEIGHT,
+    combine: Callable[[CurveFit, np.ndarray, tuple], np.ndarray] | None = None,
 ) -> Predictor:
     """The predictor of rolling_cases for report.curves.fit_learning_curve (families chosen by
-    leave-one-budget-out error, as every answer chooses them), its errors in error_scale's unit."""
+    leave-one-budget-out error, as every answer chooses them), its errors in error_scale's unit.
+    combine(fit, x_new, (x_fit, y_fit, seeds_fit)): another point prediction from that fit and
+    its points (default: the fit itself).
+    A backtest reads the fit's point prediction and leave-one-budget-out error, never its
+    bootstrap interval, so one bootstrap draw is all it fits."""
 
     def predict(x_fit, y_fit, seeds_fit, x_new):
-        fit = fit_learning_curve(
-            x_fit, y_fit, seeds_fit, ceiling=ceiling, n_boot=n_boot, check=False
-        )
+        fit = fit_learning_curve(x_fit, y_fit, seeds_fit, ceiling=ceiling, n_boot=1, check=False)
         if not fit.extrapolation_ok:
             raise ValueError(fit.reason)
-        return fit(x_new), error_scale(fit, cv_weight), float(fit(fit.x_max)[0])
+        points = (x_fit, y_fit, seeds_fit)
+        pred = fit(x_new) if combine is None else combine(fit, np.asarray(x_new, float), points)
+        return pred, error_scale(fit, cv_weight), float(fit(fit.x_max)[0])
 
     return predict
 
@@ -617,12 +623,13 @@ class CalibratedCurve:
             return ""
         return self.calibration.describe(x / self.fit.x_max, self.sizes)
 
-    def _calibrated(self, xs: np.ndarray, mean, lo, hi, own):
-        """The fit's (mean, lo, hi) at xs, calibrated beyond its largest size; own: the fit's
-        (mean, lo, hi) at that size, where the calibrated interval begins."""
+    def _calibrated(self, xs: np.ndarray, mean, lo, hi, own: Callable[[], tuple]):
+        """The fit's (mean, lo, hi) at xs, calibrated beyond its largest size; own(): the fit's
+        (mean, lo, hi) at that size, where the calibrated interval begins (asked only where some
+        x lies beyond it)."""
         beyond = xs > self.fit.x_max * (1 + 1e-9)
         if beyond.any():
-            p, own_lo, own_hi = (float(v[0]) for v in own)
+            p, own_lo, own_hi = (float(v[0]) for v in own())
             start = tuple(
                 (v - p) / self.scale if math.isfinite(v - p) else 0.0 for v in (own_lo, own_hi)
             )
@@ -640,12 +647,12 @@ class CalibratedCurve:
 
     def predict(self, x, level: float | None = None, seeds: int | None = None):
         xs = np.atleast_1d(np.asarray(x, dtype=float))
-        own = self.fit.predict([self.fit.x_max], level, seeds)
+        own = lambda: self.fit.predict([self.fit.x_max], level, seeds)  # noqa: E731
         return self._calibrated(xs, *self.fit.predict(xs, level, seeds), own)
 
     def expected(self, x, level: float | None = None):
         xs = np.atleast_1d(np.asarray(x, dtype=float))
-        own = self.fit.expected([self.fit.x_max], level)
+        own = lambda: self.fit.expected([self.fit.x_max], level)  # noqa: E731
         return self._calibrated(xs, *self.fit.expected(xs, level), own)
 
     def difference(self, x0: float, x1: float, level: float | None = None):

@@ -33,12 +33,11 @@ browser:
 # one process). --dist loadfile keeps a test file on one worker, so the tests that share one
 # module's expensive fixture (a PostgreSQL cluster, a DDP run) still start it once. (loadgroup's
 # xdist_group marks do not group under pytest 9.2: xdist 3.8 renames a node id pytest no longer reads.)
-# xdist hands out files by their number of tests, most first (its --loadscope-reorder default);
-# tests/conftest.py's LONGEST_FILES orders files with as many tests. Strictly longest first
-# (--no-loadscope-reorder) was slower: 807-809 s against 719-741 s (2-core Xeon, two runs each),
-# the multi-process files then running on both workers at once.
+# --no-loadscope-reorder hands the files out in tests/conftest.py's FILE_ORDER (longest first, the
+# files of several processes alternating with the others) instead of by their number of tests,
+# which left the long files of few tests (the user sessions, the UI check) for the end.
 PYTEST_WORKERS ?= 2
-PYTEST := $(PY) -m pytest -q -n $(PYTEST_WORKERS) --dist loadfile
+PYTEST := $(PY) -m pytest -q -n $(PYTEST_WORKERS) --dist loadfile --no-loadscope-reorder
 test:
 	$(PYTEST) tests
 

@@ -167,32 +167,40 @@ def requires_data(*names: str):
     )
 
 
-# The test files that take longest on the 2-core machine, longest first (seconds of each file:
-# `pytest --junitxml=t.xml tests` and the sum of its testcases' times per file). pytest-xdist's
-# `--dist loadfile` hands files to the workers by their number of tests, most first, and in this
-# order among files with as many (the Makefile says why not strictly longest first).
-LONGEST_FILES = (
-    "test_session_longer.py",
-    "test_ddp.py",
-    "test_performance.py",
-    "test_session_invariants.py",
-    "test_scale_out.py",
-    "test_resume.py",
-    "test_mlm_price.py",
-    "test_ui_check.py",
-    "test_tuning.py",
-    "test_config.py",
-    "test_image_image.py",
-    "test_text_image.py",
-    "test_budget_sweeper.py",
-    "test_report.py",
-    "test_families.py",
-    "test_slow_text.py",
-    "test_surface.py",
+# The order `make test`'s two pytest-xdist workers take the test files in (`--dist loadfile
+# --no-loadscope-reorder`: one file per worker at a time, each worker taking the next file when
+# it is free): the longest first (worker seconds per file from `--durations=0` on the 2-core
+# machine), so that the short files fill the end and both workers finish together; files that
+# start several processes at once (M) alternate with files of one process (S), so that two of
+# them seldom run together and oversubscribe the two cores. Files not listed run after, in their
+# usual order.
+FILE_ORDER = (
+    "test_performance.py",  # S 100-140 s
+    "test_scale_out.py",  # M 75-100 s
+    "test_session_invariants.py",  # S 100 s
+    "test_ddp.py",  # M 85 s
+    "test_session_longer.py",  # S 80-170 s
+    "test_resume.py",  # M 50-80 s
+    "test_mlm_price.py",  # S 70-76 s
+    "test_tuning.py",  # M 50 s
+    "test_config.py",  # S 45-50 s
+    "test_image_image.py",  # S 45-50 s
+    "test_ui_check.py",  # S 45-57 s
+    "test_text_image.py",  # M 30-36 s
+    "test_budget_sweeper.py",  # S 26-37 s
+    "test_families.py",  # M 28-31 s
+    "test_report.py",  # S 20-31 s
+    "test_continuation.py",  # S 15-27 s
+    "test_plan.py",  # S 19-25 s
+    "test_surface.py",  # S 21-27 s
+    "test_training.py",  # S 13-23 s
+    "test_export.py",  # S 11-20 s
+    "test_errors.py",  # S 15 s
+    "test_console.py",  # S 8-11 s
 )
 
 
 def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
-    """Run the longest files first (LONGEST_FILES), the rest in their usual order."""
-    rank = {name: i for i, name in enumerate(LONGEST_FILES)}
+    """Run the files in FILE_ORDER, the rest after in their usual order."""
+    rank = {name: i for i, name in enumerate(FILE_ORDER)}
     items.sort(key=lambda item: rank.get(item.path.name, len(rank)))

@@ -168,35 +168,36 @@ def requires_data(*names: str):
 
 
 # The order `make test`'s two pytest-xdist workers take the test files in (`--dist loadfile
-# --no-loadscope-reorder`: one file per worker at a time, each worker taking the next file when
-# it is free): the longest first (worker seconds per file from `--durations=0` on the 2-core
-# machine), so that the short files fill the end and both workers finish together; files that
-# start several processes at once (M) alternate with files of one process (S), so that two of
-# them seldom run together and oversubscribe the two cores. Files not listed run after, in their
-# usual order.
+# --no-loadscope-reorder`: one file per worker at a time; xdist hands a worker its next file once
+# its current one has 2 or fewer tests left). The long files first, so that the short ones fill
+# the end and both workers finish together (they ended within 3 s of each other in the runs timed
+# per test); files that start several processes at once (M) alternate with files of one process
+# (S), so that two of them seldom run together and oversubscribe the two cores. Worker seconds
+# per file: three runs of `--durations=0` on the 2-core machine. Files not listed run after, in
+# their usual order.
 FILE_ORDER = (
-    "test_performance.py",  # S 100-140 s
-    "test_scale_out.py",  # M 75-100 s
-    "test_session_invariants.py",  # S 100 s
-    "test_ddp.py",  # M 85 s
-    "test_session_longer.py",  # S 80-170 s
-    "test_resume.py",  # M 50-80 s
-    "test_mlm_price.py",  # S 70-76 s
-    "test_tuning.py",  # M 50 s
-    "test_config.py",  # S 45-50 s
-    "test_image_image.py",  # S 45-50 s
-    "test_ui_check.py",  # S 45-57 s
-    "test_text_image.py",  # M 30-36 s
-    "test_budget_sweeper.py",  # S 26-37 s
-    "test_families.py",  # M 28-31 s
-    "test_report.py",  # S 20-31 s
-    "test_continuation.py",  # S 15-27 s
-    "test_plan.py",  # S 19-25 s
-    "test_surface.py",  # S 21-27 s
-    "test_training.py",  # S 13-23 s
-    "test_export.py",  # S 11-20 s
-    "test_errors.py",  # S 15 s
-    "test_console.py",  # S 8-11 s
+    "test_performance.py",  # S 134-141 s
+    "test_scale_out.py",  # M 71-85 s
+    "test_session_invariants.py",  # S 103-127 s
+    "test_ddp.py",  # M 65-80 s
+    "test_session_longer.py",  # S 149-214 s
+    "test_resume.py",  # M 42-85 s
+    "test_mlm_price.py",  # S 59-72 s
+    "test_tuning.py",  # M 40-57 s
+    "test_config.py",  # S 35-55 s
+    "test_image_image.py",  # S 41-47 s
+    "test_ui_check.py",  # S 39-66 s
+    "test_text_image.py",  # M 42-53 s
+    "test_budget_sweeper.py",  # S 37-39 s
+    "test_families.py",  # M 29-33 s
+    "test_report.py",  # S 25-28 s
+    "test_continuation.py",  # S 21-27 s
+    "test_plan.py",  # S 11-15 s
+    "test_surface.py",  # S 20-27 s
+    "test_training.py",  # S 15-16 s
+    "test_export.py",  # S 14-20 s
+    "test_errors.py",  # S 13-15 s
+    "test_console.py",  # S 9 s
 )
 
 

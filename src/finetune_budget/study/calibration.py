@@ -89,9 +89,7 @@ class Case:
     measured: float
     scale: float  # the unit of its score (error_scale)
     gain: float = math.nan  # the fit's gain at x_fit_max: the unit coverage_table reports in
-    sizes: int = (
-        0  # how many sizes the fit saw, seen_sizes (0: not known; the pooled bins judge it)
-    )
+    sizes: int = 0  # how many sizes the fit saw (seen_sizes); 0: not known, the pooled bins
 
     @property
     def reach(self) -> float:
@@ -425,28 +423,27 @@ def calibrate(
     a bin of fewer than MIN_STUDIES studies taking the pooled bin's place."""
     kept = [c for c in cases if c.group != leave_out]
 
-    def reach_bins(of: list[Case]) -> list[ReachBin]:
+    def reach_bins(of: list[Case]) -> list[tuple[ReachBin, int]]:
+        """Each reach bin of `of`, with the number of studies its cases come from."""
         out = []
         for lo, hi in zip(bins[:-1], bins[1:], strict=True):
             inside = [c for c in of if lo < c.reach <= hi + 1e-9]
-            scores = [c.score for c in inside]
+            scores, groups = [c.score for c in inside], [c.group for c in inside]
             if weigh_studies:
-                q_lo, q_mid, q_hi = study_weighted_bounds(scores, [c.group for c in inside], level)
+                q_lo, q_mid, q_hi = study_weighted_bounds(scores, groups, level)
             else:
                 q_lo, q_mid, q_hi = conformal_bounds(scores, level)
             at = float(np.median([c.reach for c in inside])) if inside else math.nan
-            out.append(ReachBin(lo, hi, len(scores), q_lo, q_mid, q_hi, at=at))
+            out.append((ReachBin(lo, hi, len(scores), q_lo, q_mid, q_hi, at=at), len(set(groups))))
         return out
 
-    pooled = reach_bins(kept)
+    pooled = [b for b, _ in reach_bins(kept)]
     stratified = []
     for min_sizes, max_sizes in strata:
         stratum = Stratum(min_sizes, max_sizes, [])
         mine = [c for c in kept if c.sizes and stratum.holds(c.sizes)]
-        for own, whole in zip(reach_bins(mine), pooled, strict=True):
-            studies = {c.group for c in mine if own.lo < c.reach <= own.hi + 1e-9}
-            enough = len(studies) >= MIN_STUDIES
-            stratum.bins.append(own if enough else replace(whole, pooled=True))
+        for (own, studies), whole in zip(reach_bins(mine), pooled, strict=True):
+            stratum.bins.append(own if studies >= MIN_STUDIES else replace(whole, pooled=True))
         stratified.append(stratum)
     groups = sorted({c.group for c in kept})
     return Calibration(level, pooled, groups, source, cv_weight, stratified)
